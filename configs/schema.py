@@ -1,0 +1,218 @@
+"""The run configuration: YAML sections validated into typed dataclasses.
+
+``load_config(path, overrides)`` reads a preset, applies ``section.key=value`` overrides
+(values parsed as YAML, so ``train.lr=3e-4`` is a float and ``model.q_lora_rank=null`` is None),
+and validates everything before any process group or weight exists. Unknown sections or keys
+and invalid values raise ``ValueError`` naming the field and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+from model.config import ModelConfig
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.yaml")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None               # None: the embedded default corpus (Python's stdlib sources)
+    text_field: str = "text"              # column holding the text in JSONL/Parquet/saved datasets
+    tokenizer: str | None = None          # local HF tokenizer dir; None: train a byte-level BPE
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    max_files: int | None = None          # cap on files read from a folder / the default corpus
+    cache_dir: str = ".cache/data"        # tokenizer and packed shards are prepared here once
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8             # sequences per rank per micro step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    lr_schedule: str = "cosine"           # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2       # WSD: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    out_dir: str = "runs/tiny"
+    resume: str | None = None             # None | "auto" | a checkpoint path
+    init_from: str | None = None          # a checkpoint made by scripts/import_hf.py
+    log_every: int = 10
+    save_every: int = 100
+    eval_every: int = 100
+    eval_batches: int = 4
+    keep_last: int = 2
+    bias_update_speed: float = 0.001      # gamma of the aux-loss-free balancing
+    bias_update_stop_fraction: float = 1.0  # gamma drops to 0 after this fraction of max_steps
+    activation_checkpointing: bool = False
+    dtype: str = "fp32"                   # fp32 | bf16
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1                           # expert-parallel degree; world = ep x expert-data-parallel
+    overlap: bool = True                  # overlap all-to-all with computation
+    chunks: int = 2                       # token chunks per MoE layer for the overlap pipeline
+    fp8_dispatch: bool = False
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    backend: str = "auto"                 # auto | emulated | cuda
+    include: list[str] = field(default_factory=list)   # module-name patterns to convert (empty: all eligible)
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"               # disabled | offline | online
+    project: str = "moe"
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)   # passed to deepspeed.initialize
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig,
+             "fp8": FP8Config, "logging": LoggingConfig}
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """Shallow type check of YAML scalars against the dataclass annotation."""
+    s = hint.__name__ if isinstance(hint, type) else str(hint)   # "float", "int | None", ...
+    if value is None:
+        if "None" not in s:
+            raise ValueError(f"{where}=None: a value is required")
+        return
+    if s.startswith("int") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"{where}={value!r}: expected an integer")
+    if s.startswith("float") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise ValueError(f"{where}={value!r}: expected a number")
+    if s.startswith("bool") and not isinstance(value, bool):
+        raise ValueError(f"{where}={value!r}: expected true or false")
+    if s.startswith("str") and not isinstance(value, str):
+        raise ValueError(f"{where}={value!r}: expected a string")
+
+
+def _build(cls, raw: dict[str, Any], section: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{section}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    for k, v in raw.items():
+        is_float = hints[k] is float or str(hints[k]).startswith("float")
+        if is_float and isinstance(v, str):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                v = raw[k] = float(v)
+            except ValueError:
+                pass
+        _check_type(f"{section}.{k}", v, hints[k])
+        if is_float and isinstance(v, int):
+            raw[k] = float(v)
+    return cls(**raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ValueError(f"override {text!r}: expected section.key=value")
+    return path, yaml.safe_load(value) if value != "" else None
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping of sections")
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = value
+    unknown = sorted(set(raw) - set(_SECTIONS) - {"deepspeed"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(list(_SECTIONS) + ['deepspeed'])}")
+    sections = {name: _build(cls, dict(raw.get(name) or {}), name) for name, cls in _SECTIONS.items()}
+    ds = raw.get("deepspeed") or {}
+    if not isinstance(ds, dict):
+        raise ValueError(f"deepspeed: expected a mapping, got {ds!r}")
+    cfg = Config(deepspeed=ds, **sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    cfg.model.validate("model")
+    d, t, p, f, lg = cfg.data, cfg.train, cfg.parallel, cfg.fp8, cfg.logging
+    if d.seq_len < 2:
+        raise ValueError(f"data.seq_len={d.seq_len}: must be >= 2")
+    if d.seq_len > cfg.model.max_position_embeddings:
+        raise ValueError(f"data.seq_len={d.seq_len}: exceeds model.max_position_embeddings="
+                         f"{cfg.model.max_position_embeddings}")
+    if not 0 <= d.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.warmup_steps < 0 or t.eval_batches < 0:
+        raise ValueError(f"train.warmup_steps={t.warmup_steps}/eval_batches={t.eval_batches}: must be >= 0")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ValueError(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if t.lr_schedule not in ("cosine", "wsd", "constant"):
+        raise ValueError(f"train.lr_schedule={t.lr_schedule!r}: must be cosine, wsd or constant")
+    if not 0 < t.wsd_decay_fraction <= 1:
+        raise ValueError(f"train.wsd_decay_fraction={t.wsd_decay_fraction}: must be in (0, 1]")
+    if t.bias_update_speed < 0 or not 0 <= t.bias_update_stop_fraction <= 1:
+        raise ValueError(f"train.bias_update_speed={t.bias_update_speed}, bias_update_stop_fraction="
+                         f"{t.bias_update_stop_fraction}: speed must be >= 0 and the fraction in [0, 1]")
+    if t.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"train.dtype={t.dtype!r}: must be fp32 or bf16")
+    if t.resume is not None and not t.resume:
+        raise ValueError("train.resume='': use null, 'auto' or a checkpoint path")
+    if p.ep < 1:
+        raise ValueError(f"parallel.ep={p.ep}: must be >= 1")
+    if cfg.model.n_routed_experts % p.ep:
+        raise ValueError(f"parallel.ep={p.ep}: model.n_routed_experts={cfg.model.n_routed_experts} "
+                         "is not divisible by it")
+    if p.chunks < 1:
+        raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
+    if f.backend not in ("auto", "emulated", "cuda"):
+        raise ValueError(f"fp8.backend={f.backend!r}: must be auto, emulated or cuda")
+    if lg.wandb not in ("disabled", "offline", "online"):
+        raise ValueError(f"logging.wandb={lg.wandb!r}: must be disabled, offline or online")

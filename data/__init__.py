@@ -1,0 +1,17 @@
+"""Data pipeline: corpus -> tokenizer -> packed token shards -> resumable sampler.
+
+Single-process library code: ranks arrive as plain ints, nothing here touches
+torch.distributed.
+"""
+
+from .cache import build_dataset_cache
+from .corpus import load_corpus, source_signature, stdlib_files
+from .sampler import ShardedSampler, batch_from_rows
+from .shards import TokenShards, cached_shards, prepare_shards, read_meta
+from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+
+__all__ = [
+    "build_dataset_cache", "load_corpus", "source_signature", "stdlib_files",
+    "ShardedSampler", "batch_from_rows", "TokenShards", "cached_shards", "prepare_shards",
+    "read_meta", "load_tokenizer", "tokenizer_fingerprint", "train_bpe_tokenizer",
+]

@@ -1,0 +1,86 @@
+"""Resumable, layout-independent batch sampler over packed rows.
+
+Every step draws one *global* batch of `batch_size_per_rank * world_size` row indices
+from a per-epoch permutation seeded only by (seed, epoch); rank r takes the r-th
+contiguous slice. The global sequence therefore depends only on the global batch size,
+so 1 rank x 8 rows and 2 ranks x 4 rows train on exactly the same data, and a run can be
+resumed on a different number of ranks. Partial global batches at an epoch's end are
+dropped (every rank needs a full slice); the next epoch's permutation differs, so no row
+is systematically skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ShardedSampler:
+    def __init__(self, num_rows: int, batch_size_per_rank: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool = True):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if batch_size_per_rank < 1:
+            raise ValueError(f"batch_size_per_rank must be >= 1, got {batch_size_per_rank}")
+        self.num_rows, self.rank, self.seed, self.shuffle = num_rows, rank, seed, shuffle
+        self.batch_size_per_rank = batch_size_per_rank
+        self.global_batch_size = batch_size_per_rank * world_size
+        if num_rows < self.global_batch_size:
+            raise ValueError(f"num_rows={num_rows} is smaller than one global batch "
+                             f"({batch_size_per_rank} x {world_size} ranks = {self.global_batch_size})")
+        self.steps_per_epoch = num_rows // self.global_batch_size
+        self.epoch = 0
+        self.position = 0  # rows of the current epoch's order already consumed (all ranks)
+        self._order: np.ndarray | None = None
+        self._order_epoch = -1
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                # Seeded by (seed, epoch) only: independent of rank, world size and history.
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._order = rng.permutation(self.num_rows)
+            else:
+                self._order = np.arange(self.num_rows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_batch(self) -> np.ndarray:
+        """This rank's row indices (int64, length batch_size_per_rank) for the next step."""
+        if self.position + self.global_batch_size > self.steps_per_epoch * self.global_batch_size:
+            self.epoch += 1
+            self.position = 0
+        start = self.position + self.rank * self.batch_size_per_rank
+        batch = self._epoch_order()[start:start + self.batch_size_per_rank].astype(np.int64)
+        self.position += self.global_batch_size
+        return batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain ints/bools: JSON-serializable and safe inside any checkpoint format.
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_rows": self.num_rows, "global_batch_size": self.global_batch_size,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # world_size may change between runs; the global batch (hence the data order) may not.
+        for key in ("seed", "num_rows", "global_batch_size", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
+                                 f"{key}={getattr(self, key)!r}; resuming would change the data order")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or position < 0 or position % self.global_batch_size:
+            raise ValueError(f"invalid sampler state epoch={epoch}, position={position}")
+        self.epoch, self.position = epoch, position
+
+
+def batch_from_rows(shards, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), both int64 (B, seq_len): labels are inputs shifted left by one."""
+    rows = torch.from_numpy(shards.get_rows(indices))  # (B, seq_len + 1)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

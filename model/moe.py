@@ -1,0 +1,124 @@
+"""DeepSeekMoE block: shared experts + fine-grained routed experts.
+
+Shapes: B batch, S sequence, T = B*S tokens, D model dim, F expert hidden (moe_intermediate_size),
+E routed experts, K experts per token, N = T*K routed token copies.
+
+Flow: router -> sort token copies by expert (permute) -> dispatcher.dispatch -> grouped GEMM
+over local experts (SwiGLU) -> dispatcher.combine -> unpermute, weight, sum; plus shared experts.
+The dispatcher is an object handed in from outside: ``LocalDispatcher`` (identity) on one
+device; ``parallel/`` swaps in an all-to-all one. Nothing here knows about ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.grouped_gemm import grouped_mm
+from model.router import Router, sequence_balance_loss
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (dense layers and the shared experts)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked, in (in, out) layout for the grouped GEMM.
+
+    w_gate_up[e] = [W_gate^T | W_up^T] (D, 2F);  w_down[e] = W_down^T (F, D).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, D) sorted by local expert, counts (E_local,) -> (N, D)."""
+        h = grouped_mm(x, self.w_gate_up, counts)                            # (N, 2F)
+        gate, up = h.split(self.hidden, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.w_down, counts)            # (N, D)
+
+    def forward_reference(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """Test oracle: loop over experts, gather the tokens that chose each, scatter-add back.
+
+        x (T, D), topk_idx/topk_weight (T, K) -> (T, D). No sorting, no grouped GEMM.
+        """
+        out = torch.zeros_like(x)
+        F_ = self.hidden
+        for e in range(self.num_experts):
+            tok, slot = torch.where(topk_idx == e)
+            if tok.numel() == 0:
+                continue
+            w = self.w_gate_up[e]
+            h = x[tok] @ w
+            y = (F.silu(h[:, :F_]) * h[:, F_:]) @ self.w_down[e]
+            out.index_add_(0, tok, y * topk_weight[tok, slot, None].to(y.dtype))
+        return out
+
+
+class LocalDispatcher:
+    """Single-device dispatcher: every expert is local, so dispatch and combine are identities."""
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, counts
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+        self.aux_alpha = cfg.aux_loss_alpha
+        self.impl = cfg.moe_impl
+        self.dispatcher = LocalDispatcher()
+        # tokens routed to each expert since the trainer last read and zeroed it (bias update)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.count_tokens = True  # the trainer turns this off during activation recomputation
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> (y (B, S, D), sequence-wise aux loss (scalar))."""
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)                                           # (T, D)
+        r = self.gate(flat)
+        if self.training and self.count_tokens:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(r.topk_idx.flatten(), minlength=self.n_experts).float()
+        if self.impl == "loop":
+            routed = self.experts.forward_reference(flat, r.topk_idx, r.topk_weight)
+        else:
+            routed = self._routed_grouped(flat, r.topk_idx, r.topk_weight)
+        y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+        aux = (sequence_balance_loss(r.scores, r.topk_idx, B, self.aux_alpha)
+               if self.training and self.aux_alpha > 0 else flat.new_zeros(()))
+        return y.view(B, S, D), aux
+
+    def _routed_grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        T, D = x.shape
+        flat_expert = topk_idx.flatten()                                     # (N,) expert of each copy
+        order = torch.argsort(flat_expert, stable=True)                      # copies sorted by expert
+        token_of = order // self.top_k                                       # (N,) source token
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)       # (E,)
+        x_sorted = x[token_of]                                               # (N, D) permute
+        x_local, local_counts = self.dispatcher.dispatch(x_sorted, counts)
+        y_local = self.experts(x_local, local_counts)
+        y_sorted = self.dispatcher.combine(y_local)                          # (N, D)
+        w = topk_weight.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)    # (N, 1)
+        return x.new_zeros(T, D).index_add_(0, token_of, y_sorted * w)       # unpermute + sum over K
