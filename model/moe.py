@@ -6,9 +6,12 @@ E routed experts, K experts per token, N = T*K routed token copies.
 Flow: router -> sort token copies by expert (permute) -> dispatcher.dispatch -> grouped GEMM
 over local experts (SwiGLU) -> dispatcher.combine -> unpermute, weight, sum; plus shared experts.
 The dispatcher is an object handed in from outside: ``LocalDispatcher`` (identity) on one
-device; ``parallel/`` swaps in an all-to-all one. Nothing here knows about ranks.
+device; ``parallel/`` swaps in an all-to-all one that also overlaps communication with the
+shared experts and with other token chunks. Nothing here knows about ranks.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +71,36 @@ class RoutedExperts(nn.Module):
         return out
 
 
+@dataclass
+class Permutation:
+    """Token copies sorted by expert. N = T*K copies; copy j of token t is flat index t*K + j."""
+    order: torch.Tensor      # (N,) flat copy index at each sorted position
+    token_of: torch.Tensor   # (N,) source token of each sorted position
+    counts: torch.Tensor     # (E,) copies routed to each expert
+
+
+def permute(topk_idx: torch.Tensor, n_experts: int) -> Permutation:
+    """topk_idx (T, K) -> the stable sort of its copies by expert id (hand-checked in tests)."""
+    flat_expert = topk_idx.flatten()                                         # (N,)
+    order = torch.argsort(flat_expert, stable=True)
+    return Permutation(order, order // topk_idx.shape[1], torch.bincount(flat_expert, minlength=n_experts))
+
+
+def unpermute(y_sorted: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """y_sorted (N, D) in expert order -> (T, D): weight each copy, sum the K copies of a token."""
+    w = topk_weight.flatten()[perm.order].unsqueeze(-1).to(y_sorted.dtype)  # (N, 1)
+    return y_sorted.new_zeros(n_tokens, y_sorted.shape[1]).index_add_(0, perm.token_of, y_sorted * w)
+
+
 class LocalDispatcher:
-    """Single-device dispatcher: every expert is local, so dispatch and combine are identities."""
+    """Single device: every expert is local. permute -> grouped GEMM -> unpermute, then the
+    shared experts. ``parallel.dispatcher.AllToAllDispatcher`` has the same call signature."""
 
-    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, counts
-
-    def combine(self, y: torch.Tensor) -> torch.Tensor:
-        return y
+    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                 experts: RoutedExperts, shared: nn.Module | None) -> torch.Tensor:
+        perm = permute(topk_idx, experts.num_experts)
+        y = unpermute(experts(x[perm.token_of], perm.counts), perm, topk_weight, x.shape[0])
+        return y if shared is None else y + shared(x)
 
 
 class MoE(nn.Module):
@@ -102,23 +127,10 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(r.topk_idx.flatten(), minlength=self.n_experts).float()
         if self.impl == "loop":
-            routed = self.experts.forward_reference(flat, r.topk_idx, r.topk_weight)
+            y = self.experts.forward_reference(flat, r.topk_idx, r.topk_weight)
+            y = y if self.shared_experts is None else y + self.shared_experts(flat)
         else:
-            routed = self._routed_grouped(flat, r.topk_idx, r.topk_weight)
-        y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
+            y = self.dispatcher(flat, r.topk_idx, r.topk_weight, self.experts, self.shared_experts)
         aux = (sequence_balance_loss(r.scores, r.topk_idx, B, self.aux_alpha)
                if self.training and self.aux_alpha > 0 else flat.new_zeros(()))
         return y.view(B, S, D), aux
-
-    def _routed_grouped(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        T, D = x.shape
-        flat_expert = topk_idx.flatten()                                     # (N,) expert of each copy
-        order = torch.argsort(flat_expert, stable=True)                      # copies sorted by expert
-        token_of = order // self.top_k                                       # (N,) source token
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)       # (E,)
-        x_sorted = x[token_of]                                               # (N, D) permute
-        x_local, local_counts = self.dispatcher.dispatch(x_sorted, counts)
-        y_local = self.experts(x_local, local_counts)
-        y_sorted = self.dispatcher.combine(y_local)                          # (N, D)
-        w = topk_weight.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)    # (N, 1)
-        return x.new_zeros(T, D).index_add_(0, token_of, y_sorted * w)       # unpermute + sum over K

@@ -84,3 +84,19 @@ def test_token_counting_can_be_switched_off():
     moe.count_tokens = True
     moe(torch.randn(2, 5, cfg.hidden_size))
     assert torch.equal(moe.tokens_per_expert, first)   # eval passes never count
+
+
+def test_permute_hand_worked_indices():
+    from model.moe import permute, unpermute
+    # 3 tokens, K=2: token0 -> experts (2, 0), token1 -> (1, 2), token2 -> (0, 1); E = 4
+    topk = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    p = permute(topk, 4)
+    # flat copies: [2,0,1,2,0,1]; stable sort by expert: e0 <- copies 1,4; e1 <- 2,5; e2 <- 0,3
+    assert p.order.tolist() == [1, 4, 2, 5, 0, 3]
+    assert p.token_of.tolist() == [0, 2, 1, 2, 0, 1]
+    assert p.counts.tolist() == [2, 2, 2, 0]
+    y_sorted = torch.arange(6, dtype=torch.float32).unsqueeze(1)          # row i = i
+    w = torch.tensor([[10.0, 1.0], [100.0, 1000.0], [0.1, 0.01]])
+    out = unpermute(y_sorted, p, w, 3)
+    # token0: copy0 (e2, sorted pos 4) * 10 + copy1 (e0, pos 0) * 1
+    assert out.squeeze(1).tolist() == pytest.approx([4 * 10 + 0 * 1, 2 * 100 + 5 * 1000, 1 * 0.1 + 3 * 0.01])

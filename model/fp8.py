@@ -1,0 +1,134 @@
+"""FP8 (E4M3) quantizers for DeepSeek-V3's fine-grained recipe.
+
+Shapes: M rows (tokens), K contraction dim, N output dim. A *tile* (tr, tc) is the block of
+elements that shares one scale:
+  (1, 128)    activations and output gradients, per token per 128 channels (forward, dgrad)
+  (128, 1)    the same tensors re-tiled along tokens, for the weight-gradient GEMM (contracts over M)
+  (128, 128)  weights
+Scales are *dequantization* scales: x ~= fp8 * scale, scale = amax(tile) / 448 (amax clamped away
+from zero so an all-zero tile does not divide by zero), optionally rounded up to a power of two
+(exact rescaling, never overflows). Dims that are not multiples of the tile are zero-padded for the
+amax (zeros do not change it) and the scale grid covers the padded shape; ``QTensor.data`` keeps
+only the logical shape (so a cached activation costs exactly 1 B/elt) and kernels that need
+tile-aligned operands pad it on the fly with ``padded_data()`` (zeros add nothing to a GEMM).
+Per-tensor scaling (one scale for everything) is here only as the baseline the tiles must beat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0          # largest finite E4M3 value
+AMAX_EPS = 1e-12         # amax floor: scales stay > 0 for all-zero tiles (and tiny gradients survive)
+
+ACT_TILE = (1, 128)      # activations / output grads, forward and dgrad
+WGRAD_TILE = (128, 1)    # activations / output grads re-tiled for the weight-gradient GEMM
+WEIGHT_TILE = (128, 128)
+
+
+@dataclass
+class QTensor:
+    """A 2-D tensor in FP8 with one fp32 scale per tile.
+
+    data  (M, K)                          float8_e4m3fn (may be a transposed view, see ``t``)
+    scale (ceil(M/tr), ceil(K/tc))        float32
+    shape (M, K)                          the logical shape
+    """
+    data: torch.Tensor
+    scale: torch.Tensor
+    tile: tuple[int, int]
+    shape: tuple[int, int]
+
+    def dequantize(self) -> torch.Tensor:
+        """-> fp32 (M, K)."""
+        tr, tc = self.tile
+        M, K = self.shape
+        s = self.scale.repeat_interleave(tr, 0).repeat_interleave(tc, 1)   # (Mp, Kp)
+        return self.data.float() * s[:M, :K]
+
+    def padded_data(self, row_mult: int | None = None) -> torch.Tensor:
+        """-> fp8 (Mp, Kp) contiguous, zero-padded to whole tiles (rows to ``row_mult`` if given)."""
+        M, K = self.shape
+        Mp = _ceil_to(M, row_mult or self.tile[0])
+        Kp = _ceil_to(K, self.tile[1])
+        if (Mp, Kp) == (M, K):
+            return self.data.contiguous()
+        out = torch.zeros(Mp, Kp, dtype=self.data.dtype, device=self.data.device)
+        out[:M, :K] = self.data
+        return out
+
+    def t(self) -> "QTensor":
+        """Transposed view (no copy): a (128,1)-tiled (M,K) becomes a (1,128)-tiled (K,M)."""
+        return QTensor(self.data.t(), self.scale.t(), (self.tile[1], self.tile[0]),
+                       (self.shape[1], self.shape[0]))
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """amax (any shape) -> dequant scale amax/448, clamped > 0; pow2 rounds *up* to 2^k so that
+    x/scale still fits in [-448, 448] and the scaling itself is exact in binary."""
+    s = amax.float().clamp_min(AMAX_EPS) / FP8_MAX
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return s
+
+
+def quantize(x: torch.Tensor, tile: tuple[int, int], pow2: bool = False) -> QTensor:
+    """x (M, K) any float dtype -> QTensor with one scale per (tr, tc) tile (online amax)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
+    M, K = x.shape
+    tr, tc = tile
+    Mp, Kp = _ceil_to(max(M, 1), tr), _ceil_to(max(K, 1), tc)
+    xf = x.float()
+    if (Mp, Kp) != (M, K):
+        xf = F.pad(xf, (0, Kp - K, 0, Mp - M))                               # zeros: amax unchanged
+    blocks = xf.view(Mp // tr, tr, Kp // tc, tc)                             # (Mt, tr, Kt, tc)
+    amax = blocks.abs().amax(dim=(1, 3))                                     # (Mt, Kt)
+    scale = compute_scale(amax, pow2)
+    q = (blocks / scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)         # clamp: rounding safety
+    return QTensor(q.view(Mp, Kp)[:M, :K].to(FP8_DTYPE).contiguous(), scale, tile, (M, K))
+
+
+def quantize_act(x: torch.Tensor, pow2: bool = False) -> QTensor:
+    """(M, K) activations, 1x128 tiles along K."""
+    return quantize(x, ACT_TILE, pow2)
+
+
+def quantize_weight(w: torch.Tensor, pow2: bool = False) -> QTensor:
+    """(N, K) weight (nn.Linear layout), 128x128 blocks."""
+    return quantize(w, WEIGHT_TILE, pow2)
+
+
+def quantize_wgrad(x: torch.Tensor, pow2: bool = False) -> QTensor:
+    """(M, K) activations re-tiled 128x1 (along tokens) for the weight-gradient GEMM."""
+    return quantize(x, WGRAD_TILE, pow2)
+
+
+def retile_wgrad(q: QTensor, pow2: bool = False) -> QTensor:
+    """A cached 1x128 QTensor -> 128x1 tiles: dequantize then re-quantize, as DeepSeek-V3 does
+    in backward (its report: "read out, dequantized, transposed, re-quantized into 128x1 tiles")."""
+    return quantize_wgrad(q.dequantize(), pow2)
+
+
+def quantize_tensorwise(x: torch.Tensor, pow2: bool = False) -> QTensor:
+    """(M, K) with a single scale: the baseline that outliers ruin."""
+    M, K = x.shape
+    scale = compute_scale(x.detach().abs().amax(), pow2).reshape(1, 1)
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return QTensor(q, scale, (M, K), (M, K))
+
+
+def rel_err(approx: torch.Tensor, ref: torch.Tensor) -> float:
+    """||approx - ref||_F / ||ref||_F, in fp64."""
+    a, r = approx.double(), ref.double()
+    return float((a - r).norm() / r.norm().clamp_min(1e-30))

@@ -1,0 +1,62 @@
+"""Expert parallelism on DeepSpeed: groups, expert sharding and parameter tagging.
+
+world = ep x expert-data-parallel. Groups come from ``deepspeed.utils.groups`` (named
+``ep_size_{ep}``), so DeepSpeed's ZeRO-1/2 reduce expert gradients over the
+expert-data-parallel group only, once the expert parameters carry DeepSpeed's MoE tags
+(``allreduce=False``, ``group_name``) and the optimizer's parameter groups are split with
+``split_params_into_different_moe_groups_for_optimizer``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel.dispatcher import AllToAllDispatcher
+from parallel.link import EmulatedLink
+
+
+def expert_group_name(ep: int) -> str:
+    return f"ep_size_{ep}"
+
+
+def create_groups(ep: int):
+    """Create (once) and return (ep_group, expert_data_parallel_group) for this rank."""
+    from deepspeed.utils import groups
+
+    name = expert_group_name(ep)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def shard_experts(model: nn.Module, ep_group, ep: int, overlap: bool = True, chunks: int = 2,
+                  link: EmulatedLink | None = None, fp8_dispatch: bool = False) -> list[AllToAllDispatcher]:
+    """Keep only this rank's n_routed_experts/ep experts in every MoE layer (MTP included),
+    tag them for DeepSpeed, and install the all-to-all dispatcher. Returns the dispatchers."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(ep_group)
+    link = link or EmulatedLink()
+    dispatchers = []
+    for moe in model.moe_layers():
+        ex = moe.experts
+        E = moe.n_experts
+        if E % ep:
+            raise ValueError(f"n_routed_experts={E} is not divisible by parallel.ep={ep}")
+        El = E // ep
+        with torch.no_grad():
+            ex.w_gate_up = nn.Parameter(ex.w_gate_up[rank * El:(rank + 1) * El].clone())
+            ex.w_down = nn.Parameter(ex.w_down[rank * El:(rank + 1) * El].clone())
+        ex.num_experts = El
+        ex.expert_offset = rank * El
+        for p in ex.parameters():
+            p.allreduce = False                       # DeepSpeed: not a data-parallel parameter
+            p.group_name = expert_group_name(ep)      # reduced over this expert-data-parallel group
+        moe.dispatcher = AllToAllDispatcher(ep_group, E, overlap=overlap, chunks=chunks, link=link,
+                                            fp8_dispatch=fp8_dispatch)
+        dispatchers.append(moe.dispatcher)
+    return dispatchers
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False

@@ -1,0 +1,131 @@
+"""Training throughput: this project's DeepSeek-V3 vs transformers' DeepseekV3ForCausalLM, built
+from the same config with identical weights (via model/hf.py), same batch, same threads,
+alternating A/B steps in one run.
+
+    python scripts/bench_train.py [--config configs/tiny.yaml] [--batch 8] [--seq 256] [--repeats 10]
+
+Both train the same computation: MTP and the sequence-wise aux loss are switched off, because
+transformers' model trains neither (it ignores MTP weights and has no sequence-wise loss).
+Prints tokens/s, the ratio, MFU against an fp32 matmul peak measured in the same run, and the
+peak memory a training step allocates for each (torch's allocator, via the profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def build(config: str | None, overrides: list[str], which: str):
+    from configs import load_config
+    from model.hf import save_hf
+    from model.transformer import DeepseekV3
+
+    cfg = load_config(config, ["model.num_nextn_predict_layers=0", "model.aux_loss_alpha=0.0", *overrides]).model
+    torch.manual_seed(0)
+    ours = DeepseekV3(cfg)
+    if which == "ours":
+        return cfg, ours
+    from transformers import DeepseekV3ForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(ours, d)
+        hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    return cfg, hf
+
+
+def make_step(model, which: str, ids: torch.Tensor, labels: torch.Tensor):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> float:
+        t = time.perf_counter()
+        if which == "ours":
+            loss = model(ids, labels).loss
+        else:  # transformers shifts the labels itself: CE(logits[:, :-1], ids[:, 1:])
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+    return step
+
+
+def peak_step_bytes(step) -> int:
+    """Peak bytes held by torch's CPU allocator during one training step, counted from the step's
+    start (weights and optimizer state already allocated are excluded), from the profiler's
+    per-allocation memory events. Process RSS would measure glibc's page cache, not the step."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as fh:
+            events = json.load(fh)["traceEvents"]
+    allocs = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(allocs) - min(allocs) if allocs else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from model.flops import count_params
+
+    cfg, ours = build(args.config, args.overrides, "ours")
+    _, hf = build(args.config, args.overrides, "hf")
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    steps = {"ours": make_step(ours, "ours", ids, labels), "transformers": make_step(hf, "hf", ids, labels)}
+    peak = matmul_peak_gflops()
+    for _ in range(args.warmup):
+        for s in steps.values():
+            s()
+    times = {k: [] for k in steps}
+    for _ in range(args.repeats):                        # alternate A/B so drift hits both
+        for k, s in steps.items():
+            times[k].append(s())
+    mem = {k: peak_step_bytes(s) / 2 ** 20 for k, s in steps.items()}
+    flops_tok = count_params(cfg, seq_len=args.seq).flops_per_token_train
+    ntok = args.batch * args.seq
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32; "
+          f"batch {args.batch} x {args.seq}; HF experts implementation: {hf.config._experts_implementation}")
+    print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s; model: {flops_tok / 1e6:.1f} MFLOP/token (6N + attention)")
+    print(f"{'model':<13} {'median step ms':>14} {'tokens/s':>10} {'MFU':>7} {'peak step MiB':>13}")
+    tps = {}
+    for k in steps:
+        med = statistics.median(times[k])
+        tps[k] = ntok / med
+        print(f"{k:<13} {med * 1e3:>14.1f} {tps[k]:>10.0f} {tps[k] * flops_tok / peak / 1e9:>7.1%} {mem[k]:>13.0f}")
+    print(f"speed ratio ours/transformers: {tps['ours'] / tps['transformers']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Expert parallelism over real gloo process groups: 2 and 4 ranks with ep = world size
+reproduce the single-process model (outputs, token counts and gradients), with overlap on
+(several chunk counts) and off."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import tiny_cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, chunks, overlap, fp8=False):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import deepspeed
+    import torch.distributed as dist
+
+    from model.transformer import DeepseekV3
+    from parallel.expert_parallel import create_groups, shard_experts
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+                   num_nextn_predict_layers=1, aux_loss_alpha=0.01,
+                   hidden_size=128 if fp8 else 32)   # FP8: a whole 128-channel tile per row
+    ref = DeepseekV3(cfg).train()
+    with torch.no_grad():
+        for moe in ref.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    if fp8:
+        # the oracle for FP8 dispatch: the same rows quantized to E4M3 (1x128 tiles) right where
+        # they would leave the rank, gradients passed straight through
+        from model.fp8 import quantize_act
+        from model.moe import RoutedExperts
+
+        for moe in ref.moe_layers():
+            ex = moe.experts
+            ex.forward = lambda x, c, ex=ex: RoutedExperts.forward(
+                ex, x + (quantize_act(x.detach()).dequantize() - x.detach()), c)
+    B, S = 4, 10
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(7))
+    out_ref = ref(tokens[:, :-1], tokens[:, 1:])
+    out_ref.loss.backward()
+
+    ep_model = copy.deepcopy(ref)
+    for moe in ep_model.moe_layers():
+        moe.experts.__dict__.pop("forward", None)
+    ep_model.zero_grad(set_to_none=True)
+    for moe in ep_model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    ep_group, _ = create_groups(world)
+    dispatchers = shard_experts(ep_model, ep_group, world, overlap=overlap, chunks=chunks, fp8_dispatch=fp8)
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    out = ep_model(tokens[lo:hi, :-1], tokens[lo:hi, 1:])
+    out.loss.backward()
+
+    torch.testing.assert_close(out.logits, out_ref.logits[lo:hi], rtol=1e-5, atol=1e-5)
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss / world, out_ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    ref_params = dict(ref.named_parameters())
+    El = cfg.n_routed_experts // world
+    for name, p in ep_model.named_parameters():
+        g = p.grad.clone()
+        if getattr(p, "allreduce", True) is False:
+            # the owner's expert gradient already holds every rank's tokens: scale like a DP mean
+            want = ref_params[name].grad[rank * El:(rank + 1) * El]
+            torch.testing.assert_close(g / world, want, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            dist.all_reduce(g)
+            torch.testing.assert_close(g / world, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    for moe_ep, moe_ref in zip(ep_model.moe_layers(), ref.moe_layers()):
+        counts = moe_ep.tokens_per_expert.clone()
+        dist.all_reduce(counts)
+        torch.testing.assert_close(counts, moe_ref.tokens_per_expert)
+        # node-limited routing: with ep dividing n_group, a token reaches at most topk_group ranks
+        assert moe_ep.dispatcher.ranks_per_token_max <= cfg.topk_group
+    if fp8:
+        # E4M3 payload + one fp32 scale per 128 channels vs 2 bytes per element in bf16
+        sent = sum(d.stats["dispatch_bytes"] for d in dispatchers)
+        rows = sent / ((cfg.hidden_size + 4 * -(-cfg.hidden_size // 128)))
+        assert sent <= 0.55 * rows * cfg.hidden_size * 2 + 1e-9
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,chunks,overlap,fp8", [(2, 1, False, False), (2, 3, True, False),
+                                                     (4, 2, True, False), (2, 2, True, True)])
+def test_ep_matches_single_process(world, chunks, overlap, fp8):
+    mp.spawn(_worker, args=(world, _free_port(), chunks, overlap, fp8), nprocs=world, join=True)
