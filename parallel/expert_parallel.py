@@ -60,3 +60,46 @@ def shard_experts(model: nn.Module, ep_group, ep: int, overlap: bool = True, chu
 
 def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
+
+
+def _marker_class():
+    """A parameter-less stand-in for ``deepspeed.moe.layer.MoE``.
+
+    DeepSpeed switches on its MoE support (expert-data-parallel gradient reduction in ZeRO-1/2,
+    per-group broadcasts, MoE param groups) only when it finds an instance of its own MoE class
+    in the model. Our MoE blocks are plain modules, so one marker per model declares the expert
+    layout; it owns no weights, so DeepSpeed writes no expert files for it (the trainer saves
+    each rank's expert shard itself, by global expert index).
+    """
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        def __init__(self, num_experts: int, ep: int):
+            nn.Module.__init__(self)  # skip DeepSpeed's layer construction: no gate, no experts
+            self.num_experts, self.ep_size = num_experts, ep
+            self.num_local_experts = 0          # no expert tensors under this module
+            self.expert_group_name = expert_group_name(ep)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            create_groups(self.ep_size)
+
+        def forward(self, *args, **kwargs):  # never called
+            raise RuntimeError("ExpertParallelMarker is a declaration, not a layer")
+
+    return ExpertParallelMarker
+
+
+def declare_to_deepspeed(model: nn.Module, ep: int) -> None:
+    """Attach the marker so ``deepspeed.initialize`` configures MoE gradient reduction."""
+    E = model.config.n_routed_experts
+    model.add_module("deepspeed_ep_marker", _marker_class()(E, ep))
+
+
+def split_moe_param_groups(groups: list[dict]) -> list[dict]:
+    """Name the optimizer groups and move expert parameters into DeepSpeed's MoE groups, so that
+    ZeRO reduces their gradients over the expert-data-parallel group only."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    for i, g in enumerate(groups):
+        g.setdefault("name", f"group{i}")
+    return split_params_into_different_moe_groups_for_optimizer(groups)

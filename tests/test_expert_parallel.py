@@ -98,3 +98,52 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
                                                      (4, 2, True, False), (2, 2, True, True)])
 def test_ep_matches_single_process(world, chunks, overlap, fp8):
     mp.spawn(_worker, args=(world, _free_port(), chunks, overlap, fp8), nprocs=world, join=True)
+
+
+def _engine_worker(rank, world, port, stage):
+    """One clipped AdamW step through deepspeed.initialize with EP = world: every parameter
+    (experts as this rank's slice) must equal a single-process step on the full batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from model.transformer import DeepseekV3
+    from parallel.expert_parallel import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, num_nextn_predict_layers=1)
+    ref = DeepseekV3(cfg).train()
+    ep_model = copy.deepcopy(ref)
+    B, S = 4, 10
+    tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(7))
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    ref(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)          # clipping is active: norm ~1.5
+    opt.step()
+
+    group, _ = create_groups(world)
+    shard_experts(ep_model, group, world)
+    declare_to_deepspeed(ep_model, world)
+    groups = split_moe_param_groups([{"params": list(ep_model.parameters()), "weight_decay": 0.1}])
+    ds = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 0.05, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=ep_model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds)
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    engine.backward(engine(tokens[lo:hi, :-1], tokens[lo:hi, 1:]).loss)
+    engine.step()
+    El = cfg.n_routed_experts // world
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep_model.named_parameters():
+        want = ref_params[name]
+        if getattr(p, "allreduce", True) is False:
+            want = want[rank * El:(rank + 1) * El]
+        torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_step_with_ep_matches_single_process(stage):
+    """DeepSpeed reduces non-expert gradients over all ranks, expert gradients over the
+    expert-data-parallel group, and clips with the global norm (experts included)."""
+    mp.spawn(_engine_worker, args=(2, _free_port(), stage), nprocs=2, join=True)
