@@ -33,6 +33,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 300
+    stop_at: int | None = None            # end this invocation after this step (schedule still spans max_steps)
     micro_batch_size: int = 8             # sequences per rank per micro step
     grad_accum: int = 1
     lr: float = 1e-3
@@ -57,6 +58,7 @@ class TrainConfig:
     bias_update_stop_fraction: float = 1.0  # gamma drops to 0 after this fraction of max_steps
     activation_checkpointing: bool = False
     dtype: str = "fp32"                   # fp32 | bf16
+    deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
 
 
 @dataclass
@@ -64,7 +66,9 @@ class ParallelConfig:
     ep: int = 1                           # expert-parallel degree; world = ep x expert-data-parallel
     overlap: bool = True                  # overlap all-to-all with computation
     chunks: int = 2                       # token chunks per MoE layer for the overlap pipeline
-    fp8_dispatch: bool = False
+    fp8_dispatch: bool = False            # send dispatched tokens as E4M3 + 1x128 scales (combine stays full width)
+    link_bandwidth_gbps: float | None = None   # emulated interconnect for experiments (None: off)
+    link_latency_us: float = 0.0
 
 
 @dataclass
@@ -190,6 +194,8 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.stop_at is not None and t.stop_at < 1:
+        raise ValueError(f"train.stop_at={t.stop_at}: must be >= 1 or null")
     if t.warmup_steps < 0 or t.eval_batches < 0:
         raise ValueError(f"train.warmup_steps={t.warmup_steps}/eval_batches={t.eval_batches}: must be >= 0")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
@@ -212,6 +218,9 @@ def validate(cfg: Config) -> None:
                          "is not divisible by it")
     if p.chunks < 1:
         raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
+    if p.link_bandwidth_gbps is not None and p.link_bandwidth_gbps <= 0 or p.link_latency_us < 0:
+        raise ValueError(f"parallel.link_bandwidth_gbps={p.link_bandwidth_gbps}, parallel.link_latency_us="
+                         f"{p.link_latency_us}: bandwidth must be positive (or null), latency >= 0")
     if f.backend not in ("auto", "emulated", "cuda"):
         raise ValueError(f"fp8.backend={f.backend!r}: must be auto, emulated or cuda")
     if lg.wandb not in ("disabled", "offline", "online"):

@@ -99,7 +99,9 @@ class LocalDispatcher:
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                  experts: RoutedExperts, shared: nn.Module | None) -> torch.Tensor:
         perm = permute(topk_idx, experts.num_experts)
-        y = unpermute(experts(x[perm.token_of], perm.counts), perm, topk_weight, x.shape[0])
+        # index_select, not x[idx]: its backward (index_add) sums in a fixed order on CPU, so runs
+        # are bit-reproducible without torch.use_deterministic_algorithms
+        y = unpermute(experts(x.index_select(0, perm.token_of), perm.counts), perm, topk_weight, x.shape[0])
         return y if shared is None else y + shared(x)
 
 

@@ -161,7 +161,7 @@ class AllToAllDispatcher:
         for c, p in enumerate(perms):
             tr = _Transfer(self.group, counts[c].sum(1).tolist(), recv_counts[:, c].sum(1).tolist(),
                            self.link, self.rank, self.stats, "dispatch", fp8=self.fp8_dispatch)
-            buf = _A2AStart.apply(x[bounds[c]:bounds[c + 1]][p.token_of], tr)
+            buf = _A2AStart.apply(x[bounds[c]:bounds[c + 1]].index_select(0, p.token_of), tr)
             if not self.overlap:
                 buf = _A2AWait.apply(buf, tr)
             transfers.append(tr)
@@ -171,7 +171,7 @@ class AllToAllDispatcher:
         for c in range(C):
             recv = _A2AWait.apply(bufs[c], transfers[c]) if self.overlap else bufs[c]
             order = _regroup_index(recv_counts[:, c])                        # (N_recv,)
-            y = experts(recv[order], recv_counts[:, c].sum(0))               # (N_recv, D) expert-major
+            y = experts(recv.index_select(0, order), recv_counts[:, c].sum(0))             # (N_recv, D) expert-major
             y_src = torch.empty_like(y).index_copy(0, order, y) if y.shape[0] else y   # back to (src, e)
             tr = _Transfer(self.group, transfers[c].recv, transfers[c].send, self.link, self.rank,
                            self.stats, "combine")

@@ -103,3 +103,50 @@ def split_moe_param_groups(groups: list[dict]) -> list[dict]:
     for i, g in enumerate(groups):
         g.setdefault("name", f"group{i}")
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every MoE layer's experts gathered from all EP ranks
+    (collective over each EP group: call it on every rank). At ep=1 it is just the state dict."""
+    import torch.distributed as dist
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        disp = getattr(module, "dispatcher", None)
+        if getattr(disp, "group", None) is None:
+            continue
+        for pname in ("w_gate_up", "w_down"):
+            key = f"{name}.experts.{pname}"
+            local = sd[key].contiguous()
+            parts = [torch.empty_like(local) for _ in range(disp.ep)]
+            dist.all_gather(parts, local, group=disp.group)
+            sd[key] = torch.cat(parts)                                        # (E, ...) global order
+    return sd
+
+
+def load_full_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load a full (gathered) state dict into a model that may hold only its EP rank's experts:
+    each rank copies its own slice, whatever ep the checkpoint was saved with."""
+    import torch.distributed as dist
+
+    own = model.state_dict()
+    sliced = {}
+    for key, value in sd.items():
+        if key in own and own[key].shape != value.shape and key.endswith(("experts.w_gate_up", "experts.w_down")):
+            module = model.get_submodule(key.rsplit(".", 2)[0])
+            n_local = own[key].shape[0]
+            rank = dist.get_rank(module.dispatcher.group)
+            value = value[rank * n_local:(rank + 1) * n_local]
+        sliced[key] = value
+    missing, unexpected = model.load_state_dict(sliced, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def comm_bytes(dispatchers) -> dict[str, int]:
+    """Cumulative all-to-all bytes this rank sent, by kind (dispatch, combine, and their gradients)."""
+    total: dict[str, int] = {}
+    for d in dispatchers:
+        for k, v in d.stats.items():
+            total[k] = total.get(k, 0) + v
+    return total

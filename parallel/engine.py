@@ -1,0 +1,165 @@
+"""Process group, optimizer, LR schedule and ``deepspeed.initialize``.
+
+The DeepSpeed config is the YAML ``deepspeed:`` section merged with the values the
+``train:`` section already defines (micro batch, gradient accumulation, clipping, bf16);
+giving one of those keys with another value in ``deepspeed:`` is an error naming the key.
+The trainer owns the optimizer (``torch.optim.AdamW``, weight decay on matrices only) and
+sets the learning rate itself before every optimizer step from ``lr_at(step)``, so the
+schedule depends only on the config (``train.max_steps``), never on where a run stopped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+# Keys of the deepspeed section the trainer rejects: it builds these itself.
+_OWNED = {"optimizer": "the trainer builds AdamW from train.lr/beta1/beta2/weight_decay",
+          "scheduler": "the trainer sets the LR from train.lr_schedule/warmup_steps/max_steps",
+          "fp16": "only fp32 and bf16 (train.dtype) are supported"}
+
+
+def lr_at(step: int, t) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) for TrainConfig ``t``.
+
+    Linear warmup over ``warmup_steps`` (step 0 gets lr / warmup_steps), then
+    cosine: from lr down to min_lr at the last step;
+    wsd: constant lr, then a linear decay to min_lr over the last wsd_decay_fraction of steps;
+    constant: lr.
+    """
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    last = t.max_steps - 1
+    if t.lr_schedule == "constant" or last <= t.warmup_steps:
+        return t.lr
+    if t.lr_schedule == "cosine":
+        progress = min(1.0, (step - t.warmup_steps) / (last - t.warmup_steps))
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+    # wsd
+    decay_steps = max(1, round(t.wsd_decay_fraction * t.max_steps))
+    decay_start = max(t.warmup_steps, last - decay_steps)
+    if step <= decay_start:
+        return t.lr
+    progress = min(1.0, (step - decay_start) / (last - decay_start))
+    return t.lr + (t.min_lr - t.lr) * progress
+
+
+def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
+    """The dict handed to deepspeed.initialize; raises ValueError naming a conflicting key."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    t = cfg.train
+    for key, why in _OWNED.items():
+        if key in ds and not (key == "fp16" and not (ds[key] or {}).get("enabled", False)):
+            raise ValueError(f"deepspeed.{key}: not supported here ({why}); remove it")
+    derived = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
+               "gradient_accumulation_steps": t.grad_accum,
+               "gradient_clipping": t.grad_clip,
+               "train_batch_size": t.micro_batch_size * t.grad_accum * world_size}
+    source = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+              "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
+              "train_batch_size": f"train.micro_batch_size x train.grad_accum x world size {world_size}"}
+    for key, value in derived.items():
+        if key in ds and ds[key] != value:
+            raise ValueError(f"deepspeed.{key}={ds[key]!r} conflicts with {source[key]} (= {value!r}); "
+                             f"remove deepspeed.{key} or make them agree")
+        ds[key] = value
+    bf16 = t.dtype == "bf16"
+    if "bf16" in ds and bool((ds["bf16"] or {}).get("enabled", False)) != bf16:
+        raise ValueError(f"deepspeed.bf16.enabled={ds['bf16'].get('enabled')!r} conflicts with "
+                         f"train.dtype={t.dtype!r}")
+    ds["bf16"] = dict(ds.get("bf16") or {}, enabled=bf16)
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2):
+        raise ValueError(f"deepspeed.zero_optimization.stage={(zero or {}).get('stage')!r}: "
+                         "supported stages are 0, 1 and 2")
+    ds.setdefault("steps_per_print", 10**9)   # the trainer logs; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def check_supported(cfg, world_size: int) -> None:
+    """Layout checks that need the world size, and features not built yet: fail loudly, early."""
+    ep = cfg.parallel.ep
+    if world_size % ep:
+        raise ValueError(f"parallel.ep={ep}: the world size {world_size} is not divisible by it "
+                         "(world = ep x expert-data-parallel)")
+    if cfg.train.init_from is not None:
+        raise ValueError(f"train.init_from={cfg.train.init_from!r}: initialising from an imported checkpoint "
+                         "is not implemented yet")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (and stacked expert matrices), none on
+    norms, biases and other vectors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start the process group (nccl on CUDA, gloo on CPU) -> (rank, world_size, local_rank).
+
+    Under a launcher the env vars are set; a plain ``python train.py`` gets a 1-process group.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # no launcher: a 1-process group on this machine
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", _free_port())
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def cpu_threads_per_rank() -> None:
+    """On CPU, split the cores between the ranks of this machine instead of oversubscribing."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def build_engine(model: nn.Module, cfg, world_size: int):
+    """deepspeed.initialize with AdamW -> engine; keeps the router state in fp32."""
+    import deepspeed
+
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if cfg.parallel.ep > 1:  # expert weights get their own groups, reduced over expert-data-parallel ranks
+        from parallel.expert_parallel import split_moe_param_groups
+        groups = split_moe_param_groups(groups)
+    opt = torch.optim.AdamW(groups, lr=lr_at(0, t),
+                            betas=(t.beta1, t.beta2), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                           config=deepspeed_config(cfg, world_size))
+    # bf16 engines cast every buffer; the balancing bias and token counts must stay fp32.
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+        moe.tokens_per_expert = moe.tokens_per_expert.float()
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

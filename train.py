@@ -1,0 +1,241 @@
+"""Train a DeepSeek-V3-style MoE language model with DeepSpeed.
+
+    python train.py [--config configs/tiny.yaml] [section.key=value ...]
+    deepspeed --num_gpus N train.py --config C [section.key=value ...]
+
+Build order: config (validated before any process group) -> process group -> data
+(rank 0 prepares the cache, the others wait) -> model -> (fp8 swap) -> (expert
+parallelism) -> deepspeed.initialize -> resume -> training loop. Each optimizer step is
+followed by the aux-loss-free bias update; logging, evaluation and checkpoints happen
+at the intervals of the ``train:`` section.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configs.schema import load_config
+from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, read_meta
+from model.flops import count_params
+from model.fp8_swap import apply_fp8
+from model.transformer import DeepseekV3
+from parallel import checkpoint
+from parallel.balance import gamma_at, gather_counts, imbalance, update_biases
+from parallel.expert_parallel import comm_bytes, create_groups, declare_to_deepspeed, shard_experts
+from parallel.link import EmulatedLink
+from parallel.engine import (build_engine, check_supported, cpu_threads_per_rank, deepspeed_config,
+                             init_distributed, lr_at, set_lr)
+from parallel.monitor import Monitor, machine_peak_flops
+from parallel.recompute import apply_activation_checkpointing
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p.parse_args(argv)
+
+
+def prepare_data(cfg, rank: int, device) -> str:
+    """Rank 0 builds (or finds) the token-shard cache; the others wait, then find it."""
+    d = cfg.data
+    build = lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,  # noqa: E731
+                                        d.seq_len, d.cache_dir, d.val_fraction, d.max_files)
+    failed = torch.zeros(1, device=device)
+    shard_dir, error = None, None
+    if rank == 0:
+        try:
+            shard_dir = build()
+        except Exception as e:  # re-raised below, after telling the other ranks
+            failed += 1
+            error = e
+    if dist.get_world_size() > 1:
+        dist.all_reduce(failed)  # also the barrier: others start reading once rank 0 is done
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError("rank 0 failed to prepare the data (its error is above)")
+    return shard_dir if rank == 0 else build()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean_over_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, val_rows, cfg, rank: int, world: int, device) -> float:
+    """Mean next-token loss over the first eval_batches global batches of the val split."""
+    engine.eval()
+    mbs, total = cfg.train.micro_batch_size, 0.0
+    for i in range(cfg.train.eval_batches):
+        start = (i * world + rank) * mbs
+        x, y = batch_from_rows(val_rows, [(start + j) % len(val_rows) for j in range(mbs)])
+        total += float(engine(x.to(device), y.to(device)).lm_loss)
+    engine.train()
+    return mean_over_ranks([total / max(1, cfg.train.eval_batches)], device)[0]
+
+
+def main(argv=None) -> int:
+    # ---- config: parsed and validated before any process group exists ----
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    check_supported(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # conflicts fail here, early
+    t = cfg.train
+
+    # ---- processes ----
+    rank, world, local_rank = init_distributed()
+    cpu_threads_per_rank()
+    from deepspeed.accelerator import get_accelerator
+    device = torch.device(get_accelerator().device_name(local_rank))
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # ---- data ----
+    shard_dir = prepare_data(cfg, rank, device)
+    fingerprint = read_meta(shard_dir)["tokenizer_fingerprint"]
+    train_rows = TokenShards(shard_dir, "train", expected_vocab_size=cfg.model.vocab_size,
+                             expected_fingerprint=fingerprint)
+    val_rows = (TokenShards(shard_dir, "val", expected_vocab_size=cfg.model.vocab_size)
+                if t.eval_batches > 0 and cfg.data.val_fraction > 0 else None)
+    rows_per_step = t.micro_batch_size * t.grad_accum      # per rank; split into grad_accum micro-batches
+    sampler = ShardedSampler(len(train_rows), rows_per_step, rank, world, t.seed)
+
+    # ---- resume target: checked for compatibility before anything heavy is built ----
+    ckpt = checkpoint.resolve_resume(t.resume, t.out_dir)
+    state = None
+    if ckpt is not None:
+        state = checkpoint.read_state(ckpt)
+        checkpoint.check_compatible(state, ckpt, cfg.model.to_dict(), fingerprint)
+
+    # ---- model ----
+    seed_everything(t.seed)
+    model = DeepseekV3(cfg.model)
+    fp8_report = apply_fp8(model, cfg.fp8) if cfg.fp8.enabled else None   # a module swap, after the build
+    dispatchers = []
+    if cfg.parallel.ep > 1:                                  # keep n_routed_experts / ep experts per rank
+        p = cfg.parallel
+        ep_group, _ = create_groups(p.ep)
+        link = EmulatedLink(p.link_bandwidth_gbps, p.link_latency_us)
+        dispatchers = shard_experts(model, ep_group, p.ep, overlap=p.overlap, chunks=p.chunks, link=link,
+                                    fp8_dispatch=p.fp8_dispatch)
+        declare_to_deepspeed(model, p.ep)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine = build_engine(model.to(device), cfg, world)
+    moes = model.moe_layers()
+
+    step = 0
+    if ckpt is not None:
+        checkpoint.load(engine, ckpt)
+        sampler.load_state_dict(state["sampler"])
+        step = int(state["step"])
+
+    # ---- logging ----
+    seq_len = cfg.data.seq_len
+    tokens_per_step = rows_per_step * world * seq_len
+    flops_per_token = count_params(cfg.model, seq_len).flops_per_token_train_with_mtp
+    peak = machine_peak_flops(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32)
+    stop = min(t.max_steps, t.stop_at or t.max_steps)
+    monitor = Monitor(cfg, rank, step, {
+        "world_size": world, "device": str(device), "peak_flops": peak, "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token, "params": sum(p.numel() for p in model.parameters()),
+        "shard_dir": shard_dir, "train_rows": len(train_rows), "resumed_from": str(ckpt) if ckpt else None})
+    if fp8_report is not None:
+        monitor.write(f"fp8: backend {fp8_report['backend']} ({fp8_report['kernel']}: {fp8_report['reason']}), "
+                      f"{len(fp8_report['converted'])} modules converted")
+    monitor.write(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters (this rank), ep "
+                  f"{cfg.parallel.ep}, {world} rank(s) on "
+                  f"{device}, {tokens_per_step} tokens/step, peak {peak / 1e9:.1f} GFLOP/s"
+                  + (f", resuming from {ckpt} at step {step}" if ckpt else ""))
+    if step >= stop:
+        monitor.write(f"nothing to do: step {step} >= {stop}")
+
+    # ---- training loop ----
+    engine.train()
+    interval_tokens, interval_time = 0, 0.0
+    comm_seen, comm_step = {}, step
+    while step < stop:
+        t0 = time.perf_counter()
+        lr = lr_at(step, t)
+        set_lr(engine, lr)
+        rows = sampler.next_batch()                              # (micro_batch_size * grad_accum,)
+        parts = torch.zeros(4, dtype=torch.float64)              # loss, lm, aux, mtp summed over micro-steps
+        for micro in range(t.grad_accum):
+            x, y = batch_from_rows(train_rows, rows[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
+            out = engine(x.to(device), y.to(device))
+            engine.backward(out.loss)
+            engine.step()                                        # optimizer step at the last micro-step
+            parts += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
+        counts = gather_counts(moes)                             # (L, E) summed over ranks and micro-steps
+        gamma = gamma_at(step, t)
+        update_biases(moes, counts, gamma)
+        grad_norm = engine.get_global_grad_norm()
+        step += 1
+        dt = time.perf_counter() - t0
+        interval_tokens, interval_time = interval_tokens + tokens_per_step, interval_time + dt
+        parts /= t.grad_accum
+        monitor.step(float(parts[0]), tokens_per_step / dt, tokens_per_step / dt * flops_per_token / peak)
+
+        do_eval = val_rows is not None and (step % t.eval_every == 0 or step == t.max_steps)
+        if step == 1 or step % t.log_every == 0 or step == stop or do_eval:
+            loss, lm, aux, mtp = mean_over_ranks(parts.tolist(), device)
+            tok_s = interval_tokens / interval_time
+            record = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
+                      "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak,
+                      "expert_load_imbalance": imbalance(counts), "bias_gamma": gamma,
+                      "epoch": sampler.epoch, "tokens": step * tokens_per_step}
+            if dispatchers:  # all-to-all bytes this rank sent per step since the last record
+                sent = comm_bytes(dispatchers)
+                record.update({k: (v - comm_seen.get(k, 0)) / max(1, step - comm_step) for k, v in sent.items()})
+                comm_seen, comm_step = sent, step
+            if do_eval:
+                record["val_loss"] = evaluate(engine, val_rows, cfg, rank, world, device)
+            monitor.log(record)
+            monitor.write(f"step {step}/{t.max_steps} loss {loss:.4f} (lm {lm:.4f} aux {aux:.2e} mtp {mtp:.4f})"
+                          f" lr {lr:.2e} {tok_s:,.0f} tok/s mfu {record['mfu']:.2%}"
+                          + (f" val {record['val_loss']:.4f}" if do_eval else ""))
+            interval_tokens, interval_time = 0, 0.0
+
+        if step % t.save_every == 0 or step == stop:
+            path = checkpoint.save(engine, t.out_dir, step, {
+                "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
+                "world_size": world, "shard_dir": shard_dir}, t.keep_last)
+            monitor.write(f"saved {path}")
+
+    monitor.close()
+    dist.barrier()
+    return 0
+
+
+def cli() -> int:
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
