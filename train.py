@@ -140,6 +140,8 @@ def main(argv=None) -> int:
         dispatchers = shard_experts(model, ep_group, p.ep, overlap=p.overlap, chunks=p.chunks, link=link,
                                     fp8_dispatch=p.fp8_dispatch)
         declare_to_deepspeed(model, p.ep)
+    if t.init_from and ckpt is None:                         # a resume takes precedence over the init
+        checkpoint.load_init_weights(model, t.init_from)     # every rank, its own expert slice
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     engine = build_engine(model.to(device), cfg, world)

@@ -88,9 +88,6 @@ def check_supported(cfg, world_size: int) -> None:
     if world_size % ep:
         raise ValueError(f"parallel.ep={ep}: the world size {world_size} is not divisible by it "
                          "(world = ep x expert-data-parallel)")
-    if cfg.train.init_from is not None:
-        raise ValueError(f"train.init_from={cfg.train.init_from!r}: initialising from an imported checkpoint "
-                         "is not implemented yet")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ measured peak. wandb gets the same records and the config, never the environment
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any

@@ -17,3 +17,12 @@ def tiny_cfg(**kw) -> ModelConfig:
     cfg = ModelConfig(**base)
     cfg.validate()
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now (for test process groups)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,19 +3,13 @@ reproduce the single-process model (outputs, token counts and gradients), with o
 (several chunk counts) and off."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import tiny_cfg
+from tests.helpers import free_port, tiny_cfg
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, chunks, overlap, fp8=False):
@@ -97,7 +91,7 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
 @pytest.mark.parametrize("world,chunks,overlap,fp8", [(2, 1, False, False), (2, 3, True, False),
                                                      (4, 2, True, False), (2, 2, True, True)])
 def test_ep_matches_single_process(world, chunks, overlap, fp8):
-    mp.spawn(_worker, args=(world, _free_port(), chunks, overlap, fp8), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), chunks, overlap, fp8), nprocs=world, join=True)
 
 
 def _engine_worker(rank, world, port, stage):
@@ -146,4 +140,4 @@ def _engine_worker(rank, world, port, stage):
 def test_deepspeed_step_with_ep_matches_single_process(stage):
     """DeepSpeed reduces non-expert gradients over all ranks, expert gradients over the
     expert-data-parallel group, and clips with the global norm (experts included)."""
-    mp.spawn(_engine_worker, args=(2, _free_port(), stage), nprocs=2, join=True)
+    mp.spawn(_engine_worker, args=(2, free_port(), stage), nprocs=2, join=True)

@@ -5,7 +5,6 @@ all-to-all overlap on and off."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -13,19 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from parallel import checkpoint
+from tests.helpers import free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 
 STEPS = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(n: int, args: list[str]) -> None:
-    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(_free_port()), str(ROOT / "train.py"), *args]
+    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
 

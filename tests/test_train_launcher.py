@@ -4,21 +4,15 @@ biases as 1 rank x 4 rows (the same global batches, by the sampler's constructio
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from parallel import checkpoint
+from tests.helpers import free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -28,7 +22,7 @@ def test_deepspeed_launcher_two_ranks_on_cpu(tmp_path):
     corpus = make_corpus(tmp_path)
     common = ["train.max_steps=3", "train.save_every=100", "deepspeed.zero_optimization.stage=2"]
     two = run_args(tmp_path, corpus, "two", common + ["train.micro_batch_size=2"])
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "train.py"), *two]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train.py"), *two]
     p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     one = run_args(tmp_path, corpus, "one", common + ["train.micro_batch_size=4"])

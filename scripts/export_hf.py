@@ -1,0 +1,124 @@
+"""Export a training checkpoint to a Hugging Face DeepSeek-V3 directory (no remote code).
+
+    python scripts/export_hf.py --checkpoint runs/tiny --out hf/tiny [--dtype bf16|fp32]
+
+--checkpoint is a checkpoint directory (runs/X/checkpoints/step_NNNNNNN), a run directory (its
+newest complete checkpoint is used) or a directory written by scripts/import_hf.py. Only JSON and
+safetensors are read: model.safetensors (the full model, experts gathered over EP at save time),
+trainer_state.json / model_config.json and the tokenizer copy. Written: config.json
+(model_type deepseek_v3, no auto_map), generation_config.json, model.safetensors or shards plus
+model.safetensors.index.json above --max-shard-size, and the tokenizer files. The router bias
+(mlp.gate.e_score_correction_bias) stays fp32 whatever --dtype is. MTP layers are written in
+DeepSeek-V3's layout, model.layers.{num_hidden_layers + k}.* (see --mtp).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import ModelConfig  # noqa: E402
+from model.hf import DTYPES, to_hf_state_dict, write_hf_dir  # noqa: E402
+from parallel import checkpoint  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def resolve_source(path: str) -> Path:
+    """A complete checkpoint, an import_hf.py directory, or a run dir's newest complete checkpoint."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"--checkpoint {p}: does not exist")
+    if checkpoint.is_complete(p) or (p / checkpoint.INIT_CONFIG).is_file():
+        return p
+    if (p / checkpoint.STATE).is_file() or checkpoint._NAME.match(p.name):
+        raise ValueError(f"--checkpoint {p}: incomplete checkpoint (no {checkpoint.MARKER} marker: the save "
+                         "was interrupted or is still running)")
+    found = checkpoint.complete_checkpoints(str(p))
+    if found:
+        return found[-1]
+    raise ValueError(f"--checkpoint {p}: no complete checkpoint found (expected a step_NNNNNNN directory "
+                     f"with a {checkpoint.MARKER} marker, a run directory holding checkpoints/, or an "
+                     "import_hf.py directory)")
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def check_tokenizer(src: Path, fingerprint: str | None) -> None:
+    if not fingerprint:
+        return
+    from data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    got = tokenizer_fingerprint(load_tokenizer(str(src)))
+    if got != fingerprint:
+        raise ValueError(f"tokenizer {src} is not the one the checkpoint was trained with (fingerprint "
+                         f"{got[:12]}..., the checkpoint has {fingerprint[:12]}...)")
+
+
+def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: str | int = "2GB",
+           mtp: str = "auto", tokenizer: str | None = None) -> Path:
+    src = resolve_source(checkpoint_dir)
+    cfg = ModelConfig.from_dict(checkpoint.read_model_config(src), where=f"{src} model")
+    weights = src / checkpoint.MODEL
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: this checkpoint has no full model weights "
+                                "(saved by an older version of the trainer?)")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(weights))
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: must be auto, bf16 or fp32")
+    out_p = Path(out).expanduser()
+    out_p.mkdir(parents=True, exist_ok=True)
+    files = write_hf_dir(to_hf_state_dict(sd, cfg), cfg, str(out_p), None if dtype == "auto" else DTYPES[dtype],
+                         max_shard_size, mtp)
+    tok_src = Path(tokenizer).expanduser() if tokenizer else src / checkpoint.TOKENIZER
+    if tok_src.is_dir():
+        state = src / checkpoint.STATE
+        fp = json.loads(state.read_text()).get("tokenizer_fingerprint") if state.is_file() else None
+        check_tokenizer(tok_src, fp)
+        files += copy_tokenizer_files(tok_src, out_p)
+    else:
+        print(f"warning: no tokenizer at {tok_src}: the export has none (pass --tokenizer DIR)", file=sys.stderr)
+    print(f"exported {src} -> {out_p}: {', '.join(files)}")
+    return out_p
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, or import_hf.py dir")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="weight dtype (auto: as stored; the router bias is always fp32)")
+    p.add_argument("--max-shard-size", default="2GB", help="shard above this size, with an index (default 2GB)")
+    p.add_argument("--mtp", default="auto", choices=["auto", "inline", "separate", "drop"],
+                   help="auto (default): separate when the weights fit in one file, inline when sharded. "
+                        "inline: MTP layers in the weight index, as DeepSeek-V3 ships them (serving engines use "
+                        "them; transformers lists them as unexpected unless the model has 61 layers); separate: "
+                        "in mtp.safetensors outside the index (silent transformers load; an unsharded export "
+                        "still shows them to engines that read every *.safetensors); drop: no MTP")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the checkpoint's copy)")
+    a = p.parse_args(argv)
+    try:
+        export(a.checkpoint, a.out, a.dtype, a.max_shard_size, a.mtp, a.tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
