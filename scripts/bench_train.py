@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one step of each model")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,6 +126,12 @@ def main() -> None:
         tps[k] = ntok / med
         print(f"{k:<13} {med * 1e3:>14.1f} {tps[k]:>10.0f} {tps[k] * flops_tok / peak / 1e9:>7.1%} {mem[k]:>13.0f}")
     print(f"speed ratio ours/transformers: {tps['ours'] / tps['transformers']:.2f}x")
+    if args.profile:
+        for k, s in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                s()
+            print(f"\n--- {k}: top ops by self CPU time, one step ---")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
 if __name__ == "__main__":
