@@ -216,6 +216,13 @@ def validate(cfg: Config) -> None:
     if cfg.model.n_routed_experts % p.ep:
         raise ValueError(f"parallel.ep={p.ep}: model.n_routed_experts={cfg.model.n_routed_experts} "
                          "is not divisible by it")
+    ng = cfg.model.n_group
+    if p.ep > 1 and ng % p.ep and p.ep % ng:
+        # node-limited routing: experts sit on ranks in order, so a router group must cover whole
+        # ranks (ep | n_group) or a whole node of ranks (n_group | ep) for a token that picks
+        # topk_group groups to reach at most topk_group ranks/nodes
+        raise ValueError(f"parallel.ep={p.ep}: router groups (model.n_group={ng}) cannot map onto ranks; "
+                         "one of ep and n_group must divide the other")
     if p.chunks < 1:
         raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
     if p.link_bandwidth_gbps is not None and p.link_bandwidth_gbps <= 0 or p.link_latency_us < 0:

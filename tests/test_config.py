@@ -35,6 +35,7 @@ BAD = [
     (["train.lr_schedule=linear"], "train.lr_schedule='linear'"),
     (["train.max_steps=0"], "train.max_steps=0"),
     (["parallel.ep=3"], "parallel.ep=3"),
+    (["model.n_routed_experts=24", "model.n_group=4", "parallel.ep=6"], "parallel.ep=6: router groups"),
     (["data.seq_len=4096"], "data.seq_len=4096"),
     (["logging.wandb=maybe"], "logging.wandb='maybe'"),
     (["fp8.enabled=yes please"], "fp8.enabled='yes please'"),
