@@ -198,6 +198,13 @@ def load(engine, path: Path) -> None:
     load_dir, tag = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
     if load_dir is None:
         raise ValueError(f"checkpoint {path}: DeepSpeed found no engine state to load")
+    model_file = path / MODEL
+    if model_file.is_file():
+        # DeepSpeed's module file is written by one rank; under expert parallelism every rank holds
+        # other experts, so each takes its own slice of the full (gathered) weights we saved
+        from parallel.expert_parallel import load_full_state_dict
+        with torch.no_grad():
+            load_full_state_dict(engine.module, load_file(str(model_file)))
     biases = load_file(str(path / BIAS))
     with torch.no_grad():
         for i, m in enumerate(engine.module.moe_layers()):

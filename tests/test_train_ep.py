@@ -52,3 +52,21 @@ def test_ep_training_equals_one_process_with_accumulation(tmp_path, world, overl
         bias = _biases(tmp_path / out)
         for k in ref_bias:   # same routing => the same integer counts => identical sign-rule updates
             torch.testing.assert_close(bias[k], ref_bias[k], rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_ep_resume_continues_like_an_uninterrupted_run(tmp_path):
+    """ep=2: 3 steps, stop, resume to 6 == 6 uninterrupted steps (each rank gets its own experts back)."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    corpus = make_corpus(tmp_path)
+    common = ["train.max_steps=6", "train.save_every=100", "train.micro_batch_size=2", "parallel.ep=2"]
+    _launch(2, run_args(tmp_path, corpus, "full", common))
+    split = run_args(tmp_path, corpus, "split", common)
+    _launch(2, split + ["train.stop_at=3"])
+    _launch(2, split + ["train.resume=auto"])
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(full, resumed):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert a[key] == b[key], f"step {a['step']} {key}: {a[key]} != {b[key]}"
