@@ -57,7 +57,8 @@ def to_hf_config(cfg: ModelConfig):
 def from_hf_config(hf: dict[str, Any] | Any, **overrides: Any) -> ModelConfig:
     """A transformers config (object or config.json dict) -> ModelConfig."""
     d = hf if isinstance(hf, dict) else hf.to_dict()
-    kw = {k: d[k] for k in _HF_FIELDS if k in d and d[k] is not None or k in ("q_lora_rank", "pad_token_id") and k in d}
+    nullable = ("q_lora_rank", "pad_token_id")     # None means something for these: keep it
+    kw = {k: d[k] for k in _HF_FIELDS if k in d and (d[k] is not None or k in nullable)}
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})

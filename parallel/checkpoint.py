@@ -178,15 +178,19 @@ def read_state(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path}: cannot read {STATE}: {e}") from e
 
 
+def _first_difference(saved: dict[str, Any], model_cfg: dict[str, Any], free: set[str]) -> str | None:
+    """'model.K=<saved>, the config has model.K=<value>' for the first field (not in ``free``) that differs."""
+    for key, value in model_cfg.items():
+        if key not in free and (key not in saved or saved[key] != value):
+            return f"model.{key}={saved.get(key, '<missing>')!r}, the config has model.{key}={value!r}"
+    return None
+
+
 def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any], fingerprint: str) -> None:
     """Raise a ValueError naming the first field that makes the checkpoint unusable."""
-    saved = state.get("config", {}).get("model", {})
-    for key, value in model_cfg.items():
-        if key in TRAINING_ONLY:
-            continue
-        if key not in saved or saved[key] != value:
-            raise ValueError(f"checkpoint {path} is incompatible: it has model.{key}="
-                             f"{saved.get(key, '<missing>')!r}, the config has model.{key}={value!r}")
+    diff = _first_difference(state.get("config", {}).get("model", {}), model_cfg, TRAINING_ONLY)
+    if diff:
+        raise ValueError(f"checkpoint {path} is incompatible: it has {diff}")
     if state.get("tokenizer_fingerprint") != fingerprint:
         raise ValueError(f"checkpoint {path} was trained on data from another tokenizer (fingerprint "
                          f"{str(state.get('tokenizer_fingerprint'))[:12]}..., the prepared data has "
@@ -198,11 +202,12 @@ def load(engine, path: Path) -> None:
     load_dir, tag = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
     if load_dir is None:
         raise ValueError(f"checkpoint {path}: DeepSpeed found no engine state to load")
+    from parallel.expert_parallel import is_expert_param, load_full_state_dict
+
     model_file = path / MODEL
-    if model_file.is_file():
+    if model_file.is_file() and any(is_expert_param(p) for p in engine.module.parameters()):
         # DeepSpeed's module file is written by one rank; under expert parallelism every rank holds
         # other experts, so each takes its own slice of the full (gathered) weights we saved
-        from parallel.expert_parallel import load_full_state_dict
         with torch.no_grad():
             load_full_state_dict(engine.module, load_file(str(model_file)))
     biases = load_file(str(path / BIAS))
@@ -277,12 +282,9 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def check_init_compatible(saved: dict[str, Any], model_cfg: dict[str, Any], path: str | os.PathLike) -> None:
     """Raise a ValueError naming the first model field in which the weights and the run differ."""
-    for key, value in model_cfg.items():
-        if key in INIT_FREE:
-            continue
-        if key not in saved or saved[key] != value:
-            raise ValueError(f"train.init_from={str(path)!r} does not fit the model: its weights have "
-                             f"model.{key}={saved.get(key, '<missing>')!r}, the config has model.{key}={value!r}")
+    diff = _first_difference(saved, model_cfg, INIT_FREE)
+    if diff:
+        raise ValueError(f"train.init_from={str(path)!r} does not fit the model: its weights have {diff}")
 
 
 def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

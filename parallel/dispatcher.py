@@ -115,15 +115,8 @@ def _regroup_index(recv_counts: torch.Tensor) -> torch.Tensor:
     """recv_counts (ep, El): rows arrive as (source, expert) blocks; return the row order that
     lists them as (expert, source) blocks, i.e. contiguous per local expert."""
     ep, El = recv_counts.shape
-    starts = torch.cumsum(recv_counts.flatten(), 0) - recv_counts.flatten()   # block start, (src, e) order
-    blocks = []
-    for e in range(El):
-        for s in range(ep):
-            n = int(recv_counts[s, e])
-            if n:
-                b = int(starts[s * El + e])
-                blocks.append(torch.arange(b, b + n))
-    return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
+    expert_of_row = torch.arange(El, device=recv_counts.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+    return torch.argsort(expert_of_row, stable=True)      # stable: source order kept within an expert
 
 
 class AllToAllDispatcher:

@@ -29,6 +29,18 @@ def create_groups(ep: int):
     return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
 
 
+def keep_local_experts(experts: nn.Module, rank: int, ep: int) -> None:
+    """Slice a RoutedExperts' stacked weights down to rank's n/ep experts (contiguous, in order)."""
+    E = experts.num_experts
+    if E % ep:
+        raise ValueError(f"n_routed_experts={E} is not divisible by parallel.ep={ep}")
+    El = E // ep
+    with torch.no_grad():
+        experts.w_gate_up = nn.Parameter(experts.w_gate_up[rank * El:(rank + 1) * El].clone())
+        experts.w_down = nn.Parameter(experts.w_down[rank * El:(rank + 1) * El].clone())
+    experts.num_experts = El
+
+
 def shard_experts(model: nn.Module, ep_group, ep: int, overlap: bool = True, chunks: int = 2,
                   link: EmulatedLink | None = None, fp8_dispatch: bool = False) -> list[AllToAllDispatcher]:
     """Keep only this rank's n_routed_experts/ep experts in every MoE layer (MTP included),
@@ -39,20 +51,11 @@ def shard_experts(model: nn.Module, ep_group, ep: int, overlap: bool = True, chu
     link = link or EmulatedLink()
     dispatchers = []
     for moe in model.moe_layers():
-        ex = moe.experts
-        E = moe.n_experts
-        if E % ep:
-            raise ValueError(f"n_routed_experts={E} is not divisible by parallel.ep={ep}")
-        El = E // ep
-        with torch.no_grad():
-            ex.w_gate_up = nn.Parameter(ex.w_gate_up[rank * El:(rank + 1) * El].clone())
-            ex.w_down = nn.Parameter(ex.w_down[rank * El:(rank + 1) * El].clone())
-        ex.num_experts = El
-        ex.expert_offset = rank * El
-        for p in ex.parameters():
+        keep_local_experts(moe.experts, rank, ep)
+        for p in moe.experts.parameters():
             p.allreduce = False                       # DeepSpeed: not a data-parallel parameter
             p.group_name = expert_group_name(ep)      # reduced over this expert-data-parallel group
-        moe.dispatcher = AllToAllDispatcher(ep_group, E, overlap=overlap, chunks=chunks, link=link,
+        moe.dispatcher = AllToAllDispatcher(ep_group, moe.n_experts, overlap=overlap, chunks=chunks, link=link,
                                             fp8_dispatch=fp8_dispatch)
         dispatchers.append(moe.dispatcher)
     return dispatchers

@@ -38,6 +38,7 @@ def _run(rank: int, world: int, port: int, args, results):
     from model.config import ModelConfig
     from model.moe import MoE
     from parallel.dispatcher import AllToAllDispatcher
+    from parallel.expert_parallel import keep_local_experts
     from parallel.link import EmulatedLink
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -50,11 +51,7 @@ def _run(rank: int, world: int, port: int, args, results):
     moe = MoE(cfg).train()
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    El = args.experts // world
-    with torch.no_grad():
-        moe.experts.w_gate_up = torch.nn.Parameter(moe.experts.w_gate_up[rank * El:(rank + 1) * El].clone())
-        moe.experts.w_down = torch.nn.Parameter(moe.experts.w_down[rank * El:(rank + 1) * El].clone())
-    moe.experts.num_experts = El
+    keep_local_experts(moe.experts, rank, world)
     x = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
 
     def step(disp) -> float:
