@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -31,6 +32,8 @@ from parallel.expert_parallel import comm_bytes, create_groups, declare_to_deeps
 from parallel.link import EmulatedLink
 from parallel.engine import (build_engine, check_supported, cpu_threads_per_rank, deepspeed_config,
                              init_distributed, lr_at, set_lr)
+from parallel.faults import Faults
+from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
 from parallel.recompute import apply_activation_checkpointing
 
@@ -94,6 +97,37 @@ def evaluate(engine, val_rows, cfg, rank: int, world: int, device) -> float:
     return mean_over_ranks([total / max(1, cfg.train.eval_batches)], device)[0]
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot usefully go on (e.g. every recent step was non-finite); a checkpoint was saved."""
+
+
+class StopOnSignal:
+    """SIGTERM (a scheduler's pre-emption, the launcher passing on a kill) asks the run to stop:
+    the ranks agree on it at the end of the step, save, and exit 0. Repeats are ignored, so a
+    second SIGTERM cannot interrupt the save; SIGKILL still ends the process."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            print(f"rank {os.environ.get('RANK', '0')}: SIGTERM received; saving at the end of this step",
+                  file=sys.stderr, flush=True)
+        self.requested = True
+
+
+def agree_on_step(stop_requested: bool, skipped: bool, device) -> tuple[bool, bool]:
+    """One all-reduce per step: stop if any rank was asked to; and check that every rank made the
+    same skip decision (DeepSpeed all-reduces the overflow flag, so a mismatch is a bug)."""
+    flags = torch.tensor([float(stop_requested), float(skipped), -float(skipped)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop, any_skipped, not_all = bool(flags[0]), bool(flags[1]), bool(flags[2] == 0)
+    if any_skipped and not_all:
+        raise RuntimeError("ranks disagree on whether the optimizer step was skipped")
+    return stop, any_skipped
+
+
 def main(argv=None) -> int:
     # ---- config: parsed and validated before any process group exists ----
     args = parse_args(argv)
@@ -103,7 +137,9 @@ def main(argv=None) -> int:
     t = cfg.train
 
     # ---- processes ----
-    rank, world, local_rank = init_distributed()
+    stop_signal = StopOnSignal()
+    rank, world, local_rank = init_distributed(cfg.parallel.collective_timeout_s)
+    faults = Faults(rank)   # tests only: MOE_FAULTS in the environment (parallel/faults.py)
     cpu_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
     device = torch.device(get_accelerator().device_name(local_rank))
@@ -125,6 +161,7 @@ def main(argv=None) -> int:
     ckpt = checkpoint.resolve_resume(t.resume, t.out_dir)
     state = None
     if ckpt is not None:
+        verify(ckpt)   # every rank: a truncated or altered file is named before anything is loaded
         state = checkpoint.read_state(ckpt)
         checkpoint.check_compatible(state, ckpt, cfg.model.to_dict(), fingerprint)
 
@@ -177,7 +214,9 @@ def main(argv=None) -> int:
     engine.train()
     interval_tokens, interval_time = 0, 0.0
     comm_seen, comm_step = {}, step
+    skipped_in_a_row = 0
     while step < stop:
+        faults.before_step(step + 1)
         t0 = time.perf_counter()
         lr = lr_at(step, t)
         set_lr(engine, lr)
@@ -186,12 +225,18 @@ def main(argv=None) -> int:
         for micro in range(t.grad_accum):
             x, y = batch_from_rows(train_rows, rows[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
             out = engine(x.to(device), y.to(device))
-            engine.backward(out.loss)
+            loss = out.loss * faults.loss_scale(step + 1)        # tests may poison it (MOE_FAULTS)
+            engine.backward(loss)
             engine.step()                                        # optimizer step at the last micro-step
-            parts += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
+            parts += torch.stack([loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
         counts = gather_counts(moes)                             # (L, E) summed over ranks and micro-steps
+        # a NaN/inf gradient on any rank: DeepSpeed (or FiniteAdamW) left parameters and optimizer
+        # untouched on every rank; the biases stay too, and the step (and its data) is passed over
+        stop_now, skipped = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device)
         gamma = gamma_at(step, t)
-        update_biases(moes, counts, gamma)
+        if not skipped:
+            update_biases(moes, counts, gamma)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         grad_norm = engine.get_global_grad_norm()
         step += 1
         dt = time.perf_counter() - t0
@@ -200,14 +245,15 @@ def main(argv=None) -> int:
         monitor.step(float(parts[0]), tokens_per_step / dt, tokens_per_step / dt * flops_per_token / peak)
 
         do_eval = val_rows is not None and (step % t.eval_every == 0 or step == t.max_steps)
-        if step == 1 or step % t.log_every == 0 or step == stop or do_eval:
+        if step == 1 or step % t.log_every == 0 or step == stop or do_eval or skipped or stop_now:
             loss, lm, aux, mtp = mean_over_ranks(parts.tolist(), device)
             tok_s = interval_tokens / interval_time
             record = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
                       "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak,
                       "expert_load_imbalance": imbalance(counts), "bias_gamma": gamma,
-                      "epoch": sampler.epoch, "tokens": step * tokens_per_step}
+                      "epoch": sampler.epoch, "tokens": step * tokens_per_step,
+                      "skipped": skipped, "skipped_steps": int(engine.skipped_steps)}
             if dispatchers:  # all-to-all bytes this rank sent per step since the last record
                 sent = comm_bytes(dispatchers)
                 record.update({k: (v - comm_seen.get(k, 0)) / max(1, step - comm_step) for k, v in sent.items()})
@@ -217,14 +263,27 @@ def main(argv=None) -> int:
             monitor.log(record)
             monitor.write(f"step {step}/{t.max_steps} loss {loss:.4f} (lm {lm:.4f} aux {aux:.2e} mtp {mtp:.4f})"
                           f" lr {lr:.2e} {tok_s:,.0f} tok/s mfu {record['mfu']:.2%}"
-                          + (f" val {record['val_loss']:.4f}" if do_eval else ""))
+                          + (f" val {record['val_loss']:.4f}" if do_eval else "")
+                          + (f" SKIPPED (non-finite loss/gradient; {skipped_in_a_row} in a row)" if skipped else ""))
             interval_tokens, interval_time = 0, 0.0
 
-        if step % t.save_every == 0 or step == stop:
+        give_up = skipped_in_a_row >= t.max_consecutive_skips
+        if step % t.save_every == 0 or step == stop or stop_now or give_up:
             path = checkpoint.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
-                "world_size": world, "shard_dir": shard_dir}, t.keep_last)
+                "world_size": world, "shard_dir": shard_dir, "skipped_steps": int(engine.skipped_steps)},
+                t.keep_last, faults)
             monitor.write(f"saved {path}")
+        if give_up:
+            monitor.close()
+            raise TrainingStopped(
+                f"{skipped_in_a_row} optimizer steps in a row (train.max_consecutive_skips="
+                f"{t.max_consecutive_skips}) had a non-finite loss or gradient and were skipped; stopped at step "
+                f"{step}. {path} holds the last good weights and optimizer state (the data position is past "
+                "the bad batches); lower train.lr or check the data before resuming")
+        if stop_now:
+            monitor.write(f"stopped by SIGTERM at step {step}; resume with train.resume=auto")
+            break
 
     monitor.close()
     dist.barrier()
@@ -237,6 +296,9 @@ def cli() -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

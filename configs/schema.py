@@ -8,6 +8,7 @@ and invalid values raise ``ValueError`` naming the field and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -17,6 +18,12 @@ import yaml
 from model.config import ModelConfig
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.yaml")
+# data.tokenizer.MIN_VOCAB_SIZE (256 byte symbols + EOS), repeated here so that validating a config
+# does not import the tokenizer libraries; tests/test_bad_inputs.py checks the two agree
+MIN_BPE_VOCAB_SIZE = 256 + 1
+# Fields naming a file or directory: "" would silently mean the current directory
+_PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("data", "cache_dir"), ("data", "text_field"),
+                ("train", "out_dir"), ("train", "init_from"))
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
+    max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this many in a row
 
 
 @dataclass
@@ -69,6 +77,7 @@ class ParallelConfig:
     fp8_dispatch: bool = False            # send dispatched tokens as E4M3 + 1x128 scales (combine stays full width)
     link_bandwidth_gbps: float | None = None   # emulated interconnect for experiments (None: off)
     link_latency_us: float = 0.0
+    collective_timeout_s: float = 1800.0  # a collective waiting longer (a hung or dead rank) fails the job
 
 
 @dataclass
@@ -116,6 +125,11 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
         raise ValueError(f"{where}={value!r}: expected an integer")
     if s.startswith("float") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
         raise ValueError(f"{where}={value!r}: expected a number")
+    if s.startswith("float") and not math.isfinite(value):
+        # nan slips through every range check below (all comparisons are False)
+        raise ValueError(f"{where}={value!r}: expected a finite number")
+    if s.startswith("list") and (not isinstance(value, list) or not all(isinstance(x, str) for x in value)):
+        raise ValueError(f"{where}={value!r}: expected a list of strings")
     if s.startswith("bool") and not isinstance(value, bool):
         raise ValueError(f"{where}={value!r}: expected true or false")
     if s.startswith("str") and not isinstance(value, str):
@@ -125,6 +139,7 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
 def _build(cls, raw: dict[str, Any], section: str):
     if not isinstance(raw, dict):
         raise ValueError(f"{section}: expected a mapping, got {raw!r}")
+    raw = dict(raw)   # values are normalised below; the caller's mapping stays as read
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
@@ -172,7 +187,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     unknown = sorted(set(raw) - set(_SECTIONS) - {"deepspeed"})
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(list(_SECTIONS) + ['deepspeed'])}")
-    sections = {name: _build(cls, dict(raw.get(name) or {}), name) for name, cls in _SECTIONS.items()}
+    sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
     ds = raw.get("deepspeed") or {}
     if not isinstance(ds, dict):
         raise ValueError(f"deepspeed: expected a mapping, got {ds!r}")
@@ -184,6 +199,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def validate(cfg: Config) -> None:
     cfg.model.validate("model")
     d, t, p, f, lg = cfg.data, cfg.train, cfg.parallel, cfg.fp8, cfg.logging
+    for section, name in _PATH_FIELDS:
+        if getattr(getattr(cfg, section), name) == "":
+            raise ValueError(f"{section}.{name}='': empty (give a path, or null where a default exists)")
+    if d.max_files is not None and d.max_files < 1:
+        raise ValueError(f"data.max_files={d.max_files}: must be >= 1 or null")
+    if d.tokenizer is None and cfg.model.vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}: the byte-level BPE trained when "
+                         f"data.tokenizer is null needs >= {MIN_BPE_VOCAB_SIZE} (256 bytes + EOS)")
     if d.seq_len < 2:
         raise ValueError(f"data.seq_len={d.seq_len}: must be >= 2")
     if d.seq_len > cfg.model.max_position_embeddings:
@@ -191,7 +214,8 @@ def validate(cfg: Config) -> None:
                          f"{cfg.model.max_position_embeddings}")
     if not 0 <= d.val_fraction < 1:
         raise ValueError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
-    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last"):
+    for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last",
+                 "max_consecutive_skips"):
         if getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.stop_at is not None and t.stop_at < 1:
@@ -200,6 +224,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.warmup_steps={t.warmup_steps}/eval_batches={t.eval_batches}: must be >= 0")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ValueError(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if not 0 <= t.seed < 2**32:   # numpy's seeding range; torch and the sampler accept it too
+        raise ValueError(f"train.seed={t.seed}: must be in [0, 2**32)")
+    if t.weight_decay < 0 or t.grad_clip < 0:
+        raise ValueError(f"train.weight_decay={t.weight_decay}, train.grad_clip={t.grad_clip}: must be >= 0")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ValueError(f"train.{name}={getattr(t, name)}: must be in [0, 1)")
     if t.lr_schedule not in ("cosine", "wsd", "constant"):
         raise ValueError(f"train.lr_schedule={t.lr_schedule!r}: must be cosine, wsd or constant")
     if not 0 < t.wsd_decay_fraction <= 1:
@@ -223,6 +254,8 @@ def validate(cfg: Config) -> None:
         # topk_group groups to reach at most topk_group ranks/nodes
         raise ValueError(f"parallel.ep={p.ep}: router groups (model.n_group={ng}) cannot map onto ranks; "
                          "one of ep and n_group must divide the other")
+    if p.collective_timeout_s <= 0:
+        raise ValueError(f"parallel.collective_timeout_s={p.collective_timeout_s}: must be > 0")
     if p.chunks < 1:
         raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
     if p.link_bandwidth_gbps is not None and p.link_bandwidth_gbps <= 0 or p.link_latency_us < 0:

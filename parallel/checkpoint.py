@@ -7,13 +7,17 @@ Layout, one directory per save:
         router_bias.safetensors      the aux-loss-free balancing biases, one tensor per MoE layer
         model.safetensors            the full model state dict (experts gathered over EP), our naming:
                                      what scripts/export_hf.py and train.init_from read
+        optimizer.safetensors        AdamW moments by full parameter name (experts gathered): lets a
+                                     resume change world size or ep (parallel/reshard.py)
         tokenizer/                   a copy of the tokenizer the data was prepared with
         rng_rank{r}.safetensors      torch RNG state (tensor) + python/numpy RNG (JSON metadata)
+        MANIFEST.json                size + SHA-256 of every file above (parallel/integrity.py)
         COMPLETE                     written last, after every rank has finished
 
 A directory without COMPLETE (a save that crashed halfway) is never resumed from, and
-keep_last pruning only counts complete ones. Everything the trainer writes itself is
-JSON or safetensors; no pickle.
+keep_last pruning only counts complete ones. Every file is checked against the manifest
+before a resume, an init_from or an export reads it. Everything the trainer writes itself is
+JSON or safetensors; DeepSpeed's own .pt files are read back with weights_only=True.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
+
+from parallel.integrity import MANIFEST, verify, write_manifest
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -121,7 +127,7 @@ def _set_rng_state(path: Path) -> None:
     np.random.set_state(np_state)
 
 
-def save(engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
+def save(engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int, faults=None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     rank = dist.get_rank()
     root = checkpoint_root(out_dir)
@@ -132,6 +138,8 @@ def save(engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_la
         path.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
+    if faults is not None:
+        faults.in_save(step)   # tests: a rank dies with the engine files half-written
     tensors, meta = _rng_state()
     save_file(tensors, str(path / f"rng_rank{rank}.safetensors"), metadata=meta)
     from parallel.expert_parallel import full_state_dict
@@ -143,8 +151,11 @@ def save(engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_la
                   for i, m in enumerate(engine.module.moe_layers())}
         save_file(biases, str(path / BIAS))
         _atomic_write(path / STATE, json.dumps(dict(trainer_state, step=step), indent=1))
+    from parallel.reshard import save_optimizer_state
+    save_optimizer_state(engine, path)  # collective: layout-free AdamW state (resume on another layout)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
+        write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
         _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
         prune(out_dir, keep_last)
     dist.barrier()
@@ -198,18 +209,29 @@ def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any
 
 
 def load(engine, path: Path) -> None:
-    """Collective: load the engine state, the balancing biases and this rank's RNG states."""
-    load_dir, tag = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
-    if load_dir is None:
-        raise ValueError(f"checkpoint {path}: DeepSpeed found no engine state to load")
-    from parallel.expert_parallel import is_expert_param, load_full_state_dict
+    """Collective: load the engine state, the balancing biases and this rank's RNG states.
 
-    model_file = path / MODEL
-    if model_file.is_file() and any(is_expert_param(p) for p in engine.module.parameters()):
-        # DeepSpeed's module file is written by one rank; under expert parallelism every rank holds
-        # other experts, so each takes its own slice of the full (gathered) weights we saved
-        with torch.no_grad():
-            load_full_state_dict(engine.module, load_file(str(model_file)))
+    Saved on another layout (world size or parallel.ep): DeepSpeed's files are partitioned for
+    that layout, so the weights and AdamW states come from the layout-free model.safetensors and
+    optimizer.safetensors instead (parallel/reshard.py)."""
+    from parallel import reshard
+
+    state = read_state(path)
+    reshard.check_global_batch(engine, state, path)
+    if reshard.layout_changed(engine, state):
+        reshard.load_resharded(engine, path)
+    else:
+        load_dir, tag = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if load_dir is None:
+            raise ValueError(f"checkpoint {path}: DeepSpeed found no engine state to load")
+        from parallel.expert_parallel import is_expert_param, load_full_state_dict
+
+        model_file = path / MODEL
+        if model_file.is_file() and any(is_expert_param(p) for p in engine.module.parameters()):
+            # DeepSpeed's module file is written by one rank; under expert parallelism every rank holds
+            # other experts, so each takes its own slice of the full (gathered) weights we saved
+            with torch.no_grad():
+                load_full_state_dict(engine.module, load_file(str(model_file)))
     biases = load_file(str(path / BIAS))
     with torch.no_grad():
         for i, m in enumerate(engine.module.moe_layers()):
@@ -301,6 +323,8 @@ def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"train.init_from={str(path)!r}: directory does not exist")
     if (p / STATE).is_file() and not is_complete(p):
         raise ValueError(f"train.init_from={str(path)!r}: incomplete checkpoint (no {MARKER} marker)")
+    if (p / STATE).is_file() or (p / MANIFEST).is_file():   # import_hf directories carry one too
+        verify(p)
     file = p / MODEL
     if not file.is_file():
         raise FileNotFoundError(f"train.init_from={str(path)!r}: {file} not found (make one with "

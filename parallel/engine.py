@@ -10,6 +10,7 @@ schedule depends only on the config (``train.max_steps``), never on where a run 
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import os
 import socket
@@ -107,10 +108,12 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     """Start the process group (nccl on CUDA, gloo on CPU) -> (rank, world_size, local_rank).
 
     Under a launcher the env vars are set; a plain ``python train.py`` gets a 1-process group.
+    A collective that waits longer than ``timeout_s`` (a rank hung or dead) raises instead of
+    blocking the job forever.
     """
     import deepspeed
     import torch.distributed as dist
@@ -120,8 +123,16 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", _free_port())
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed (ZeRO, expert and data-parallel groups) and torch create sub-groups without a
+    # timeout argument, which then falls back to torch's 30-minute default instead of the world's:
+    # make that default ours, so a hung rank fails every collective after timeout_s, not just some
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(local_rank)
@@ -146,15 +157,52 @@ def build_engine(model: nn.Module, cfg, world_size: int):
     if cfg.parallel.ep > 1:  # expert weights get their own groups, reduced over expert-data-parallel ranks
         from parallel.expert_parallel import split_moe_param_groups
         groups = split_moe_param_groups(groups)
-    opt = torch.optim.AdamW(groups, lr=lr_at(0, t),
-                            betas=(t.beta1, t.beta2), eps=1e-8)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                           config=deepspeed_config(cfg, world_size))
+    ds_config = deepspeed_config(cfg, world_size)
+    plain = ds_config["zero_optimization"].get("stage", 0) == 0 and t.dtype == "fp32"
+    opt = (FiniteAdamW if plain else torch.optim.AdamW)(groups, lr=lr_at(0, t), betas=(t.beta1, t.beta2), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        # ZeRO in fp32 checks gradients only when clipping computes a norm: always check, so a
+        # NaN/inf gradient on any rank skips the step on all (the flag is all-reduced with MAX)
+        engine.optimizer.check_grad_overflow = True
+    elif not plain and not hasattr(engine.optimizer, "overflow"):
+        raise ValueError(f"deepspeed optimizer {type(engine.optimizer).__name__}: no non-finite-gradient "
+                         "check known for it (supported: ZeRO 0/1/2 in fp32 or bf16)")
+    from parallel.integrity import safe_checkpoint_engine
+    safe_checkpoint_engine(engine)   # DeepSpeed's .pt files are read with weights_only=True
     # bf16 engines cast every buffer; the balancing bias and token counts must stay fp32.
     for moe in model.moe_layers():
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
         moe.tokens_per_expert = moe.tokens_per_expert.float()
     return engine
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step in which any rank has a NaN/inf gradient, on every rank alike.
+
+    DeepSpeed calls the client optimizer directly for ZeRO stage 0 in fp32, and reads its
+    ``overflow`` attribute to count the step as skipped (``engine.was_step_applied()``). The
+    flag is all-reduced over the world: expert gradients are reduced only within their
+    expert-data-parallel group, so a local check alone could let ranks disagree."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1)
+        if grads:
+            bad[0] = float(not bool(torch.stack([torch.isfinite(x).all() for x in grads]).all()))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            bad = bad.to(grads[0].device if grads else bad.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
 
 
 def set_lr(engine, lr: float) -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import ModelConfig  # noqa: E402
 from model.hf import DTYPES, to_hf_state_dict, write_hf_dir  # noqa: E402
 from parallel import checkpoint  # noqa: E402
+from parallel.integrity import MANIFEST, verify  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -71,6 +72,8 @@ def check_tokenizer(src: Path, fingerprint: str | None) -> None:
 def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: str | int = "2GB",
            mtp: str = "auto", tokenizer: str | None = None) -> Path:
     src = resolve_source(checkpoint_dir)
+    if (src / checkpoint.STATE).is_file() or (src / MANIFEST).is_file():   # every byte as it was saved
+        verify(src)
     cfg = ModelConfig.from_dict(checkpoint.read_model_config(src), where=f"{src} model")
     weights = src / checkpoint.MODEL
     if not weights.is_file():

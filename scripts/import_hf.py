@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from model.hf import from_hf_config, from_hf_state_dict, read_safetensors_dir  # noqa: E402
 from parallel import checkpoint  # noqa: E402
+from parallel.integrity import write_manifest  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -57,6 +58,7 @@ def import_hf(hf: str, out: str) -> Path:
         (out_p / checkpoint.TOKENIZER).mkdir(exist_ok=True)
         for n in copied:
             (out_p / checkpoint.TOKENIZER / n).write_bytes((src / n).read_bytes())
+    write_manifest(out_p)   # train.init_from and export check the files against it
     print(f"imported {src} -> {out_p}: {len(sd)} tensors, "
           f"{sum(v.numel() for v in sd.values()) / 1e6:.2f}M parameters"
           + (f", tokenizer ({len(copied)} files)" if copied else ", no tokenizer files found"))

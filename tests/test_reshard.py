@@ -1,0 +1,67 @@
+"""Resharding: a checkpoint saved at parallel.ep=2 on 2 processes resumes at ep=1 on 1 process
+and at ep=4 on 4 processes, and the following steps agree with resuming unchanged on 2.
+
+Same global batch throughout (4 rows: 2 procs x 2, 1 proc x 2 x grad_accum 2, 4 procs x 1).
+Step 4's loss checks the weights; its gradient norm the gradients of every expert; step 5's
+loss the AdamW update of step 4, i.e. the resharded moments, step count and fp32 masters."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parallel import checkpoint, reshard
+from tests.helpers import free_port
+from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
+
+STEPS = 5
+SAVED = 3
+
+
+def _launch(n: int, args: list[str]) -> None:
+    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+
+
+def _final_weights(out_dir):
+    return load_file(str(checkpoint.complete_checkpoints(str(out_dir))[-1] / checkpoint.MODEL))
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path):
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    corpus = make_corpus(tmp_path)
+    common = [f"train.max_steps={STEPS}", "train.save_every=100", "train.eval_batches=0"]
+    _launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
+                                                             f"train.stop_at={SAVED}"]))
+    ckpt = checkpoint.complete_checkpoints(str(tmp_path / "saved"))[-1]
+    states = load_file(str(ckpt / reshard.OPTIMIZER))
+    assert states["layers.1.mlp.experts.w_down.exp_avg"].shape[0] == 16   # gathered over EP: all 16
+
+    resume = [f"train.resume={ckpt}"]
+    _launch(2, run_args(tmp_path, corpus, "same", common + resume + ["train.micro_batch_size=2", "parallel.ep=2"]))
+    train(run_args(tmp_path, corpus, "ep1", common + resume + ["train.micro_batch_size=2", "train.grad_accum=2"]))
+    _launch(4, run_args(tmp_path, corpus, "ep4", common + resume + ["train.micro_batch_size=1", "parallel.ep=4"]))
+
+    ref = metrics(tmp_path / "same")
+    assert [r["step"] for r in ref] == [SAVED + 1, STEPS]
+    ref_w = _final_weights(tmp_path / "same")
+    for out in ("ep1", "ep4"):
+        got = metrics(tmp_path / out)
+        assert [r["step"] for r in got] == [r["step"] for r in ref]
+        for a, b in zip(ref, got):
+            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), f"{out} step {a['step']} {key}"
+        w = _final_weights(tmp_path / out)     # after step 5's update, gathered over EP
+        assert w.keys() == ref_w.keys()
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{out} {k}: {m}")
+
+    # a different global batch is refused, naming the fields
+    p = train(run_args(tmp_path, corpus, "bad", common + resume + ["train.micro_batch_size=2"]), check=False)
+    assert p.returncode == 2 and "train.micro_batch_size" in p.stderr and "train.grad_accum" in p.stderr, p.stderr
