@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from configs.schema import load_config
 from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, read_meta
+from data.corpus import source_signature
 from model.flops import count_params
 from model.fp8_swap import apply_fp8
 from model.transformer import DeepseekV3
@@ -66,6 +68,16 @@ def prepare_data(cfg, rank: int, device) -> str:
     if failed.item():
         raise RuntimeError("rank 0 failed to prepare the data (its error is above)")
     return shard_dir if rank == 0 else build()
+
+
+def check_inputs(cfg) -> None:
+    """Paths every rank can check before any process group exists: a missing or empty corpus
+    or tokenizer fails here, on each rank, instead of inside rank 0's data preparation."""
+    d = cfg.data
+    if d.path is not None:
+        source_signature(d.path, d.text_field, d.max_files)   # lists the corpus files; raises naming the path
+    if d.tokenizer is not None and not Path(d.tokenizer).expanduser().is_dir():
+        raise FileNotFoundError(f"data.tokenizer={d.tokenizer!r}: no such tokenizer directory")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     check_supported(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # conflicts fail here, early
+    check_inputs(cfg)
     t = cfg.train
 
     # ---- processes ----

@@ -6,6 +6,10 @@ Accepted inputs (all local; nothing is ever fetched from a hub):
   * a .jsonl / .json / .parquet file, or a folder of them, with a string field `text_field`
   * a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
   * None: the embedded default corpus, this interpreter's standard-library .py sources
+
+Nothing here unpickles: a file given by name whose suffix marks serialized objects or tensors
+(.pkl, .pt, .npy, ...) is refused, and inside folders only the suffixes above are read.
+Every loader error is re-raised as a ValueError naming the files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ TEXT_SUFFIXES = {
 }
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
+# Serialized objects / tensors, never a corpus: refused by name so that a pickle is neither
+# unpickled nor (protocol 0 is ASCII) trained on as if it were text.
+SERIALIZED_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".joblib", ".bin",
+                       ".safetensors", ".arrow"}
 # Test suites roughly double the stdlib's size; leaving them out keeps the default
 # corpus at ~12 MB of ordinary library code.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -42,6 +50,10 @@ def stdlib_files(max_files: int | None = None) -> list[Path]:
 
 def _list_files(root: Path, max_files: int | None) -> list[Path]:
     if root.is_file():
+        if root.suffix.lower() in SERIALIZED_SUFFIXES:
+            raise ValueError(f"corpus file {root}: {root.suffix} files hold serialized objects or tensors, not "
+                             "text, and are never loaded (unpickling can run code); give text files, "
+                             ".jsonl/.json, .parquet or a save_to_disk directory")
         return [root]
     files = sorted((p for p in root.rglob("*") if p.is_file() and not _hidden(p, root)),
                    key=lambda p: p.relative_to(root).as_posix())
@@ -92,6 +104,28 @@ def _pick_text_column(ds: datasets.Dataset, text_field: str, where: str) -> data
                      batched=True, desc="dropping empty documents")
 
 
+def _corpus_root(path: str) -> Path:
+    if not str(path).strip():
+        # Path("") is the current directory: never read it by accident
+        raise ValueError(f"corpus path {path!r} is empty (use None for the default corpus)")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"corpus path does not exist: {path}")
+    return root
+
+
+def _cause(e: BaseException) -> str:
+    """'Type: message' of an exception and up to two of its causes (loaders wrap the useful one)."""
+    parts, seen = [], set()
+    while e is not None and len(parts) < 3:
+        text = f"{type(e).__name__}: {e}".strip()
+        if text not in seen:
+            parts.append(text)
+            seen.add(text)
+        e = e.__cause__ or e.__context__
+    return " <- ".join(parts)
+
+
 def load_corpus(path: str | None, text_field: str = "text",
                 max_files: int | None = None) -> datasets.Dataset:
     """Load a local corpus as a Dataset with a single "text" column (one row per document)."""
@@ -104,11 +138,12 @@ def load_corpus(path: str | None, text_field: str = "text",
             raise ValueError(f"default corpus: no readable .py files under {sysconfig.get_paths()['stdlib']}")
         return ds
 
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"corpus path does not exist: {path}")
+    root = _corpus_root(path)
     if _is_saved_dataset(root):
-        loaded = datasets.load_from_disk(str(root))
+        try:
+            loaded = datasets.load_from_disk(str(root))
+        except Exception as e:  # pyarrow/datasets raise many types; name the directory
+            raise ValueError(f"cannot read the saved dataset {root}: {_cause(e)}") from e
         if isinstance(loaded, datasets.DatasetDict):
             split = "train" if "train" in loaded else sorted(loaded)[0]
             loaded = loaded[split]
@@ -135,7 +170,12 @@ def _load_files(files: list[Path], text_field: str, where: str) -> list[datasets
     parts = []
     for kind in ("json", "parquet"):
         if by_kind[kind]:
-            ds = datasets.load_dataset(kind, data_files=by_kind[kind], split="train")
+            names = by_kind[kind]
+            try:
+                ds = datasets.load_dataset(kind, data_files=names, split="train")
+            except Exception as e:  # DatasetGenerationError, ArrowInvalid, ...: name the files
+                shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+                raise ValueError(f"cannot read {kind} corpus file(s) {shown} in {where}: {_cause(e)}") from e
             parts.append(_pick_text_column(ds, text_field, where))
     if by_kind["text"]:
         # One document per file (the "text" loader would split into lines); read directly
@@ -159,9 +199,7 @@ def source_signature(path: str | None, text_field: str = "text", max_files: int 
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_files(max_files)
     else:
-        root = Path(path).expanduser().resolve()
-        if not root.exists():
-            raise FileNotFoundError(f"corpus path does not exist: {path}")
+        root = _corpus_root(path).resolve()
         if _is_saved_dataset(root):
             files = sorted(p for p in root.rglob("*") if p.is_file())
         else:

@@ -63,10 +63,36 @@ def read_meta(out_dir: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"corrupt shard metadata {path}: missing keys {missing}")
-    if meta["dtype"] not in ("uint16", "uint32") or meta["row_len"] != meta["seq_len"] + 1:
+    if (meta["dtype"] not in ("uint16", "uint32") or not _count(meta["seq_len"]) or meta["seq_len"] < 1
+            or meta["row_len"] != meta["seq_len"] + 1):
         raise ValueError(f"corrupt shard metadata {path}: dtype={meta['dtype']!r}, "
                          f"seq_len={meta['seq_len']!r}, row_len={meta['row_len']!r}")
+    _check_splits(path, meta["splits"])
     return meta
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_splits(path: Path, splits: Any) -> None:
+    """Every shard entry is a plain file name in the shard directory with a row count: a listing
+    such as "../../x" would otherwise memory-map a file outside it."""
+    if not isinstance(splits, dict):
+        raise ValueError(f"corrupt shard metadata {path}: splits={splits!r} is not a mapping")
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"corrupt shard metadata {path}: split {split!r} has no list of shards")
+        for entry in shards:
+            name = entry.get("file") if isinstance(entry, dict) else None
+            rows = entry.get("rows") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise ValueError(f"corrupt shard metadata {path}: split {split!r} lists shard file {name!r}, "
+                                 f"not a plain file name inside {path.parent}")
+            if not _count(rows):
+                raise ValueError(f"corrupt shard metadata {path}: shard {name!r} has rows={rows!r}, "
+                                 "expected a count >= 0")
 
 
 def _check_files(d: Path, meta: dict[str, Any], split: str) -> list[tuple[Path, int]]:

@@ -73,7 +73,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer directory does not exist: {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        # trust_remote_code=False: a tokenizer_config.json with an auto_map is refused outright
+        # (left unset, transformers asks on a terminal whether to run the directory's code)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types; surface one clear message
         raise ValueError(f"could not load a tokenizer from {path}: {type(e).__name__}: {e}") from e
     if tok.eos_token_id is None:

@@ -26,3 +26,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PicklePayload:
+    """What a hostile file carries: unpickling it creates ``sentinel`` (open(path, "w")), so a test
+    can prove that a loader never ran it. The class itself is not needed to unpickle it."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))

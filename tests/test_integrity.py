@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from parallel import faults, integrity
+from tests.helpers import PicklePayload
 
 
 def _ckpt(tmp_path):
@@ -54,20 +55,10 @@ def test_damaged_checkpoint_is_named(tmp_path, damage, message):
         integrity.verify(d)
 
 
-class _Payload:
-    """Unpickling this object would create the sentinel file."""
-
-    def __init__(self, sentinel):
-        self.sentinel = str(sentinel)
-
-    def __reduce__(self):
-        return (open, (self.sentinel, "w"))
-
-
 def test_pickle_payload_in_a_deepspeed_file_never_runs(tmp_path):
     sentinel = tmp_path / "PWNED"
     evil = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "extra": _Payload(sentinel)}, evil)
+    torch.save({"module": {"w": torch.ones(2)}, "extra": PicklePayload(sentinel)}, evil)
     with pytest.raises(ValueError, match=r"mp_rank_00_model_states\.pt refused"):
         integrity._safe_load(str(evil))
     assert not sentinel.exists()

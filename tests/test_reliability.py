@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from parallel import checkpoint, integrity
-from tests.helpers import free_port
+from tests.helpers import PicklePayload, free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 
 pytestmark = pytest.mark.slow
@@ -262,14 +262,6 @@ def test_nonfinite_with_the_plain_optimizer(tmp_path):
 # ------------------------------------------------------------------------------- untrusted checkpoints
 
 
-class _Payload:
-    def __init__(self, sentinel):
-        self.sentinel = str(sentinel)
-
-    def __reduce__(self):
-        return (open, (self.sentinel, "w"))
-
-
 def test_checkpoint_pickle_payload_is_refused_and_never_runs(tmp_path):
     corpus = make_corpus(tmp_path)
     out = tmp_path / "run"
@@ -279,7 +271,7 @@ def test_checkpoint_pickle_payload_is_refused_and_never_runs(tmp_path):
     target = next(ck.glob("*model_states.pt"))
     sentinel = tmp_path / "PWNED"
     state = integrity._safe_load(str(target))
-    state["payload"] = _Payload(sentinel)
+    state["payload"] = PicklePayload(sentinel)
     torch.save(state, target)
     integrity.write_manifest(ck)         # an attacker can re-hash: the manifest is not a signature
     p = train(args + ["train.max_steps=2", "train.resume=auto"], check=False)

@@ -7,24 +7,16 @@ loss the AdamW update of step 4, i.e. the resharded moments, step count and fp32
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from parallel import checkpoint, reshard
-from tests.helpers import free_port
-from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
+from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
 SAVED = 3
-
-
-def _launch(n: int, args: list[str]) -> None:
-    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
 
 
 def _final_weights(out_dir):
@@ -37,16 +29,16 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path):
         pytest.skip("deepspeed launcher not on PATH")
     corpus = make_corpus(tmp_path)
     common = [f"train.max_steps={STEPS}", "train.save_every=100", "train.eval_batches=0"]
-    _launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
+    launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
                                                              f"train.stop_at={SAVED}"]))
     ckpt = checkpoint.complete_checkpoints(str(tmp_path / "saved"))[-1]
     states = load_file(str(ckpt / reshard.OPTIMIZER))
     assert states["layers.1.mlp.experts.w_down.exp_avg"].shape[0] == 16   # gathered over EP: all 16
 
     resume = [f"train.resume={ckpt}"]
-    _launch(2, run_args(tmp_path, corpus, "same", common + resume + ["train.micro_batch_size=2", "parallel.ep=2"]))
+    launch(2, run_args(tmp_path, corpus, "same", common + resume + ["train.micro_batch_size=2", "parallel.ep=2"]))
     train(run_args(tmp_path, corpus, "ep1", common + resume + ["train.micro_batch_size=2", "train.grad_accum=2"]))
-    _launch(4, run_args(tmp_path, corpus, "ep4", common + resume + ["train.micro_batch_size=1", "parallel.ep=4"]))
+    launch(4, run_args(tmp_path, corpus, "ep4", common + resume + ["train.micro_batch_size=1", "parallel.ep=4"]))
 
     ref = metrics(tmp_path / "same")
     assert [r["step"] for r in ref] == [SAVED + 1, STEPS]

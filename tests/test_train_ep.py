@@ -5,24 +5,16 @@ all-to-all overlap on and off."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from parallel import checkpoint
-from tests.helpers import free_port
-from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
+from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
 
-
-
-def _launch(n: int, args: list[str]) -> None:
-    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
 
 
 def _biases(out_dir):
@@ -41,7 +33,7 @@ def test_ep_training_equals_one_process_with_accumulation(tmp_path, world, overl
     ref_bias = _biases(tmp_path / "one")
     for overlap in overlaps:
         out = f"ep{world}_{overlap}"
-        _launch(world, run_args(tmp_path, corpus, out, common + [f"parallel.ep={world}",
+        launch(world, run_args(tmp_path, corpus, out, common + [f"parallel.ep={world}",
                                                                  f"parallel.overlap={overlap}"]))
         got = metrics(tmp_path / out)
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -61,10 +53,10 @@ def test_ep_resume_continues_like_an_uninterrupted_run(tmp_path):
         pytest.skip("deepspeed launcher not on PATH")
     corpus = make_corpus(tmp_path)
     common = ["train.max_steps=6", "train.save_every=100", "train.micro_batch_size=2", "parallel.ep=2"]
-    _launch(2, run_args(tmp_path, corpus, "full", common))
+    launch(2, run_args(tmp_path, corpus, "full", common))
     split = run_args(tmp_path, corpus, "split", common)
-    _launch(2, split + ["train.stop_at=3"])
-    _launch(2, split + ["train.resume=auto"])
+    launch(2, split + ["train.stop_at=3"])
+    launch(2, split + ["train.resume=auto"])
     full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "split")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(full, resumed):
