@@ -33,7 +33,7 @@ from parallel.balance import gamma_at, gather_counts, imbalance, update_biases
 from parallel.expert_parallel import comm_bytes, create_groups, declare_to_deepspeed, shard_experts
 from parallel.link import EmulatedLink
 from parallel.engine import (build_engine, check_supported, cpu_threads_per_rank, deepspeed_config,
-                             init_distributed, lr_at, set_lr)
+                             init_distributed, keep_freed_memory, lr_at, set_lr)
 from parallel.faults import Faults
 from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     cpu_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
     device = torch.device(get_accelerator().device_name(local_rank))
+    if device.type == "cpu":
+        keep_freed_memory()   # no page faults on every large activation, every step
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

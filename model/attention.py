@@ -44,6 +44,18 @@ def flash_attention(q, k, v, scale: float) -> torch.Tensor:
     return out[..., :dv].transpose(1, 2)
 
 
+def sdpa_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """torch SDPA, causal. On CPU its fused (flash) kernel needs equal q/k and v head dims, else it
+    falls back to the unfused math path (explicit S x S scores and softmax): pad v from dv to dq
+    there, as for flash-attn; the padded columns come out zero and are sliced off."""
+    dv, dq = v.shape[-1], q.shape[-1]
+    pad = q.device.type == "cpu" and dv < dq
+    if pad:
+        v = F.pad(v, (0, dq - dv))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+    return out[..., :dv] if pad else out
+
+
 def pick_backend(requested: str, q: torch.Tensor) -> str:
     if requested != "auto":
         return requested
@@ -104,8 +116,6 @@ class MLA(nn.Module):
         elif backend == "eager":
             out = eager_attention(q, k, v, self.scale)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale,
-                dropout_p=self.dropout if self.training else 0.0)
+            out = sdpa_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, S, H * self.dv)                    # (B, S, H*dv)
         return self.o_proj(out)

@@ -313,9 +313,5 @@ class FP8RoutedExperts(RoutedExperts):
     fp8_pow2: bool = False
     cache_fp8: bool = True
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, D) sorted by local expert, counts (E_local,) -> (N, D)."""
-        kw = dict(kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8)
-        h = fp8_grouped_mm(x, self.w_gate_up, counts, **kw)                 # (N, 2F)
-        gate, up = h.split(self.hidden, dim=-1)
-        return fp8_grouped_mm(F.silu(gate) * up, self.w_down, counts, **kw)  # (N, D)
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return fp8_grouped_mm(x, w, counts, kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8)

@@ -47,11 +47,23 @@ class RoutedExperts(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, D) sorted by local expert, counts (E_local,) -> (N, D)."""
-        h = grouped_mm(x, self.w_gate_up, counts)                            # (N, 2F)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weight: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (N, D) sorted by local expert, counts (E_local,) -> (N, D).
+
+        ``row_weight`` (N, 1), optional: each row's gating weight, applied to the (N, F) hidden
+        activation instead of the (N, D) output: the same product (the down projection is linear)
+        for half the elementwise work when F < D, as fine-grained experts have."""
+        h = self.grouped_mm(x, self.w_gate_up, counts)                       # (N, 2F)
         gate, up = h.split(self.hidden, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.w_down, counts)            # (N, D)
+        act = F.silu(gate) * up                                              # (N, F)
+        if row_weight is not None:
+            act = act * row_weight
+        return self.grouped_mm(act, self.w_down, counts)                     # (N, D)
+
+    def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The GEMM both projections use; the FP8 swap overrides only this."""
+        return grouped_mm(x, w, counts)
 
     def forward_reference(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """Test oracle: loop over experts, gather the tokens that chose each, scatter-add back.
@@ -86,10 +98,18 @@ def permute(topk_idx: torch.Tensor, n_experts: int) -> Permutation:
     return Permutation(order, order // topk_idx.shape[1], torch.bincount(flat_expert, minlength=n_experts))
 
 
-def unpermute(y_sorted: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """y_sorted (N, D) in expert order -> (T, D): weight each copy, sum the K copies of a token."""
-    w = topk_weight.flatten()[perm.order].unsqueeze(-1).to(y_sorted.dtype)  # (N, 1)
-    return y_sorted.new_zeros(n_tokens, y_sorted.shape[1]).index_add_(0, perm.token_of, y_sorted * w)
+def sorted_weights(topk_weight: torch.Tensor, perm: Permutation, dtype: torch.dtype) -> torch.Tensor:
+    """topk_weight (T, K) -> (N, 1): the gating weight of each copy, in expert order."""
+    return topk_weight.flatten()[perm.order].unsqueeze(-1).to(dtype)
+
+
+def unpermute(y_sorted: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor | None, n_tokens: int
+              ) -> torch.Tensor:
+    """y_sorted (N, D) in expert order -> (T, D): weight each copy (unless ``topk_weight`` is None:
+    already weighted), sum the K copies of a token."""
+    if topk_weight is not None:
+        y_sorted = y_sorted * sorted_weights(topk_weight, perm, y_sorted.dtype)
+    return y_sorted.new_zeros(n_tokens, y_sorted.shape[1]).index_add_(0, perm.token_of, y_sorted)
 
 
 class LocalDispatcher:
@@ -101,7 +121,9 @@ class LocalDispatcher:
         perm = permute(topk_idx, experts.num_experts)
         # index_select, not x[idx]: its backward (index_add) sums in a fixed order on CPU, so runs
         # are bit-reproducible without torch.use_deterministic_algorithms
-        y = unpermute(experts(x.index_select(0, perm.token_of), perm.counts), perm, topk_weight, x.shape[0])
+        y_sorted = experts(x.index_select(0, perm.token_of), perm.counts,
+                           row_weight=sorted_weights(topk_weight, perm, x.dtype))   # weighted inside
+        y = unpermute(y_sorted, perm, None, x.shape[0])
         return y if shared is None else y + shared(x)
 
 

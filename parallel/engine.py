@@ -148,6 +148,24 @@ def cpu_threads_per_rank() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc's malloc from handing large freed blocks back to the OS. By default every
+    activation above its mmap threshold is a fresh mmap, so each training step pays a page fault
+    per 4 KiB of every large temporary (logits, attention scores, expert buffers): on a CPU that
+    is a large share of the step (docs/BENCHMARKS.md). The price: the process keeps its peak heap
+    as resident memory. Returns False where it does not apply (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3        # <malloc.h>
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1  # large blocks come from the heap, not mmap
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1  # and the heap top is never trimmed
+    return bool(ok)
+
+
 def build_engine(model: nn.Module, cfg, world_size: int):
     """deepspeed.initialize with AdamW -> engine; keeps the router state in fp32."""
     import deepspeed

@@ -94,10 +94,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", action="store_true", help="print the top ops of one step of each model")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory, as train.py sets it (both models get it); "
+                         "default: glibc's mmap/trim behaviour")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from model.flops import count_params
+    from parallel.engine import keep_freed_memory
+
+    kept = keep_freed_memory() if args.malloc == "keep" else False
 
     cfg, ours = build(args.config, args.overrides, "ours")
     _, hf = build(args.config, args.overrides, "hf")
@@ -117,7 +123,8 @@ def main() -> None:
     flops_tok = count_params(cfg, seq_len=args.seq).flops_per_token_train
     ntok = args.batch * args.seq
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32; "
-          f"batch {args.batch} x {args.seq}; HF experts implementation: {hf.config._experts_implementation}")
+          f"batch {args.batch} x {args.seq}; HF experts implementation: {hf.config._experts_implementation}; "
+          f"malloc keeps freed memory: {kept}")
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s; model: {flops_tok / 1e6:.1f} MFLOP/token (6N + attention)")
     print(f"{'model':<13} {'median step ms':>14} {'tokens/s':>10} {'MFU':>7} {'peak step MiB':>13}")
     tps = {}

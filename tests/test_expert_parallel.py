@@ -38,8 +38,8 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
 
         for moe in ref.moe_layers():
             ex = moe.experts
-            ex.forward = lambda x, c, ex=ex: RoutedExperts.forward(
-                ex, x + (quantize_act(x.detach()).dequantize() - x.detach()), c)
+            ex.forward = lambda x, c, row_weight=None, ex=ex: RoutedExperts.forward(
+                ex, x + (quantize_act(x.detach()).dequantize() - x.detach()), c, row_weight)
     B, S = 4, 10
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(7))
     out_ref = ref(tokens[:, :-1], tokens[:, 1:])

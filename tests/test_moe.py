@@ -64,7 +64,9 @@ def test_moe_grouped_equals_loop_oracle(kw):
     ((ys * dy).sum() + as_).backward()
     torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
     for (name, pf), ps in zip(fast.named_parameters(), slow.parameters()):
-        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-5, atol=1e-6, msg=name)
+        # the fast path applies the gate weight before the down projection, the oracle after it:
+        # fp32 rounding of gradients summed over many rows (|grad| up to ~25 here) stays below 1e-5
+        torch.testing.assert_close(pf.grad, ps.grad, rtol=1e-5, atol=1e-5, msg=name)
     # both paths counted the same tokens per expert, every token K times (dropless)
     torch.testing.assert_close(fast.tokens_per_expert, slow.tokens_per_expert)
     assert fast.tokens_per_expert.sum().item() == 3 * 11 * cfg.num_experts_per_tok
