@@ -209,12 +209,12 @@ class FiniteAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         import torch.distributed as dist
 
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros(1)
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = torch.zeros(1, device=params[0].device if params else "cpu")   # nccl needs it on the GPU
         if grads:
             bad[0] = float(not bool(torch.stack([torch.isfinite(x).all() for x in grads]).all()))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            bad = bad.to(grads[0].device if grads else bad.device)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.overflow = bool(bad.item())
         if self.overflow:

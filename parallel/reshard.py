@@ -85,19 +85,45 @@ def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
 
-def _get(engine, p: torch.Tensor, key: str | None) -> torch.Tensor | None:
+def _flat_slices(engine) -> dict[int, tuple[torch.Tensor, int]]:
+    """id(param) -> (fp32 master tensor, offset) for DeepSpeed's FP16 optimizers, which bf16
+    without ZeRO uses: the fused one keeps one unpadded flat fp32 copy per parameter group (in
+    the group's parameter order), the unfused one an fp32 copy per parameter; AdamW's state is
+    keyed by those copies. Empty for every other optimizer."""
+    opt = engine.optimizer
+    out = {}
+    for params, flat in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups_flat", ())):
+        offset = 0
+        for q in params:
+            out[id(q)] = (flat, offset)
+            offset += q.numel()
+    for params, copies in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ())):
+        for q, q32 in zip(params, copies):
+            out[id(q)] = (q32, 0)
+    return out
+
+
+def _flat_view(engine, p: torch.Tensor, key: str | None, flats) -> torch.Tensor | None:
+    master, offset = flats[id(p)]
+    src = master if key is None else engine.basic_optimizer.state.get(master, {}).get(key)
+    return None if src is None else src.view(-1).narrow(0, offset, p.numel()).view(p.shape)
+
+
+def _get(engine, p: torch.Tensor, key: str | None, flats) -> torch.Tensor | None:
     """This rank's full (unpartitioned) fp32 master (key None) or optimizer state of p.
     Under ZeRO-1/2 or DeepSpeed's bf16 optimizer: an all-reduce over p's data-parallel group."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if hasattr(p, "_hp_mapping"):
         return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if id(p) in flats:
+        return _flat_view(engine, p, key, flats)
     if key is None:                               # no separate master copy: the weight itself
         return p.detach()
     return engine.basic_optimizer.state.get(p, {}).get(key)
 
 
-def _set(engine, p: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+def _set(engine, p: torch.Tensor, value: torch.Tensor, key: str | None, flats) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     value = value.to(device=p.device, dtype=torch.float32).contiguous()
@@ -106,6 +132,8 @@ def _set(engine, p: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
             safe_set_full_fp32_param(p, value)
         else:
             safe_set_full_optimizer_state(p, value, key)
+    elif id(p) in flats:
+        _flat_view(engine, p, key, flats).copy_(value)
     elif key is not None:
         engine.basic_optimizer.state[p][key].copy_(value.to(p.dtype))
 
@@ -148,12 +176,13 @@ def save_optimizer_state(engine, path: Path) -> None:
     rank = dist.get_rank()
     experts = _expert_groups(engine.module)
     has_state = _link_states(engine)              # the same on every rank: steps are skipped on all alike
+    flats = _flat_slices(engine)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(engine):
         keys = STATE_KEYS if p.dtype == torch.float32 else (None, *STATE_KEYS)
         for key in keys:
             # same parameter order on every rank: the collectives inside line up
-            value = _get(engine, p, key) if has_state or key is None else torch.zeros(p.shape, device=p.device)
+            value = _get(engine, p, key, flats) if has_state or key is None else torch.zeros(p.shape, device=p.device)
             if value is None:
                 raise ValueError(f"optimizer state {key!r} of parameter {name} not found")
             if name in experts:
@@ -221,15 +250,16 @@ def load_resharded(engine, path: Path) -> int:
     step = int(meta["step"])
     _init_optimizer_state(engine, step)
     experts = _expert_groups(engine.module)
+    flats = _flat_slices(engine)
     with torch.no_grad():
         for name, p in _trainable(engine):
             master = states.get(f"{name}.fp32", raw[name])  # bf16 runs store it; fp32: the weight file
-            _set(engine, p, _slice(master, p, name, experts), None)
+            _set(engine, p, _slice(master, p, name, experts), None, flats)
             for key in STATE_KEYS:
                 full = states.get(f"{name}.{key}")
                 if full is None:
                     raise ValueError(f"checkpoint {path}: {OPTIMIZER} has no {name}.{key}")
-                _set(engine, p, _slice(full, p, name, experts), key)
+                _set(engine, p, _slice(full, p, name, experts), key, flats)
     for key, value in json.loads(meta.get("engine_counters", "{}")).items():
         setattr(engine, key, int(value))                    # DeepSpeed's own counters, as its loader sets them
     return step
