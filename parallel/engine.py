@@ -108,6 +108,22 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def skip_shm_allreduce_buffers() -> None:
+    """Keep DeepSpeed from creating its CPU shared-memory all-reduce buffers.
+
+    On CPU, DeepSpeed's torch backend builds a shared-memory op at init and gives every rank a
+    ~69 MB file in /dev/shm (``deepspeed_allreduce_buffer_*``) that nothing ever removes, even on
+    a clean exit. /dev/shm is RAM: a few hundred multi-process runs (a test suite) fill it and the
+    OOM killer ends the job. That op serves only DeepSpeed's inference all-reduce, which training
+    never calls (its collectives go through torch.distributed), so it is not built at all.
+    Call before ``deepspeed.init_distributed``."""
+    import importlib
+
+    # importlib, not "import deepspeed.comm.torch as m": the package's attribute "torch" is torch itself
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    ds_torch_comm.build_shm_op = lambda: None
+
+
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     """Start the process group (nccl on CUDA, gloo on CPU) -> (rank, world_size, local_rank).
 
@@ -132,6 +148,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
+        skip_shm_allreduce_buffers()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() == "cuda":

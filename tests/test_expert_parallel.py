@@ -19,8 +19,10 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
     import torch.distributed as dist
 
     from model.transformer import DeepseekV3
+    from parallel.engine import skip_shm_allreduce_buffers
     from parallel.expert_parallel import create_groups, shard_experts
 
+    skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
     cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
@@ -102,8 +104,10 @@ def _engine_worker(rank, world, port, stage):
     import deepspeed
 
     from model.transformer import DeepseekV3
+    from parallel.engine import skip_shm_allreduce_buffers
     from parallel.expert_parallel import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
 
+    skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
     cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, num_nextn_predict_layers=1)
