@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     step = 0
     if ckpt is not None:
-        checkpoint.load(engine, ckpt)
+        checkpoint.load(engine, ckpt, state)
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
 
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         if step % t.save_every == 0 or step == stop or stop_now or give_up:
             path = checkpoint.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
-                "world_size": world, "shard_dir": shard_dir, "skipped_steps": int(engine.skipped_steps)},
+                "world_size": world, "shard_dir": shard_dir},
                 t.keep_last, faults)
             monitor.write(f"saved {path}")
         if give_up:

@@ -208,15 +208,15 @@ def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any
                          f"{fingerprint[:12]}...): check data.tokenizer / data.path")
 
 
-def load(engine, path: Path) -> None:
+def load(engine, path: Path, state: dict[str, Any]) -> None:
     """Collective: load the engine state, the balancing biases and this rank's RNG states.
+    ``state`` is the checkpoint's trainer_state.json (``read_state(path)``).
 
     Saved on another layout (world size or parallel.ep): DeepSpeed's files are partitioned for
     that layout, so the weights and AdamW states come from the layout-free model.safetensors and
     optimizer.safetensors instead (parallel/reshard.py)."""
     from parallel import reshard
 
-    state = read_state(path)
     reshard.check_global_batch(engine, state, path)
     if reshard.layout_changed(engine, state):
         reshard.load_resharded(engine, path)
