@@ -86,6 +86,7 @@ class FP8Config:
     backend: str = "auto"                 # auto | emulated | cuda
     include: list[str] = field(default_factory=list)   # module-name patterns to convert (empty: all eligible)
     exclude: list[str] = field(default_factory=list)
+    pow2_scales: bool = False             # round every scale up to a power of two (exact rescaling)
 
 
 @dataclass

@@ -33,14 +33,14 @@ def eager_attention(q, k, v, scale: float) -> torch.Tensor:
     return torch.matmul(probs, v)
 
 
-def flash_attention(q, k, v, scale: float) -> torch.Tensor:
+def flash_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """flash-attn needs equal head dims for q/k and v: pad v from dv to dq, slice the output."""
     dv, dq = v.shape[-1], q.shape[-1]
     if dv < dq:
         v = F.pad(v, (0, dq - dv))
     # flash-attn layout is (B, S, H, d)
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                          softmax_scale=scale, causal=True)
+                          dropout_p=dropout_p, softmax_scale=scale, causal=True)
     return out[..., :dv].transpose(1, 2)
 
 
@@ -57,11 +57,15 @@ def sdpa_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tenso
 
 
 def pick_backend(requested: str, q: torch.Tensor) -> str:
+    flash_ok = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if requested == "flash" and not flash_ok:
+        why = ("flash-attn is not installed" if flash_attn_func is None else
+               f"the tensors are {q.dtype} on {q.device.type}, it needs fp16/bf16 on CUDA")
+        raise ValueError(f"model.attn_impl='flash': {why}; use 'auto' (flash-attn where it can run, "
+                         "else torch SDPA) or 'sdpa'")
     if requested != "auto":
         return requested
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return "flash"
-    return "sdpa"
+    return "flash" if flash_ok else "sdpa"
 
 
 class MLA(nn.Module):
@@ -112,7 +116,7 @@ class MLA(nn.Module):
 
         backend = pick_backend(self.backend, q)
         if backend == "flash":
-            out = flash_attention(q, k, v, self.scale)
+            out = flash_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
         elif backend == "eager":
             out = eager_attention(q, k, v, self.scale)
         else:

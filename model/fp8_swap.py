@@ -34,18 +34,20 @@ def _first_param_device(model: nn.Module):
     return None
 
 
-def apply_fp8(model: nn.Module, fp8_cfg, pow2: bool = False) -> dict:
+def apply_fp8(model: nn.Module, fp8_cfg) -> dict:
     """Swap eligible modules of ``model`` to FP8 in place; returns a report:
 
     {"enabled": bool, "backend": requested, "kernel": emulated|rowwise|blockwise, "reason": str,
      "converted": [names], "skipped": {name: why}}
 
-    ``fp8_cfg`` is configs.schema.FP8Config or anything with enabled/backend/include/exclude.
+    ``fp8_cfg`` is configs.schema.FP8Config or anything with enabled/backend/include/exclude
+    (and optionally pow2_scales).
     With enabled=False nothing changes (the report says so).
     """
     include = list(getattr(fp8_cfg, "include", []) or [])
     exclude = list(getattr(fp8_cfg, "exclude", []) or [])
     backend = getattr(fp8_cfg, "backend", "auto")
+    pow2 = bool(getattr(fp8_cfg, "pow2_scales", False))
     report = {"enabled": bool(getattr(fp8_cfg, "enabled", True)), "backend": backend, "kernel": None,
               "reason": "", "converted": [], "skipped": {}}
     if not report["enabled"]:

@@ -194,7 +194,14 @@ def build_engine(model: nn.Module, cfg, world_size: int):
         groups = split_moe_param_groups(groups)
     ds_config = deepspeed_config(cfg, world_size)
     plain = ds_config["zero_optimization"].get("stage", 0) == 0 and t.dtype == "fp32"
-    opt = (FiniteAdamW if plain else torch.optim.AdamW)(groups, lr=lr_at(0, t), betas=(t.beta1, t.beta2), eps=1e-8)
+    adam = dict(lr=lr_at(0, t), betas=(t.beta1, t.beta2), eps=1e-8)
+    if plain:
+        # DeepSpeed's stage-0 fp32 clipping averages per-rank norms, which is not the global norm
+        # once ranks hold different experts: FiniteAdamW clips with the true one instead.
+        opt = FiniteAdamW(groups, max_grad_norm=ds_config["gradient_clipping"], **adam)
+        ds_config["gradient_clipping"] = 0.0
+    else:
+        opt = torch.optim.AdamW(groups, **adam)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO in fp32 checks gradients only when clipping computes a norm: always check, so a
@@ -213,30 +220,53 @@ def build_engine(model: nn.Module, cfg, world_size: int):
 
 
 class FiniteAdamW(torch.optim.AdamW):
-    """AdamW that skips a step in which any rank has a NaN/inf gradient, on every rank alike.
+    """AdamW for ZeRO stage 0 in fp32 (DeepSpeed calls the client optimizer directly there):
+    skips a step in which any rank has a NaN/inf gradient, on every rank alike, and clips with
+    the true global gradient norm.
 
-    DeepSpeed calls the client optimizer directly for ZeRO stage 0 in fp32, and reads its
-    ``overflow`` attribute to count the step as skipped (``engine.was_step_applied()``). The
-    flag is all-reduced over the world: expert gradients are reduced only within their
-    expert-data-parallel group, so a local check alone could let ranks disagree."""
+    Both need the world: expert gradients are reduced only within their expert-data-parallel
+    group, so each rank sees its own experts' gradients. Non-expert gradients are identical on
+    every rank (all-reduced), expert gradients identical within an expert-data-parallel group,
+    so  |g|^2 = |g_dense|^2 + sum over ranks of |g_experts|^2 / edp_size.  DeepSpeed reads
+    ``overflow`` to count the step as skipped and ``_global_grad_norm`` for the logged norm."""
 
     overflow = False
+    _global_grad_norm = None
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
 
     @torch.no_grad()
     def step(self, closure=None):
         import torch.distributed as dist
+        from deepspeed.utils import groups as ds_groups
 
-        params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        bad = torch.zeros(1, device=params[0].device if params else "cpu")   # nccl needs it on the GPU
-        if grads:
-            bad[0] = float(not bool(torch.stack([torch.isfinite(x).all() for x in grads]).all()))
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = params[0].device if params else "cpu"                 # nccl needs it on the GPU
+        dense_sq = torch.zeros((), device=device)
+        # [ranks with a non-finite gradient, sum of expert squared norms / edp size]
+        shared = torch.zeros(2, device=device)
+        for p in params:
+            sq = p.grad.detach().float().pow(2).sum()
+            if getattr(p, "allreduce", True) is False:                  # an expert (EP-sharded) weight
+                shared[1] += sq / ds_groups._get_expert_data_parallel_world_size(p.group_name)
+            else:
+                dense_sq += sq
+        shared[0] = float(not bool(torch.isfinite(dense_sq + shared[1])))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item())
+            dist.all_reduce(shared)
+        self.overflow = bool(shared[0].item() > 0)
         if self.overflow:
+            self._global_grad_norm = None
             self.zero_grad(set_to_none=True)
             return None
+        norm = (dense_sq + shared[1]).sqrt()
+        self._global_grad_norm = float(norm)
+        if self.max_grad_norm > 0:
+            coef = self.max_grad_norm / (self._global_grad_norm + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_([p.grad for p in params], coef)
         return super().step(closure)
 
 

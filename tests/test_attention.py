@@ -85,3 +85,29 @@ def test_flash_attention_matches_sdpa_on_cuda():
     attn.backend = "sdpa"
     y_sdpa = attn(x, rope)
     torch.testing.assert_close(y_flash, y_sdpa, rtol=2e-2, atol=2e-2)
+
+
+def test_flash_requested_where_it_cannot_run_names_the_field():
+    cfg = tiny_cfg(attn_impl="flash")
+    attn = MLA(cfg)
+    x = torch.randn(1, 8, cfg.hidden_size)
+    with pytest.raises(ValueError, match=r"model.attn_impl='flash'"):
+        attn(x, RotaryEmbedding(cfg)(8, x.device, x.dtype))
+
+
+def test_flash_wrapper_layout_and_v_padding(monkeypatch):
+    """The wrapper's own work (B,H,S,d) <-> (B,S,H,d) and V padded to the q/k head dim, checked on
+    CPU against SDPA with a stand-in kernel that, like flash-attn, refuses unequal head dims."""
+    from model import attention as A
+
+    def fake_flash(q, k, v, dropout_p, softmax_scale, causal):                 # (B, S, H, d) in and out
+        assert q.shape == k.shape == v.shape and causal and dropout_p == 0.0
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(A, "flash_attn_func", fake_flash)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 16, 24, generator=g), torch.randn(2, 3, 16, 24, generator=g)
+    v = torch.randn(2, 3, 16, 12, generator=g)                                 # dv < dq
+    torch.testing.assert_close(A.flash_attention(q, k, v, 0.2), A.eager_attention(q, k, v, 0.2))

@@ -12,7 +12,7 @@ from tests.helpers import free_port, tiny_cfg
 
 
 
-def _worker(rank, world, port, chunks, overlap, fp8=False):
+def _worker(rank, world, port, chunks, overlap, fp8=False, n_group=4, topk_group=2):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import deepspeed
@@ -25,7 +25,7 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
     skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
-    cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+    cfg = tiny_cfg(n_routed_experts=8, n_group=n_group, topk_group=topk_group, num_experts_per_tok=3,
                    num_nextn_predict_layers=1, aux_loss_alpha=0.01,
                    hidden_size=128 if fp8 else 32)   # FP8: a whole 128-channel tile per row
     ref = DeepseekV3(cfg).train()
@@ -78,8 +78,10 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
         counts = moe_ep.tokens_per_expert.clone()
         dist.all_reduce(counts)
         torch.testing.assert_close(counts, moe_ref.tokens_per_expert)
-        # node-limited routing: with ep dividing n_group, a token reaches at most topk_group ranks
-        assert moe_ep.dispatcher.ranks_per_token_max <= cfg.topk_group
+        # node-limited routing: router groups sit on whole ranks (ep | n_group) or span whole
+        # "nodes" of world/n_group ranks (n_group | ep); a token reaches at most topk_group of them
+        ranks_per_group = max(1, world // cfg.n_group)
+        assert 0 < moe_ep.dispatcher.ranks_per_token_max <= cfg.topk_group * ranks_per_group
     if fp8:
         # E4M3 payload + one fp32 scale per 128 channels vs 2 bytes per element in bf16
         sent = sum(d.stats["dispatch_bytes"] for d in dispatchers)
@@ -90,10 +92,13 @@ def _worker(rank, world, port, chunks, overlap, fp8=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,chunks,overlap,fp8", [(2, 1, False, False), (2, 3, True, False),
-                                                     (4, 2, True, False), (2, 2, True, True)])
-def test_ep_matches_single_process(world, chunks, overlap, fp8):
-    mp.spawn(_worker, args=(world, free_port(), chunks, overlap, fp8), nprocs=world, join=True)
+@pytest.mark.parametrize("world,chunks,overlap,fp8,groups", [
+    (2, 1, False, False, (4, 2)), (2, 3, True, False, (4, 2)), (4, 2, True, False, (4, 2)),
+    (2, 2, True, True, (4, 2)),
+    (4, 2, True, False, (2, 1)),   # 2 "nodes" of 2 ranks, topk_group=1: each token stays in one node
+])
+def test_ep_matches_single_process(world, chunks, overlap, fp8, groups):
+    mp.spawn(_worker, args=(world, free_port(), chunks, overlap, fp8, *groups), nprocs=world, join=True)
 
 
 def _engine_worker(rank, world, port, stage):
@@ -104,7 +109,7 @@ def _engine_worker(rank, world, port, stage):
     import deepspeed
 
     from model.transformer import DeepseekV3
-    from parallel.engine import skip_shm_allreduce_buffers
+    from parallel.engine import FiniteAdamW, skip_shm_allreduce_buffers
     from parallel.expert_parallel import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
 
     skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
@@ -117,7 +122,7 @@ def _engine_worker(rank, world, port, stage):
     tokens = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(7))
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     ref(tokens[:, :-1], tokens[:, 1:]).loss.backward()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)          # clipping is active: norm ~1.5
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05))   # active: norm ~1.5
     opt.step()
 
     group, _ = create_groups(world)
@@ -126,10 +131,16 @@ def _engine_worker(rank, world, port, stage):
     groups = split_moe_param_groups([{"params": list(ep_model.parameters()), "weight_decay": 0.1}])
     ds = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
           "gradient_clipping": 0.05, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=ep_model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=ds)
+    if stage == 0:   # what build_engine does: DeepSpeed's stage-0 clip averages per-rank norms
+        opt, ds["gradient_clipping"] = FiniteAdamW(groups, max_grad_norm=0.05, lr=1e-2), 0.0
+    else:
+        opt = torch.optim.AdamW(groups, lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=ep_model, optimizer=opt, config=ds)
     lo, hi = rank * B // world, (rank + 1) * B // world
     engine.backward(engine(tokens[lo:hi, :-1], tokens[lo:hi, 1:]).loss)
     engine.step()
+    # the norm clipped with is the global one: every rank's experts and the shared weights once
+    assert engine.get_global_grad_norm() == pytest.approx(ref_norm, rel=1e-5)
     El = cfg.n_routed_experts // world
     ref_params = dict(ref.named_parameters())
     for name, p in ep_model.named_parameters():

@@ -109,6 +109,12 @@ def test_export_logits_match_training_model(trained, exported):
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and "auto_map" not in cfg
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    # nothing executable or pickled: weights in safetensors, everything else JSON
+    files = sorted(f.name for f in exported.iterdir())
+    assert all(f.endswith((".safetensors", ".json")) for f in files), files
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg["eos_token_id"] and gen["bos_token_id"] == cfg["bos_token_id"]
     hf, info, _ = _from_pretrained(exported, dtype=torch.float32)
     on_disk = read_safetensors_dir(str(exported))
     mtp = {k for k in on_disk if re.search(mtp_key_pattern(hf.config), k)}

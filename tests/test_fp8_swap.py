@@ -128,3 +128,23 @@ def test_fp8_cache_shrinks_saved_activations():
     cache = saved_bytes(model)
     print(f"saved for backward: fp32 {base} B, fp8 compute + hp cache {no_cache} B, fp8 cache {cache} B")
     assert cache < no_cache and cache < base
+
+
+def test_pow2_scales_from_config_reach_every_gemm():
+    """fp8.pow2_scales (a config key) sets power-of-two scaling on every converted module, and
+    it changes the numbers (the scales are rounded up), while staying close to the fp32 model."""
+    from configs import load_config
+
+    cfg = load_config(None, ["fp8.enabled=true", "fp8.backend=emulated", "fp8.pow2_scales=true"]).fp8
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(0))
+    ref = _model()
+    pow2, tiles = copy.deepcopy(ref), copy.deepcopy(ref)
+    rep = apply_fp8(pow2, cfg)
+    apply_fp8(tiles, FP8Config(enabled=True, backend="emulated"))
+    fp8_mods = [m for m in pow2.modules() if isinstance(m, (FP8Linear, FP8RoutedExperts))]
+    assert len(fp8_mods) == len(rep["converted"]) > 0 and all(m.fp8_pow2 for m in fp8_mods)
+    with torch.no_grad():
+        l_ref, l_pow2, l_tiles = (m(ids, labels=ids).loss.item() for m in (ref, pow2, tiles))
+    print(f"loss fp32 {l_ref:.6f}, fp8 pow2 scales {l_pow2:.6f}, fp8 exact scales {l_tiles:.6f}")
+    assert l_pow2 != l_tiles
+    assert abs(l_pow2 - l_ref) < 0.01 * abs(l_ref)

@@ -14,6 +14,7 @@ from parallel import checkpoint
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
+CLIP = 0.05      # below every step's gradient norm: clipping is active throughout
 
 
 
@@ -22,23 +23,30 @@ def _biases(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,overlaps", [(2, ("true", "false")), (4, ("true",))])
-def test_ep_training_equals_one_process_with_accumulation(tmp_path, world, overlaps):
+@pytest.mark.parametrize("world,ep,stage,overlaps", [(2, 2, 1, ("true", "false")), (4, 4, 1, ("true",)),
+                                                     (4, 2, 0, ("true",))])
+def test_ep_training_equals_one_process_with_accumulation(tmp_path, world, ep, stage, overlaps):
+    """The clip threshold is below every step's gradient norm, so a norm that is not the true
+    global one (expert and non-expert, over every rank) changes the next step's loss. (4, 2, 0):
+    expert gradients are averaged over an expert-data-parallel group of 2, and ZeRO stage 0
+    clips through the trainer's own optimizer (DeepSpeed's averages per-rank norms)."""
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
     corpus = make_corpus(tmp_path)
-    common = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch_size=1"]
+    common = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch_size=1",
+              f"train.grad_clip={CLIP}"]
     train(run_args(tmp_path, corpus, "one", common + [f"train.grad_accum={world}"]))
     ref = metrics(tmp_path / "one")
     ref_bias = _biases(tmp_path / "one")
+    assert all(r["grad_norm"] > CLIP for r in ref), [r["grad_norm"] for r in ref]
     for overlap in overlaps:
-        out = f"ep{world}_{overlap}"
-        launch(world, run_args(tmp_path, corpus, out, common + [f"parallel.ep={world}",
-                                                                 f"parallel.overlap={overlap}"]))
+        out = f"ep{ep}_of_{world}_{overlap}"
+        launch(world, run_args(tmp_path, corpus, out, common + [
+            f"parallel.ep={ep}", f"parallel.overlap={overlap}", f"deepspeed.zero_optimization.stage={stage}"]))
         got = metrics(tmp_path / out)
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
         for a, b in zip(ref, got):
-            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), f"step {a['step']} {key}"
             assert b["dispatch_bytes"] > 0 and b["combine_bytes"] > 0
         bias = _biases(tmp_path / out)
@@ -62,3 +70,23 @@ def test_ep_resume_continues_like_an_uninterrupted_run(tmp_path):
     for a, b in zip(full, resumed):
         for key in ("loss", "lm_loss", "grad_norm"):
             assert a[key] == b[key], f"step {a['step']} {key}: {a[key]} != {b[key]}"
+
+
+@pytest.mark.slow
+def test_fp8_training_with_fp8_dispatch_through_the_launcher(tmp_path):
+    """fp8.enabled (emulated on CPU) and parallel.fp8_dispatch through the real entry point:
+    the backend choice is logged, and ep=2 with E4M3 dispatch tracks one process running the
+    same FP8 model on the same global batch (dispatch rounding is the only difference)."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    corpus = make_corpus(tmp_path)
+    common = ["train.max_steps=4", "train.save_every=100", "train.micro_batch_size=2", "fp8.enabled=true"]
+    one = train(run_args(tmp_path, corpus, "one", common + ["train.grad_accum=2"]))
+    assert "fp8: backend auto (emulated" in one.stdout
+    two = launch(2, run_args(tmp_path, corpus, "ep2", common + ["parallel.ep=2", "parallel.fp8_dispatch=true"]))
+    assert "fp8: backend auto (emulated" in two.stdout + two.stderr
+    ref, got = metrics(tmp_path / "one"), metrics(tmp_path / "ep2")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-2), f"step {a['step']}"
+        assert "dispatch_bytes" not in a and b["dispatch_bytes"] > 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from data import load_tokenizer
 from parallel import checkpoint
-from tests.train_helpers import make_corpus, metrics, run_args, train
+from tests.train_helpers import ROOT, make_corpus, metrics, run_args, train
 
 KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm", "lr", "expert_load_imbalance", "val_loss")
 
@@ -87,6 +89,17 @@ def test_metrics_checkpoints_and_keep_last(tmp_path, corpus):
     assert p.returncode != 0 and "model.hidden_size=64" in p.stderr and "model.hidden_size=96" in p.stderr
     p = train(args + [f"train.resume={tmp_path / 'nope'}"], check=False)
     assert p.returncode != 0 and "nope" in p.stderr and "does not exist" in p.stderr
+
+    # the run's curves: scripts/plot_metrics.py draws loss, lr and expert load into a PNG
+    plot = [sys.executable, str(ROOT / "scripts" / "plot_metrics.py")]
+    png = tmp_path / "curves.png"
+    p = subprocess.run(plot + [str(tmp_path / "run"), "--out", str(png)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    import matplotlib.image
+    img = matplotlib.image.imread(str(png))                         # a real PNG, 3 stacked panels
+    assert img.shape[0] > img.shape[1] > 300 and img[..., :3].std() > 0
+    p = subprocess.run(plot + [str(tmp_path / "nope")], capture_output=True, text=True)
+    assert p.returncode != 0 and "metrics.jsonl not found" in p.stderr
 
 
 def test_bad_inputs_name_the_path_or_field(tmp_path, corpus):
