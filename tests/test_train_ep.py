@@ -15,6 +15,7 @@ from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
 CLIP = 0.05      # below every step's gradient norm: clipping is active throughout
+COMMON = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch_size=1", f"train.grad_clip={CLIP}"]
 
 
 
@@ -22,34 +23,45 @@ def _biases(out_dir):
     return load_file(str(checkpoint.complete_checkpoints(str(out_dir))[-1] / checkpoint.BIAS))
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process with gradient accumulation over `world` micro-batches: the oracle, run once per
+    world size for the whole module (same corpus, same data cache)."""
+    root = tmp_path_factory.mktemp("ep_reference")
+    corpus, runs = make_corpus(root), {}
+
+    def get(world: int):
+        if world not in runs:
+            out = f"one_{world}"
+            train(run_args(root, corpus, out, COMMON + [f"train.grad_accum={world}"]))
+            runs[world] = metrics(root / out), _biases(root / out)
+        return root, corpus, runs[world]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world,ep,stage,overlaps", [(2, 2, 1, ("true", "false")), (4, 4, 1, ("true",)),
                                                      (4, 2, 0, ("true",))])
-def test_ep_training_equals_one_process_with_accumulation(tmp_path, world, ep, stage, overlaps):
+def test_ep_training_equals_one_process_with_accumulation(reference, world, ep, stage, overlaps):
     """The clip threshold is below every step's gradient norm, so a norm that is not the true
     global one (expert and non-expert, over every rank) changes the next step's loss. (4, 2, 0):
     expert gradients are averaged over an expert-data-parallel group of 2, and ZeRO stage 0
     clips through the trainer's own optimizer (DeepSpeed's averages per-rank norms)."""
     if shutil.which("deepspeed") is None:
         pytest.skip("deepspeed launcher not on PATH")
-    corpus = make_corpus(tmp_path)
-    common = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch_size=1",
-              f"train.grad_clip={CLIP}"]
-    train(run_args(tmp_path, corpus, "one", common + [f"train.grad_accum={world}"]))
-    ref = metrics(tmp_path / "one")
-    ref_bias = _biases(tmp_path / "one")
+    root, corpus, (ref, ref_bias) = reference(world)
     assert all(r["grad_norm"] > CLIP for r in ref), [r["grad_norm"] for r in ref]
     for overlap in overlaps:
-        out = f"ep{ep}_of_{world}_{overlap}"
-        launch(world, run_args(tmp_path, corpus, out, common + [
+        out = f"ep{ep}_of_{world}_stage{stage}_{overlap}"
+        launch(world, run_args(root, corpus, out, COMMON + [
             f"parallel.ep={ep}", f"parallel.overlap={overlap}", f"deepspeed.zero_optimization.stage={stage}"]))
-        got = metrics(tmp_path / out)
+        got = metrics(root / out)
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
         for a, b in zip(ref, got):
             for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), f"step {a['step']} {key}"
             assert b["dispatch_bytes"] > 0 and b["combine_bytes"] > 0
-        bias = _biases(tmp_path / out)
+        bias = _biases(root / out)
         for k in ref_bias:   # same routing => the same integer counts => identical sign-rule updates
             torch.testing.assert_close(bias[k], ref_bias[k], rtol=0, atol=1e-7, msg=k)
 

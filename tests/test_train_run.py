@@ -140,3 +140,25 @@ def test_bf16_grad_accum_activation_checkpointing_and_wandb_offline(tmp_path, co
     wandb_files = [f for f in (tmp_path / "x" / "wandb").rglob("*") if f.is_file()]
     assert wandb_files
     assert not any(secret.encode() in f.read_bytes() for f in wandb_files)
+
+
+def test_embedded_default_corpus_trains_and_is_cached(tmp_path):
+    """data.path null (the README's main command): the Python standard library's own sources,
+    a BPE trained on them, token shards written once and reused by the next run unchanged."""
+    cache = tmp_path / "cache"
+    args = run_args(tmp_path, tmp_path, "default", ["data.path=null", "data.max_files=40", "data.seq_len=64",
+                                                    "train.max_steps=2", "train.save_every=100"])
+    train(args)
+    shards = sorted(cache.glob("shards-*/*"))
+    meta = json.loads(next(cache.glob("shards-*/meta.json")).read_text())
+    assert "<stdlib>" in meta["source"] and (cache / "tokenizer" / "tokenizer.json").is_file()
+    assert any(p.name.startswith("train_") for p in shards) and any(p.name.startswith("val_") for p in shards)
+    stamps = {p: p.stat().st_mtime_ns for p in shards + [cache / "tokenizer" / "tokenizer.json"]}
+    recs = metrics(tmp_path / "default")
+    assert [r["step"] for r in recs] == [1, 2] and recs[0]["lm_loss"] == pytest.approx(6.24, abs=0.5)  # ~ln 512
+
+    p = train(args[:-2] + ["train.max_steps=3", "train.resume=auto"])
+    assert "resuming from" in p.stdout and "step_0000002" in p.stdout
+    assert sorted(cache.glob("shards-*/*")) == shards
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "the second run rebuilt the cache"
+    assert metrics(tmp_path / "default")[-1]["step"] == 3
