@@ -102,3 +102,7 @@ def safe_checkpoint_engine(engine) -> None:
         raise ValueError(f"deepspeed checkpoint engine {type(current).__name__} is not supported: only the "
                          "default torch engine is known to be made safe against pickled code")
     current.load = _safe_load   # the instance's load shadows the class method that unpickles anything
+    # DeepSpeed also copies its zero_to_fp32.py / zero_to_torch.py beside every save; they read
+    # checkpoints with weights_only=False. Ours carry model.safetensors and optimizer.safetensors
+    # instead, so those scripts are not shipped.
+    engine._copy_recovery_script = lambda save_path: None

@@ -75,6 +75,7 @@ def test_metrics_checkpoints_and_keep_last(tmp_path, corpus):
     assert names == ["step_0000004", "step_0000006"]
     files = {f.name for f in (tmp_path / "run" / "checkpoints" / "step_0000006").iterdir()}
     assert {"COMPLETE", "trainer_state.json", "router_bias.safetensors", "rng_rank0.safetensors"} <= files
+    assert not list((tmp_path / "run").rglob("zero_to_*.py"))     # DeepSpeed's unpickling helpers
     assert "saved" in p.stdout
 
     # a half-written newer checkpoint is ignored by resume=auto ...
