@@ -57,6 +57,8 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3            # lambda: total MTP loss = lambda / D * sum_k L_k
     moe_impl: str = "grouped"               # "grouped" (grouped GEMM) | "loop" (reference oracle)
     attn_impl: str = "auto"                 # "auto" | "sdpa" | "flash" | "eager" (reference)
+    loss_impl: str = "chunked"              # "chunked" (head GEMM fused with the loss) | "full" (reference)
+    loss_chunk: int = 1024                  # tokens per chunk of the chunked loss
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -147,6 +149,10 @@ class ModelConfig:
             raise bad("moe_impl", "must be 'grouped' or 'loop'")
         if self.attn_impl not in ("auto", "sdpa", "flash", "eager"):
             raise bad("attn_impl", "must be one of auto, sdpa, flash, eager")
+        if self.loss_impl not in ("chunked", "full"):
+            raise bad("loss_impl", "must be 'chunked' or 'full'")
+        if self.loss_chunk < 1:
+            raise bad("loss_chunk", "must be >= 1 token")
         if self.routed_scaling_factor <= 0:
             raise bad("routed_scaling_factor", "must be positive")
         if self.aux_loss_alpha < 0:

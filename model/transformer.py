@@ -10,22 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import MLA
 from model.config import ModelConfig
+from model.loss import IGNORE_INDEX, chunked_linear_cross_entropy, cross_entropy
 from model.moe import MLP, MoE, RoutedExperts
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
 from model.router import Router
 
-IGNORE_INDEX = -100
-
-
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                     # (B, S, V)
+    logits: torch.Tensor | None              # (B, S, V); None when the chunked loss never made them
     loss: torch.Tensor | None = None         # lm + aux + MTP, what the optimizer sees
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None     # sequence-wise balance loss, summed over MoE layers
@@ -120,11 +117,10 @@ class DeepseekV3(nn.Module):
         for layer in self.layers:
             h, a = layer(h, rope)
             aux = aux + a
-        logits = self.lm_head(self.norm(h))                                  # (B, S, V)
         if labels is None:
-            return ModelOutput(logits=logits)
+            return ModelOutput(logits=self.lm_head(self.norm(h)))            # (B, S, V)
 
-        lm_loss = cross_entropy(logits, labels)
+        lm_loss, logits = self.head_loss(self.norm(h), labels)
         mtp_losses = []
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
@@ -133,11 +129,22 @@ class DeepseekV3(nn.Module):
             target = shift_left(labels, k, fill=IGNORE_INDEX)
             h_prev, a = module(h_prev, self.embed_tokens(next_tok), rope)
             aux = aux + a
-            mtp_losses.append(cross_entropy(self.lm_head(module.norm(h_prev)), target))
+            mtp_losses.append(self.head_loss(module.norm(h_prev), target)[0])
         mtp_loss = (self.config.mtp_loss_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
                     if mtp_losses else lm_loss.new_zeros(()))
         return ModelOutput(logits=logits, loss=lm_loss + aux + mtp_loss, lm_loss=lm_loss,
                            aux_loss=aux, mtp_loss=mtp_loss, mtp_losses=mtp_losses)
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-entropy of the output head on normed hidden states h (B, S, D) -> (loss, logits).
+
+        ``loss_impl: chunked`` fuses the head's GEMM with the loss and never materializes the
+        (B, S, V) logits (logits comes back None); ``full`` is the reference. An FP8-swapped
+        head is not a plain Linear, so it always takes the reference path."""
+        if self.config.loss_impl == "chunked" and type(self.lm_head) is nn.Linear:
+            return chunked_linear_cross_entropy(h, self.lm_head.weight, labels, self.config.loss_chunk), None
+        logits = self.lm_head(h)
+        return cross_entropy(logits, labels), logits
 
 
 def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
@@ -145,9 +152,3 @@ def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     if k == 0:
         return t
     return torch.cat([t[:, k:], t.new_full((t.shape[0], k), fill)], dim=1)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 over positions whose label is not IGNORE_INDEX."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
