@@ -124,3 +124,28 @@ def test_fp8_swapped_head_takes_the_reference_path():
 def test_bad_loss_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"model.{field}={value!r}"):
         ModelConfig(**{field: value}).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+def test_cuda_bf16_chunked_loss_matches_reference_and_peaks_lower():
+    T, D, V = 4096, 512, 32768
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(T, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (T,), device="cuda", generator=g)
+    peaks, results = [], []
+    for fn in (lambda: cross_entropy(h @ w.t(), y), lambda: chunked_linear_cross_entropy(h, w, y, 1024)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn()
+        loss.backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        results.append((loss.detach().float(), h.grad.float(), w.grad.float()))
+        h.grad = w.grad = None
+    (l0, dh0, dw0), (l1, dh1, dw1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-2, atol=1e-2)
+    for a, b in ((dh1, dh0), (dw1, dw0)):
+        assert (a - b).norm() / b.norm() < 2e-2
+    assert peaks[1] < 0.5 * peaks[0], peaks
