@@ -244,15 +244,21 @@ class FiniteAdamW(torch.optim.AdamW):
 
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         device = params[0].device if params else "cpu"                 # nccl needs it on the GPU
-        dense_sq = torch.zeros((), device=device)
+        def sum_sq(ps) -> torch.Tensor:                                 # one foreach kernel per list
+            if not ps:
+                return torch.zeros((), device=device)
+            return torch.stack(torch._foreach_norm([p.grad for p in ps])).float().pow(2).sum()
+
+        dense = [p for p in params if getattr(p, "allreduce", True) is not False]
+        experts: dict[str, list] = {}                                   # EP-sharded weights by group
+        for p in params:
+            if getattr(p, "allreduce", True) is False:
+                experts.setdefault(p.group_name, []).append(p)
+        dense_sq = sum_sq(dense)
         # [ranks with a non-finite gradient, sum of expert squared norms / edp size]
         shared = torch.zeros(2, device=device)
-        for p in params:
-            sq = p.grad.detach().float().pow(2).sum()
-            if getattr(p, "allreduce", True) is False:                  # an expert (EP-sharded) weight
-                shared[1] += sq / ds_groups._get_expert_data_parallel_world_size(p.group_name)
-            else:
-                dense_sq += sq
+        for name, ps in experts.items():
+            shared[1] += sum_sq(ps) / ds_groups._get_expert_data_parallel_world_size(name)
         shared[0] = float(not bool(torch.isfinite(dense_sq + shared[1])))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(shared)
