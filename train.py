@@ -33,7 +33,7 @@ from parallel.balance import gamma_at, gather_counts, imbalance, update_biases
 from parallel.expert_parallel import comm_bytes, create_groups, declare_to_deepspeed, shard_experts
 from parallel.link import EmulatedLink
 from parallel.engine import (build_engine, check_supported, cpu_threads_per_rank, deepspeed_config,
-                             init_distributed, keep_freed_memory, lr_at, set_lr)
+                             init_distributed, keep_freed_memory, lr_at, mtp_weight_at, set_lr)
 from parallel.faults import Faults
 from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
@@ -235,6 +235,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         lr = lr_at(step, t)
         set_lr(engine, lr)
+        model.mtp_loss_weight = mtp_weight = mtp_weight_at(step, t, cfg.model.mtp_loss_weight)
         rows = sampler.next_batch()                              # (micro_batch_size * grad_accum,)
         parts = torch.zeros(4, dtype=torch.float64)              # loss, lm, aux, mtp summed over micro-steps
         for micro in range(t.grad_accum):
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
             loss, lm, aux, mtp = mean_over_ranks(parts.tolist(), device)
             tok_s = interval_tokens / interval_time
             record = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
-                      "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "lr": lr, "mtp_weight": mtp_weight, "grad_norm": None if grad_norm is None else float(grad_norm),
                       "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak,
                       "expert_load_imbalance": imbalance(counts), "bias_gamma": gamma,
                       "epoch": sampler.epoch, "tokens": step * tokens_per_step,

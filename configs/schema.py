@@ -63,6 +63,11 @@ class TrainConfig:
     keep_last: int = 2
     bias_update_speed: float = 0.001      # gamma of the aux-loss-free balancing
     bias_update_stop_fraction: float = 1.0  # gamma drops to 0 after this fraction of max_steps
+    # MTP loss weight schedule (DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens, then 0.1):
+    # model.mtp_loss_weight until mtp_late_fraction of max_steps, mtp_loss_weight_late after;
+    # null keeps model.mtp_loss_weight throughout
+    mtp_loss_weight_late: float | None = None
+    mtp_late_fraction: float = 0.676
     activation_checkpointing: bool = False
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
@@ -232,6 +237,10 @@ def validate(cfg: Config) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise ValueError(f"train.{name}={getattr(t, name)}: must be in [0, 1)")
+    if t.mtp_loss_weight_late is not None and t.mtp_loss_weight_late < 0:
+        raise ValueError(f"train.mtp_loss_weight_late={t.mtp_loss_weight_late}: must be >= 0 or null")
+    if not 0 <= t.mtp_late_fraction <= 1:
+        raise ValueError(f"train.mtp_late_fraction={t.mtp_late_fraction}: must be in [0, 1]")
     if t.lr_schedule not in ("cosine", "wsd", "constant"):
         raise ValueError(f"train.lr_schedule={t.lr_schedule!r}: must be cosine, wsd or constant")
     if not 0 < t.wsd_decay_fraction <= 1:

@@ -83,6 +83,8 @@ class DeepseekV3(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
+        # lambda of the MTP loss; the trainer may change it during training (train.mtp_loss_weight_late)
+        self.mtp_loss_weight = cfg.mtp_loss_weight
         self.init_weights()
 
     @torch.no_grad()
@@ -130,7 +132,7 @@ class DeepseekV3(nn.Module):
             h_prev, a = module(h_prev, self.embed_tokens(next_tok), rope)
             aux = aux + a
             mtp_losses.append(self.head_loss(module.norm(h_prev), target)[0])
-        mtp_loss = (self.config.mtp_loss_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
+        mtp_loss = (self.mtp_loss_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
                     if mtp_losses else lm_loss.new_zeros(()))
         return ModelOutput(logits=logits, loss=lm_loss + aux + mtp_loss, lm_loss=lm_loss,
                            aux_loss=aux, mtp_loss=mtp_loss, mtp_losses=mtp_losses)

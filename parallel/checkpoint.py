@@ -44,8 +44,8 @@ TOKENIZER = "tokenizer"
 INIT_CONFIG = "model_config.json"   # written by scripts/import_hf.py: {"model": {...}}
 _NAME = re.compile(r"^step_(\d+)$")
 # Model fields that only affect training, not the weights' meaning: may change on resume.
-TRAINING_ONLY = {"aux_loss_alpha", "mtp_loss_weight", "moe_impl", "attn_impl", "initializer_range",
-                 "attention_dropout"}
+TRAINING_ONLY = {"aux_loss_alpha", "mtp_loss_weight", "moe_impl", "attn_impl", "loss_impl", "loss_chunk",
+                 "initializer_range", "attention_dropout"}
 
 
 def checkpoint_root(out_dir: str) -> Path:

@@ -25,6 +25,14 @@ _OWNED = {"optimizer": "the trainer builds AdamW from train.lr/beta1/beta2/weigh
           "fp16": "only fp32 and bf16 (train.dtype) are supported"}
 
 
+def mtp_weight_at(step: int, t, early: float) -> float:
+    """MTP loss weight of optimizer step ``step`` (0-based): ``early`` (model.mtp_loss_weight)
+    before mtp_late_fraction of max_steps, then train.mtp_loss_weight_late (if set)."""
+    if t.mtp_loss_weight_late is None or step < t.mtp_late_fraction * t.max_steps:
+        return early
+    return t.mtp_loss_weight_late
+
+
 def lr_at(step: int, t) -> float:
     """Learning rate of optimizer step ``step`` (0-based) for TrainConfig ``t``.
 

@@ -1,5 +1,6 @@
 """Multi-token prediction: the padded full-length implementation against DeepSeek's
 truncated-sequence formulation, computed independently from the model's parts."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,35 @@ def test_eval_without_labels_skips_mtp_and_aux():
     model = DeepseekV3(cfg).eval()
     out = model(torch.randint(0, cfg.vocab_size, (1, 5)))
     assert out.logits.shape == (1, 5, cfg.vocab_size) and out.loss is None
+
+
+def test_mtp_weight_schedule_and_the_model_attribute():
+    from configs import load_config
+    from parallel.engine import mtp_weight_at
+
+    t = load_config(None, ["train.max_steps=10", "train.mtp_loss_weight_late=0.1", "train.mtp_late_fraction=0.5"]).train
+    assert [mtp_weight_at(s, t, 0.3) for s in range(10)] == [0.3] * 5 + [0.1] * 5
+    t = load_config(None, ["train.max_steps=10"]).train                  # no late weight: constant
+    assert {mtp_weight_at(s, t, 0.3) for s in range(10)} == {0.3}
+
+    cfg = tiny_cfg(num_nextn_predict_layers=1, mtp_loss_weight=0.3)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    early = model(tokens[:, :-1], tokens[:, 1:])
+    model.mtp_loss_weight = 0.1                                           # what train.py sets per step
+    late = model(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(early.mtp_loss, 0.3 * early.mtp_losses[0])
+    torch.testing.assert_close(late.mtp_loss, 0.1 * late.mtp_losses[0])
+    torch.testing.assert_close(late.mtp_losses[0], early.mtp_losses[0])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.mtp_loss_weight_late=-0.1", "train.mtp_loss_weight_late=-0.1"),
+    ("train.mtp_late_fraction=1.5", "train.mtp_late_fraction=1.5"),
+])
+def test_bad_mtp_schedule_is_named(override, message):
+    from configs import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])

@@ -58,10 +58,13 @@ def test_resume_is_bit_exact_mid_epoch(tmp_path, corpus):
 
 def test_metrics_checkpoints_and_keep_last(tmp_path, corpus):
     args = run_args(tmp_path, corpus, "run", ["train.max_steps=6", "train.save_every=2", "train.keep_last=2",
-                                              "train.log_every=3"])
+                                              "train.log_every=3", "model.mtp_loss_weight=0.3",
+                                              "train.mtp_loss_weight_late=0.1", "train.mtp_late_fraction=0.5"])
     p = train(args)
     recs = metrics(tmp_path / "run")
     assert [r["step"] for r in recs] == [1, 3, 4, 6]               # log_every, first step, eval steps
+    # DeepSeek-V3's MTP schedule: 0.3 for optimizer steps 0-2 (logged as steps 1-3), then 0.1
+    assert [r["mtp_weight"] for r in recs] == [0.3, 0.3, 0.1, 0.1]
     for r in recs:
         for k in ("step", "loss", "lm_loss", "aux_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
                   "expert_load_imbalance"):
