@@ -89,11 +89,13 @@ def test_saves_chunk_sized_memory_not_logits():
     assert chunked * 10 < full
 
 
-def test_model_chunked_loss_matches_full_loss():
-    cfg = tiny_cfg(num_nextn_predict_layers=1, mtp_loss_weight=0.3, loss_chunk=7)
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_chunked_loss_matches_full_loss(tied):
+    kw = dict(num_nextn_predict_layers=1, mtp_loss_weight=0.3, tie_word_embeddings=tied)
+    cfg = tiny_cfg(loss_chunk=7, **kw)
     torch.manual_seed(0)
     chunked = DeepseekV3(cfg).train()
-    full = DeepseekV3(tiny_cfg(num_nextn_predict_layers=1, mtp_loss_weight=0.3, loss_impl="full")).train()
+    full = DeepseekV3(tiny_cfg(loss_impl="full", **kw)).train()
     full.load_state_dict(chunked.state_dict())
     tokens = torch.randint(0, cfg.vocab_size, (2, 13))
     a, b = chunked(tokens[:, :-1], tokens[:, 1:]), full(tokens[:, :-1], tokens[:, 1:])
