@@ -50,7 +50,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, y_c.unsqueeze(1))                      # (C, 1)
             e = logits.sub_(row_max).exp_()                                  # (C, V)
             denom = e.sum(dim=-1, keepdim=True)                              # (C, 1)
-            loss_sum += ((denom.log() + row_max - target).squeeze(1) * ok).sum()
+            row_loss = (denom.log() + row_max - target).squeeze(1)           # (C,)
+            loss_sum += torch.where(ok, row_loss, 0.0).sum()   # an ignored row never counts, even if non-finite
             if not (need_dh or need_dw):
                 del logits, e
                 continue
