@@ -25,6 +25,7 @@ import torch.distributed as dist
 from configs.schema import load_config
 from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, read_meta
 from data.corpus import source_signature
+from model.compile import compile_blocks
 from model.flops import count_params
 from model.fp8_swap import apply_fp8
 from model.transformer import DeepseekV3
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
         checkpoint.load_init_weights(model, t.init_from)     # every rank, its own expert slice
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
+    compiled = compile_blocks(model) if t.compile else 0     # after EP sharding swapped the dispatchers
     engine = build_engine(model.to(device), cfg, world)
     moes = model.moe_layers()
 
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     monitor.write(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters (this rank), ep "
                   f"{cfg.parallel.ep}, {world} rank(s) on "
                   f"{device}, {tokens_per_step} tokens/step, peak {peak / 1e9:.1f} GFLOP/s"
+                  + (f", torch.compile on {compiled} blocks (the first step compiles them)" if compiled else "")
                   + (f", resuming from {ckpt} at step {step}" if ckpt else ""))
     if step >= stop:
         monitor.write(f"nothing to do: step {step} >= {stop}")

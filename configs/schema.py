@@ -69,6 +69,7 @@ class TrainConfig:
     mtp_loss_weight_late: float | None = None
     mtp_late_fraction: float = 0.676
     activation_checkpointing: bool = False
+    compile: bool = False                 # torch.compile the decoder blocks (model/compile.py); pays on long runs
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
     max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this many in a row
@@ -241,6 +242,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.mtp_loss_weight_late={t.mtp_loss_weight_late}: must be >= 0 or null")
     if not 0 <= t.mtp_late_fraction <= 1:
         raise ValueError(f"train.mtp_late_fraction={t.mtp_late_fraction}: must be in [0, 1]")
+    if t.compile and t.activation_checkpointing:
+        raise ValueError("train.compile=true with train.activation_checkpointing=true: choose one (the "
+                         "checkpointed blocks' recompute hooks are not compiled)")
     if t.lr_schedule not in ("cosine", "wsd", "constant"):
         raise ValueError(f"train.lr_schedule={t.lr_schedule!r}: must be cosine, wsd or constant")
     if not 0 < t.wsd_decay_fraction <= 1:

@@ -127,6 +127,14 @@ class LocalDispatcher:
         return y if shared is None else y + shared(x)
 
 
+@torch.compiler.disable
+def _dispatch(dispatcher, *args):
+    """The dispatcher runs eagerly even inside a compiled block (model/compile.py): its token
+    counts are data-dependent shapes, torch._grouped_mm has no fp32 meta kernel to trace, and an
+    expert-parallel dispatcher issues collectives. A plain call when nothing is compiled."""
+    return dispatcher(*args)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,7 +162,7 @@ class MoE(nn.Module):
             y = self.experts.forward_reference(flat, r.topk_idx, r.topk_weight)
             y = y if self.shared_experts is None else y + self.shared_experts(flat)
         else:
-            y = self.dispatcher(flat, r.topk_idx, r.topk_weight, self.experts, self.shared_experts)
+            y = _dispatch(self.dispatcher, flat, r.topk_idx, r.topk_weight, self.experts, self.shared_experts)
         aux = (sequence_balance_loss(r.scores, r.topk_idx, B, self.aux_alpha)
                if self.training and self.aux_alpha > 0 else flat.new_zeros(()))
         return y.view(B, S, D), aux

@@ -102,6 +102,10 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory, as train.py sets it (both models get it); "
                          "default: glibc's mmap/trim behaviour")
+    ap.add_argument("--compile", choices=["none", "both", "ours"], default="none",
+                    help="both: torch.compile both models' decoder blocks and final norm (ours: "
+                         "model/compile.py, as train.compile does; transformers': the same modules); "
+                         "ours: add a compiled copy of our model as a third contender, the others eager")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,10 +116,23 @@ def main() -> None:
 
     cfg, ours = build(args.config, args.overrides, "ours")
     _, hf = build(args.config, args.overrides, "hf")
+    compiled = None
+    if args.compile != "none":
+        from model.compile import compile_blocks
+
+        if args.compile == "ours":
+            compiled = build(args.config, args.overrides, "ours")[1]     # same seed: same weights
+            compile_blocks(compiled)
+        else:
+            compile_blocks(ours)
+            for m in list(hf.model.layers) + [hf.model.norm]:
+                m.compile()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
     steps = {"ours": make_step(ours, "ours", ids, labels), "transformers": make_step(hf, "hf", ids, labels)}
+    if compiled is not None:
+        steps["ours compiled"] = make_step(compiled, "ours", ids, labels)
     peaks = [matmul_peak_gflops()]
     for _ in range(args.warmup):
         for s in steps.values():
@@ -131,16 +148,19 @@ def main() -> None:
     ntok = args.batch * args.seq
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32; "
           f"batch {args.batch} x {args.seq}; HF experts implementation: {hf.config._experts_implementation}; "
-          f"malloc keeps freed memory: {kept}")
+          f"malloc keeps freed memory: {kept}; torch.compile: {args.compile}")
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s (best of {len(peaks)} samples over the run, lowest "
           f"{min(peaks):.1f}); model: {flops_tok / 1e6:.1f} MFLOP/token (6N + attention)")
-    print(f"{'model':<13} {'median step ms':>14} {'tokens/s':>10} {'MFU':>7} {'peak step MiB':>13}")
+    print(f"{'model':<14} {'median step ms':>14} {'tokens/s':>10} {'MFU':>7} {'peak step MiB':>13}")
     tps = {}
     for k in steps:
         med = statistics.median(times[k])
         tps[k] = ntok / med
-        print(f"{k:<13} {med * 1e3:>14.1f} {tps[k]:>10.0f} {tps[k] * flops_tok / peak / 1e9:>7.1%} {mem[k]:>13.0f}")
+        print(f"{k:<14} {med * 1e3:>14.1f} {tps[k]:>10.0f} {tps[k] * flops_tok / peak / 1e9:>7.1%} {mem[k]:>13.0f}")
     print(f"speed ratio ours/transformers: {tps['ours'] / tps['transformers']:.2f}x")
+    if compiled is not None:
+        print(f"speed ratio ours compiled/transformers: {tps['ours compiled'] / tps['transformers']:.2f}x; "
+              f"ours compiled/ours: {tps['ours compiled'] / tps['ours']:.2f}x")
     # Roofline: the step's FLOPs (6N + attention) at the measured matmul peak is the fastest any
     # implementation of this model could run here, so transformers' time over it bounds the ratio
     floor_ms = flops_tok * ntok / (peak * 1e9) * 1e3
