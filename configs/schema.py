@@ -70,6 +70,9 @@ class TrainConfig:
     mtp_late_fraction: float = 0.676
     activation_checkpointing: bool = False
     compile: bool = False                 # torch.compile the decoder blocks (model/compile.py); pays on long runs
+    # AdamW kernel: fused (one multi-tensor kernel per group, CPU and CUDA; what HF's Trainer uses
+    # by default) | foreach | loop (one tensor at a time: the reference). Same update, fp32 rounding apart
+    optimizer_impl: str = "fused"
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
     max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this many in a row
@@ -254,6 +257,8 @@ def validate(cfg: Config) -> None:
                          f"{t.bias_update_stop_fraction}: speed must be >= 0 and the fraction in [0, 1]")
     if t.dtype not in ("fp32", "bf16"):
         raise ValueError(f"train.dtype={t.dtype!r}: must be fp32 or bf16")
+    if t.optimizer_impl not in ("fused", "foreach", "loop"):
+        raise ValueError(f"train.optimizer_impl={t.optimizer_impl!r}: must be fused, foreach or loop")
     if t.resume is not None and not t.resume:
         raise ValueError("train.resume='': use null, 'auto' or a checkpoint path")
     if p.ep < 1:

@@ -312,6 +312,7 @@ class FP8RoutedExperts(RoutedExperts):
     fp8_kernel: str = "emulated"
     fp8_pow2: bool = False
     cache_fp8: bool = True
+    traceable = False   # per-expert host loops (counts.tolist()): runs eagerly under torch.compile
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return fp8_grouped_mm(x, w, counts, kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8)

@@ -2,9 +2,9 @@
 
 x (N, K) rows are sorted by expert; counts (E,) says how many rows each expert owns;
 w (E, K, M). Row segment e of the output is x[seg_e] @ w[e]. ``torch._grouped_mm`` runs
-all segments in one kernel (CPU fp32/bf16, Hopper bf16); elsewhere a loop over segments gives
-the same numbers. The autograd function spells out both backward GEMMs so the backward is
-grouped too:  dx = dy @ w^T per segment,  dw[e] = x[seg_e]^T @ dy[seg_e].
+all segments in one call (CPU fp32/bf16, Hopper bf16); elsewhere a loop over segments gives
+the same numbers. Both backward GEMMs are grouped too:
+dx = dy @ w^T per segment,  dw[e] = x[seg_e]^T @ dy[seg_e].
 """
 from __future__ import annotations
 
@@ -41,38 +41,70 @@ def _loop_wgrad(a: torch.Tensor, dy: torch.Tensor, counts: list[int]) -> torch.T
     return out
 
 
-class _GroupedMM(torch.autograd.Function):
+# torch._grouped_mm as custom ops: torch's own meta function accepts only bf16, so a compiled
+# graph could not trace the fp32 op; as a custom op with its output shape spelled out below it is
+# one opaque node that torch.compile keeps inside the graph (the MoE block compiles whole).
+@torch.library.custom_op("moe_trainer::grouped_mm", mutates_args=())
+def _native_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (N, K) sorted by group, w (E, K, M), offs (E,) int32 cumulative row ends -> (N, M)."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@_native_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_trainer::grouped_mm_wgrad", mutates_args=())
+def _native_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (N, K), dy (N, M) -> (E, K, M): x[seg_e]^T @ dy[seg_e] for each group e."""
+    return torch._grouped_mm(x.t(), dy, offs=offs)
+
+
+@_native_wgrad.register_fake
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _native_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _native_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dy = dy.contiguous()  # autograd may hand us an expanded (stride-0) gradient
+    dx = _native_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    dw = _native_wgrad(x, dy, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_native_mm.register_autograd(_native_backward, setup_context=_native_setup)
+
+
+class _LoopGroupedMM(torch.autograd.Function):
+    """The reference path (and the fallback where torch._grouped_mm cannot run): a loop over
+    segments, with both backward GEMMs spelled out the same way."""
+
     @staticmethod
-    def forward(ctx, x, w, counts, use_native):
+    def forward(ctx, x, w, counts):
         ctx.save_for_backward(x, w, counts)
-        ctx.use_native = use_native
-        if use_native:
-            offs = counts.cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x, w, offs=offs)
         return _loop_mm(x, w, counts.tolist())
 
     @staticmethod
     def backward(ctx, dy):
         x, w, counts = ctx.saved_tensors
         dy = dy.contiguous()  # autograd may hand us an expanded (stride-0) gradient
-        dx = dw = None
-        if ctx.use_native:
-            offs = counts.cumsum(0).to(torch.int32)
-            if ctx.needs_input_grad[0]:
-                dx = torch._grouped_mm(dy, w.transpose(1, 2), offs=offs)
-            if ctx.needs_input_grad[1]:
-                dw = torch._grouped_mm(x.t(), dy, offs=offs)
-        else:
-            c = counts.tolist()
-            if ctx.needs_input_grad[0]:
-                dx = _loop_mm(dy, w.transpose(1, 2), c)
-            if ctx.needs_input_grad[1]:
-                dw = _loop_wgrad(x, dy, c)
-        return dx, dw, None, None
+        c = counts.tolist()
+        dx = _loop_mm(dy, w.transpose(1, 2), c) if ctx.needs_input_grad[0] else None
+        dw = _loop_wgrad(x, dy, c) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, native: bool | None = None) -> torch.Tensor:
     """x (N, K) sorted by group, w (E, K, M), counts (E,) int with sum N -> (N, M)."""
     if native is None:
         native = _native_ok(x, w)
-    return _GroupedMM.apply(x.contiguous(), w, counts, native)
+    if native:
+        return _native_mm(x.contiguous(), w, counts.cumsum(0).to(torch.int32))
+    return _LoopGroupedMM.apply(x.contiguous(), w, counts)

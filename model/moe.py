@@ -40,6 +40,7 @@ class RoutedExperts(nn.Module):
 
     w_gate_up[e] = [W_gate^T | W_up^T] (D, 2F);  w_down[e] = W_down^T (F, D).
     """
+    traceable = True   # torch.compile can trace grouped_mm (a custom op with a shape function)
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
@@ -91,11 +92,18 @@ class Permutation:
     counts: torch.Tensor     # (E,) copies routed to each expert
 
 
+def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """topk_idx (...) -> (E,) int64 copies per expert. A scatter-add rather than torch.bincount,
+    whose output length depends on the data: this one has a static shape, so it traces."""
+    flat = topk_idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def permute(topk_idx: torch.Tensor, n_experts: int) -> Permutation:
     """topk_idx (T, K) -> the stable sort of its copies by expert id (hand-checked in tests)."""
     flat_expert = topk_idx.flatten()                                         # (N,)
     order = torch.argsort(flat_expert, stable=True)
-    return Permutation(order, order // topk_idx.shape[1], torch.bincount(flat_expert, minlength=n_experts))
+    return Permutation(order, order // topk_idx.shape[1], expert_counts(flat_expert, n_experts))
 
 
 def sorted_weights(topk_weight: torch.Tensor, perm: Permutation, dtype: torch.dtype) -> torch.Tensor:
@@ -116,6 +124,8 @@ class LocalDispatcher:
     """Single device: every expert is local. permute -> grouped GEMM -> unpermute, then the
     shared experts. ``parallel.dispatcher.AllToAllDispatcher`` has the same call signature."""
 
+    traceable = True   # static shapes, no collectives: torch.compile takes it into the block's graph
+
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                  experts: RoutedExperts, shared: nn.Module | None) -> torch.Tensor:
         perm = permute(topk_idx, experts.num_experts)
@@ -128,11 +138,19 @@ class LocalDispatcher:
 
 
 @torch.compiler.disable
-def _dispatch(dispatcher, *args):
-    """The dispatcher runs eagerly even inside a compiled block (model/compile.py): its token
-    counts are data-dependent shapes, torch._grouped_mm has no fp32 meta kernel to trace, and an
-    expert-parallel dispatcher issues collectives. A plain call when nothing is compiled."""
+def _eager_dispatch(dispatcher, *args):
+    """An expert-parallel dispatcher runs eagerly even inside a compiled block (model/compile.py):
+    it issues collectives with data-dependent split sizes. A plain call when nothing is compiled."""
     return dispatcher(*args)
+
+
+def _dispatch(dispatcher, x, topk_idx, topk_weight, experts, shared):
+    """The local dispatcher with the plain grouped GEMM traces (a compiled block holds the whole MoE
+    layer); an all-to-all one, or FP8 experts (host-side loops over expert segments), run eagerly."""
+    args = (x, topk_idx, topk_weight, experts, shared)
+    if getattr(dispatcher, "traceable", False) and experts.traceable:
+        return dispatcher(*args)
+    return _eager_dispatch(dispatcher, *args)
 
 
 class MoE(nn.Module):
@@ -157,7 +175,7 @@ class MoE(nn.Module):
         r = self.gate(flat)
         if self.training and self.count_tokens:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(r.topk_idx.flatten(), minlength=self.n_experts).float()
+                self.tokens_per_expert += expert_counts(r.topk_idx, self.n_experts).float()
         if self.impl == "loop":
             y = self.experts.forward_reference(flat, r.topk_idx, r.topk_weight)
             y = y if self.shared_experts is None else y + self.shared_experts(flat)

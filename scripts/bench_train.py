@@ -59,8 +59,11 @@ def build(config: str | None, overrides: list[str], which: str):
     return cfg, hf
 
 
-def make_step(model, which: str, ids: torch.Tensor, labels: torch.Tensor):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_step(model, which: str, ids: torch.Tensor, labels: torch.Tensor, optimizer_impl: str = "fused"):
+    from parallel.engine import adamw_impl
+
+    # the same AdamW for both: fused is what train.py uses and what HF's Trainer defaults to
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl(optimizer_impl))
     model.train()
 
     def step() -> float:
@@ -106,6 +109,9 @@ def main() -> None:
                     help="both: torch.compile both models' decoder blocks and final norm (ours: "
                          "model/compile.py, as train.compile does; transformers': the same modules); "
                          "ours: add a compiled copy of our model as a third contender, the others eager")
+    ap.add_argument("--optimizer", choices=["fused", "foreach", "loop"], default="fused",
+                    help="AdamW kernel for both models (train.optimizer_impl; fused: train.py's default "
+                         "and HF Trainer's adamw_torch_fused)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,9 +136,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
-    steps = {"ours": make_step(ours, "ours", ids, labels), "transformers": make_step(hf, "hf", ids, labels)}
+    steps = {"ours": make_step(ours, "ours", ids, labels, args.optimizer),
+             "transformers": make_step(hf, "hf", ids, labels, args.optimizer)}
     if compiled is not None:
-        steps["ours compiled"] = make_step(compiled, "ours", ids, labels)
+        steps["ours compiled"] = make_step(compiled, "ours", ids, labels, args.optimizer)
     peaks = [matmul_peak_gflops()]
     for _ in range(args.warmup):
         for s in steps.values():
@@ -148,7 +155,7 @@ def main() -> None:
     ntok = args.batch * args.seq
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32; "
           f"batch {args.batch} x {args.seq}; HF experts implementation: {hf.config._experts_implementation}; "
-          f"malloc keeps freed memory: {kept}; torch.compile: {args.compile}")
+          f"malloc keeps freed memory: {kept}; torch.compile: {args.compile}; AdamW: {args.optimizer}")
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s (best of {len(peaks)} samples over the run, lowest "
           f"{min(peaks):.1f}); model: {flops_tok / 1e6:.1f} MFLOP/token (6N + attention)")
     print(f"{'model':<14} {'median step ms':>14} {'tokens/s':>10} {'MFU':>7} {'peak step MiB':>13}")
