@@ -1,12 +1,14 @@
-"""torch.compile of the decoder blocks, where it pays: inductor fuses the elementwise work
-between the GEMMs (RMSNorm, RoPE, SwiGLU, residual adds, the router's scoring) into a few
-kernels, forward and backward.
+"""torch.compile of the decoder blocks: inductor fuses the elementwise work between the GEMMs
+(RMSNorm, RoPE, SwiGLU, residual adds, the router's scoring, the permutation) into a few
+kernels, forward and backward, and frees what they would have kept in between.
 
 Each block (main stack and MTP) and the final norm is compiled in place (``nn.Module.compile``),
-so parameter names, state dicts and checkpoints are unchanged. The MoE dispatch (permute,
-grouped GEMM, all-to-all) stays eager behind a graph break (``model.moe._dispatch``), and the
-chunked loss stays eager too (its chunk loop would be unrolled). The first step pays the
-compilation (tens of seconds on a CPU), so it is an option for long runs: ``train.compile``.
+so parameter names, state dicts and checkpoints are unchanged. On one device the whole MoE layer
+is in the block's graph (the grouped GEMM is a custom op with a shape function); an all-to-all
+dispatcher and FP8 experts run eagerly behind a graph break (``model.moe._dispatch``). The
+chunked loss stays eager (its chunk loop would be unrolled). The first step pays the compilation,
+so it is an option for long runs: ``train.compile``. On the 2-core CPU it saves a fifth of the
+step's memory but no time (docs/BENCHMARKS.md); it is unmeasured on a GPU so far.
 """
 from __future__ import annotations
 

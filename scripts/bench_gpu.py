@@ -26,6 +26,7 @@ from configs.schema import FP8Config  # noqa: E402
 from model.flops import count_params  # noqa: E402
 from model.fp8_swap import apply_fp8  # noqa: E402
 from model.transformer import DeepseekV3  # noqa: E402
+from parallel.engine import adamw_impl  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     steps = {}
     for name, m in runs.items():
         m.to(device=device, dtype=dtype).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, **adamw_impl("fused"))   # train.py's default
         tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, seq + 1), device=device)
 
         def step(m=m, opt=opt, tokens=tokens) -> float:

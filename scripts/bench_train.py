@@ -26,8 +26,12 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 # ops whose self time is matrix-product arithmetic (the grouped GEMM's per-expert products are
-# aten::mm calls on CPU; the chunked loss accumulates the head's weight gradient with addmm_)
+# aten::mm calls on CPU; the chunked loss accumulates the head's weight gradient with addmm_;
+# transformers' attention on CPU is bmm)
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
+# torch's fused CPU attention kernel (ours; transformers' MLA falls back to the math path, bmm)
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -93,6 +97,38 @@ def peak_step_bytes(step) -> int:
     return max(allocs) - min(allocs) if allocs else 0
 
 
+def print_profile(steps: dict, times: dict, n: int) -> None:
+    """Profile n steps of each model, alternating, and print what bounds the ratio: the share of
+    each step spent in library kernels that both implementations call as they are (GEMMs, and our
+    attention kernel), as medians over the n steps (one profiled step on a shared machine is noisy)."""
+    shares = {k: {"gemm": [], "attention": []} for k in steps}
+    last = {}
+    for _ in range(n):
+        for k, s in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                s()
+            ops = last[k] = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in ops)
+            shares[k]["gemm"].append(sum(e.self_cpu_time_total for e in ops if e.key in GEMM_OPS) / total)
+            shares[k]["attention"].append(sum(e.self_cpu_time_total for e in ops if e.key in ATTENTION_OPS) / total)
+    for k in steps:
+        print(f"\n--- {k}: top ops by self CPU time, the last of {n} profiled steps ---")
+        print(last[k].table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in steps:
+        g, a = statistics.median(shares[k]["gemm"]), statistics.median(shares[k]["attention"])
+        print(f"{k}: matrix products {g:.0%} of the step (~{g * med[k] * 1e3:.0f} ms of its median), attention "
+              f"kernel {a:.0%} (~{a * med[k] * 1e3:.0f} ms), everything else {1 - g - a:.0%} "
+              f"(~{(1 - g - a) * med[k] * 1e3:.0f} ms); medians of {n} profiled steps")
+    # the bound that counts: our GEMMs and attention kernel at the rate they actually run in the step
+    # (shares of profiled steps scale our unprofiled median); everything else at zero cost
+    g, a = statistics.median(shares["ours"]["gemm"]), statistics.median(shares["ours"]["attention"])
+    kernels = (g + a) * med["ours"]
+    print(f"our GEMMs + attention kernel ~ {kernels * 1e3:.0f} ms of our median step: if everything else took no "
+          f"time, ours would run at most {med['transformers'] / kernels:.2f}x transformers' speed "
+          f"(GEMMs alone: {med['transformers'] / (g * med['ours']):.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
@@ -101,7 +137,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--profile", action="store_true", help="print the top ops of one step of each model")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile --profile-steps steps of each model: top ops, and the bound that the library "
+                         "kernels (GEMMs, attention) put on the ratio")
+    ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory, as train.py sets it (both models get it); "
                          "default: glibc's mmap/trim behaviour")
@@ -174,23 +213,7 @@ def main() -> None:
     print(f"roofline: every FLOP at the measured peak = {floor_ms:.1f} ms/step, so no implementation can "
           f"beat transformers by more than {statistics.median(times['transformers']) * 1e3 / floor_ms:.2f}x here")
     if args.profile:
-        gemm_share = {}
-        for k, s in steps.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                s()
-            ops = prof.key_averages()
-            total = sum(e.self_cpu_time_total for e in ops)
-            gemm = sum(e.self_cpu_time_total for e in ops if e.key in GEMM_OPS)
-            gemm_share[k] = gemm / total
-            print(f"\n--- {k}: top ops by self CPU time, one step ---")
-            print(ops.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
-            print(f"{k}: matrix products ({', '.join(GEMM_OPS)}) {gemm / 1e3:.1f} ms = {gemm / total:.0%} of the "
-                  f"profiled step ({total / 1e3:.1f} ms)")
-        # the bound that counts here: our own GEMMs at the rate they actually run in the step (the
-        # profiled step is slower than an unprofiled one, so its GEMM share scales our median)
-        ours_gemm = gemm_share["ours"] * statistics.median(times["ours"])
-        print(f"our GEMMs ~ {ours_gemm * 1e3:.0f} ms of our median step: if everything else took no time, ours "
-              f"would run at most {statistics.median(times['transformers']) / ours_gemm:.2f}x transformers' speed")
+        print_profile(steps, times, args.profile_steps)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU-only checks for a machine with a Hopper GPU (no network needed: torch, triton and
 # transformers as installed). Runs the CUDA tests (FP8 CUDA backend vs the emulated oracle,
-# flash-attn or SDPA attention, the chunked loss in bf16; EP overlap tests run on gloo/CPU
+# flash-attn or SDPA attention, the chunked loss in bf16, the MoE layer compiled whole in bf16; EP overlap tests run on gloo/CPU
 # everywhere) and the bf16 / FP8 throughput of configs/small.yaml with MFU against the measured bf16 matmul peak.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 python -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn: not installed (SDPA is used)"
 status=0
-python -m pytest -q -rs tests/test_fp8_linear.py tests/test_attention.py tests/test_loss.py -k "cuda or flash" || status=1
+python -m pytest -q -rs tests/test_fp8_linear.py tests/test_attention.py tests/test_loss.py tests/test_moe.py -k "cuda or flash" || status=1
 python scripts/bench_gpu.py --config configs/small.yaml --batch "${BATCH:-4}" --steps "${STEPS:-10}" || status=1
 exit $status
