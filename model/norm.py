@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # in fp32 the same math as the reference below (tests/test_attention.py compares them)
+            # in fp32 the same math as the reference below (tests/test_fast_paths.py compares them)
             return _RMSNormFn.apply(x, self.weight, self.eps)
         return self.forward_reference(x)
 

@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from parallel.engine import ADAMW_IMPLS, adamw_impl  # noqa: E402
+
 
 # ops whose self time is matrix-product arithmetic (the grouped GEMM's per-expert products are
 # aten::mm calls on CPU; the chunked loss accumulates the head's weight gradient with addmm_;
@@ -64,8 +66,6 @@ def build(config: str | None, overrides: list[str], which: str):
 
 
 def make_step(model, which: str, ids: torch.Tensor, labels: torch.Tensor, optimizer_impl: str = "fused"):
-    from parallel.engine import adamw_impl
-
     # the same AdamW for both: fused is what train.py uses and what HF's Trainer defaults to
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl(optimizer_impl))
     model.train()
@@ -148,7 +148,7 @@ def main() -> None:
                     help="both: torch.compile both models' decoder blocks and final norm (ours: "
                          "model/compile.py, as train.compile does; transformers': the same modules); "
                          "ours: add a compiled copy of our model as a third contender, the others eager")
-    ap.add_argument("--optimizer", choices=["fused", "foreach", "loop"], default="fused",
+    ap.add_argument("--optimizer", choices=list(ADAMW_IMPLS), default="fused",
                     help="AdamW kernel for both models (train.optimizer_impl; fused: train.py's default "
                          "and HF Trainer's adamw_torch_fused)")
     ap.add_argument("overrides", nargs="*")
