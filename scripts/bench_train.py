@@ -43,7 +43,7 @@ class OpTimer(TorchDispatchMode):
     """Wall time of every aten (and custom) op a step dispatches, per op overload. CPU ops run
     synchronously, so perf_counter around the call is the op's time. Used instead of torch.profiler
     for the breakdown: on this machine the profiler made the loss head's (1024,256)x(256,4096)
-    GEMM read 40 ms when it takes 12.5 ms unprofiled; this timer adds ~2-10% to a step, spread
+    GEMM read 40 ms when it takes 12.5 ms unprofiled; this timer adds ~10-16% to a step, spread
     over ~1,000 calls, and leaves each op's own time alone."""
 
     def __init__(self):
@@ -146,18 +146,19 @@ def print_profile(steps: dict, times: dict, n: int, compiled: set) -> None:
         for op, v in last[k].seconds.most_common(12):
             print(f"  {v * 1e3:8.2f} ms {last[k].calls[op]:5d} calls  {op}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    for k in steps:
-        p = {q: statistics.median(v) * 1e3 for q, v in parts[k].items()}
+    mid = {k: {q: statistics.median(v) for q, v in parts[k].items()} for k in steps}   # seconds
+    for k, p in mid.items():
         other, outside = p["ops"] - p["gemm"] - p["attention"], p["step"] - p["ops"]
-        print(f"{k}: step {p['step']:.0f} ms under the timer ({med[k] * 1e3:.0f} ms untimed): matrix products "
-              f"{p['gemm']:.0f} ms, attention kernel {p['attention']:.0f} ms, all other ops {other:.0f} ms, "
-              f"outside ops (Python, autograd, the timer) {outside:.0f} ms; medians of {n} timed steps")
+        print(f"{k}: step {p['step'] * 1e3:.0f} ms under the timer ({med[k] * 1e3:.0f} ms untimed): matrix "
+              f"products {p['gemm'] * 1e3:.0f} ms, attention kernel {p['attention'] * 1e3:.0f} ms, all other ops "
+              f"{other * 1e3:.0f} ms, outside ops (Python, autograd, the timer) {outside * 1e3:.0f} ms; "
+              f"medians of {n} timed steps")
     # the bound that counts: our GEMMs and attention kernel at the time they actually take in the
     # step, everything else at zero cost, against transformers' untimed median step
-    kernels = statistics.median(parts["ours"]["gemm"]) + statistics.median(parts["ours"]["attention"])
+    kernels = mid["ours"]["gemm"] + mid["ours"]["attention"]
     print(f"our GEMMs + attention kernel ~ {kernels * 1e3:.0f} ms a step: if everything else took no time, ours "
           f"would run at most {med['transformers'] / kernels:.2f}x transformers' speed "
-          f"(GEMMs alone: {med['transformers'] / statistics.median(parts['ours']['gemm']):.2f}x)")
+          f"(GEMMs alone: {med['transformers'] / mid['ours']['gemm']:.2f}x)")
 
 
 def main() -> None:
@@ -192,17 +193,19 @@ def main() -> None:
 
     cfg, ours = build(args.config, args.overrides, "ours")
     _, hf = build(args.config, args.overrides, "hf")
-    compiled = None
+    compiled, compiled_keys = None, set()          # compiled_keys: contenders the op timer cannot see into
     if args.compile != "none":
         from model.compile import compile_blocks
 
         if args.compile == "ours":
             compiled = build(args.config, args.overrides, "ours")[1]     # same seed: same weights
             compile_blocks(compiled)
+            compiled_keys = {"ours compiled"}
         else:
             compile_blocks(ours)
             for m in list(hf.model.layers) + [hf.model.norm]:
                 m.compile()
+            compiled_keys = {"ours", "transformers"}
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
@@ -244,9 +247,6 @@ def main() -> None:
     print(f"roofline: every FLOP at the measured peak = {floor_ms:.1f} ms/step, so no implementation can "
           f"beat transformers by more than {statistics.median(times['transformers']) * 1e3 / floor_ms:.2f}x here")
     if args.profile:
-        compiled_keys = {"ours", "transformers"} if args.compile == "both" else set()
-        if compiled is not None:
-            compiled_keys.add("ours compiled")
         print_profile(steps, times, args.profile_steps, compiled_keys)
 
 
