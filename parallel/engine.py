@@ -3,7 +3,9 @@
 The DeepSpeed config is the YAML ``deepspeed:`` section merged with the values the
 ``train:`` section already defines (micro batch, gradient accumulation, clipping, bf16);
 giving one of those keys with another value in ``deepspeed:`` is an error naming the key.
-The trainer owns the optimizer (``torch.optim.AdamW``, weight decay on matrices only) and
+The trainer owns the optimizer (``torch.optim.AdamW``, weight decay on matrices only; under
+ZeRO-Offload, ``deepspeed.zero_optimization.offload_optimizer.device=cpu`` at stage 1/2,
+DeepSpeedCPUAdam with the same groups and hyper-parameters) and
 sets the learning rate itself before every optimizer step from ``lr_at(step)``, so the
 schedule depends only on the config (``train.max_steps``), never on where a run stopped.
 """
@@ -97,6 +99,27 @@ def check_supported(cfg, world_size: int) -> None:
     if world_size % ep:
         raise ValueError(f"parallel.ep={ep}: the world size {world_size} is not divisible by it "
                          "(world = ep x expert-data-parallel)")
+    check_offload(cfg.deepspeed)
+
+
+def check_offload(ds: dict[str, Any]) -> None:
+    """ZeRO-Offload of the optimizer: device cpu at ZeRO stage 1 or 2; the combinations DeepSpeed
+    itself does not handle fail here, naming the upstream cause."""
+    device = offload_device(ds)
+    if device == "none":
+        return
+    key = "deepspeed.zero_optimization.offload_optimizer.device"
+    if device != "cpu":
+        raise ValueError(f"{key}={device!r}: only 'cpu' (or 'none') is supported. DeepSpeed swaps optimizer "
+                         "state to NVMe only under ZeRO-3 (ZeRO-Infinity), which this trainer does not run; "
+                         "ZeRO-1/2 would treat any device as cpu")
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage == 0:
+        raise ValueError(f"{key}='cpu' with deepspeed.zero_optimization.stage=0: DeepSpeed offloads only "
+                         "the partition a ZeRO-1/2 optimizer owns; at stage 0 it ignores offload_optimizer "
+                         "and steps the optimizer where the weights are (DeepSpeedCPUAdam then refuses GPU "
+                         "tensors). Use stage 1 or 2")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -192,7 +215,8 @@ def keep_freed_memory() -> bool:
 
 
 def build_engine(model: nn.Module, cfg, world_size: int):
-    """deepspeed.initialize with AdamW -> engine; keeps the router state in fp32."""
+    """deepspeed.initialize with AdamW (DeepSpeedCPUAdam under ZeRO-Offload) -> engine; keeps the
+    router state in fp32."""
     import deepspeed
 
     t = cfg.train
@@ -202,14 +226,17 @@ def build_engine(model: nn.Module, cfg, world_size: int):
         groups = split_moe_param_groups(groups)
     ds_config = deepspeed_config(cfg, world_size)
     plain = ds_config["zero_optimization"].get("stage", 0) == 0 and t.dtype == "fp32"
-    adam = dict(lr=lr_at(0, t), betas=(t.beta1, t.beta2), eps=1e-8, **adamw_impl(t.optimizer_impl))
-    if plain:
+    adam = dict(lr=lr_at(0, t), betas=(t.beta1, t.beta2), eps=1e-8)
+    if offload_device(ds_config) == "cpu":
+        opt = cpu_adamw(groups, **adam)
+    elif plain:
         # DeepSpeed's stage-0 fp32 clipping averages per-rank norms, which is not the global norm
         # once ranks hold different experts: FiniteAdamW clips with the true one instead.
-        opt = FiniteAdamW(groups, max_grad_norm=ds_config["gradient_clipping"], **adam)
+        opt = FiniteAdamW(groups, max_grad_norm=ds_config["gradient_clipping"], **adam,
+                          **adamw_impl(t.optimizer_impl))
         ds_config["gradient_clipping"] = 0.0
     else:
-        opt = torch.optim.AdamW(groups, **adam)
+        opt = torch.optim.AdamW(groups, **adam, **adamw_impl(t.optimizer_impl))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO in fp32 checks gradients only when clipping computes a norm: always check, so a
@@ -225,6 +252,29 @@ def build_engine(model: nn.Module, cfg, world_size: int):
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
         moe.tokens_per_expert = moe.tokens_per_expert.float()
     return engine
+
+
+def offload_device(ds: dict[str, Any]) -> str:
+    """deepspeed.zero_optimization.offload_optimizer.device of a deepspeed section: 'none' when unset."""
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return "none"
+    if zero.get("cpu_offload"):              # DeepSpeed's deprecated spelling of offload_optimizer.device=cpu
+        return "cpu"
+    offload = zero.get("offload_optimizer") or {}
+    return str(offload.get("device", "none") if isinstance(offload, dict) else offload).lower()
+
+
+def cpu_adamw(groups: list[dict[str, Any]], **adam):
+    """DeepSpeedCPUAdam in AdamW mode with the same groups and hyper-parameters as the AdamW of the
+    other modes. ZeRO-Offload keeps the fp32 masters and both moments in CPU memory and runs the
+    update there; DeepSpeed refuses a client torch optimizer for that (unless
+    ``zero_force_ds_cpu_optimizer: false``) and tests its offload path with this one. The C++ op is compiled on first use (~1-3 min, cached under
+    ~/.cache/torch_extensions). Its state keys (exp_avg, exp_avg_sq, step) are torch's, except that
+    ``step`` is a Python int, not a tensor."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
 
 
 # torch.optim.AdamW keywords for each train.optimizer_impl

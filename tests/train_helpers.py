@@ -59,11 +59,14 @@ def metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def launch(n: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus n train.py ARGS`` on a free port; fails the test on a non-zero exit."""
+def launch(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus n train.py ARGS`` on a free port; fails the test on a non-zero exit.
+    ``env`` adds variables (e.g. MOE_FAULTS) to the clean environment."""
     from tests.helpers import free_port
 
     cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(ROOT / "train.py"), *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env={**clean_env(), **(env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p
