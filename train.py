@@ -38,6 +38,9 @@ from parallel.engine import (build_engine, check_supported, cpu_threads_per_rank
 from parallel.faults import Faults
 from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
+from parallel.outer import OuterSync, check_outer_resume
+from parallel.sites import (SiteMPU, build_sites, check_sites, create_site_expert_groups, deepspeed_comm_bytes,
+                            site_losses)
 from parallel.recompute import apply_activation_checkpointing
 
 
@@ -130,11 +133,14 @@ class StopOnSignal:
         self.requested = True
 
 
-def agree_on_step(stop_requested: bool, skipped: bool, device) -> tuple[bool, bool]:
+def agree_on_step(stop_requested: bool, skipped: bool, device, site_group=None) -> tuple[bool, bool]:
     """One all-reduce per step: stop if any rank was asked to; and check that every rank made the
-    same skip decision (DeepSpeed all-reduces the overflow flag, so a mismatch is a bug)."""
+    same skip decision (DeepSpeed all-reduces the overflow flag, so a mismatch is a bug). With
+    sites, a skip is a site's own decision (its ZeRO group reduced the flag) and a stop the world's."""
     flags = torch.tensor([float(stop_requested), float(skipped), -float(skipped)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=site_group)
+    if site_group is not None:   # every site saves and stops at the same step
+        dist.all_reduce(flags[:1], op=dist.ReduceOp.MAX)
     stop, any_skipped, not_all = bool(flags[0]), bool(flags[1]), bool(flags[2] == 0)
     if any_skipped and not_all:
         raise RuntimeError("ranks disagree on whether the optimizer step was skipped")
@@ -146,13 +152,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_supported(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # conflicts fail here, early
+    check_sites(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)) // cfg.parallel.sites)  # conflicts fail here, early
     check_inputs(cfg)
     t = cfg.train
 
     # ---- processes ----
     stop_signal = StopOnSignal()
     rank, world, local_rank = init_distributed(cfg.parallel.collective_timeout_s)
+    # sites: EP, ZeRO and router counts inside each; only the outer step crosses (parallel/sites.py)
+    sites = build_sites(cfg.parallel.sites) if cfg.parallel.sites > 1 else None
+    site_group, site_size = (sites.group, sites.size) if sites else (None, world)
     faults = Faults(rank)   # tests only: MOE_FAULTS in the environment (parallel/faults.py)
     cpu_threads_per_rank()
     from deepspeed.accelerator import get_accelerator
@@ -180,6 +190,7 @@ def main(argv=None) -> int:
         verify(ckpt)   # every rank: a truncated or altered file is named before anything is loaded
         state = checkpoint.read_state(ckpt)
         checkpoint.check_compatible(state, ckpt, cfg.model.to_dict(), fingerprint)
+        check_outer_resume(state, cfg, ckpt)   # a changed parallel.sites fails here, naming it
 
     # ---- model ----
     seed_everything(t.seed)
@@ -188,7 +199,7 @@ def main(argv=None) -> int:
     dispatchers = []
     if cfg.parallel.ep > 1:                                  # keep n_routed_experts / ep experts per rank
         p = cfg.parallel
-        ep_group, _ = create_groups(p.ep)
+        ep_group, _ = create_site_expert_groups(p.ep, sites) if sites else create_groups(p.ep)
         link = EmulatedLink(p.link_bandwidth_gbps, p.link_latency_us)
         dispatchers = shard_experts(model, ep_group, p.ep, overlap=p.overlap, chunks=p.chunks, link=link,
                                     fp8_dispatch=p.fp8_dispatch)
@@ -198,12 +209,13 @@ def main(argv=None) -> int:
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     compiled = compile_blocks(model) if t.compile else 0     # after EP sharding swapped the dispatchers
-    engine = build_engine(model.to(device), cfg, world)
+    engine = build_engine(model.to(device), cfg, site_size, mpu=SiteMPU(sites) if sites else None)
     moes = model.moe_layers()
+    outer = OuterSync(engine, sites, cfg.parallel, moes) if sites else None   # the shared start point
 
     step = 0
     if ckpt is not None:
-        checkpoint.load(engine, ckpt, state)
+        checkpoint.load(engine, ckpt, state)   # TODO(issue 18): outer=outer once checkpoint.load takes it
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
 
@@ -248,16 +260,18 @@ def main(argv=None) -> int:
             engine.backward(loss)
             engine.step()                                        # optimizer step at the last micro-step
             parts += torch.stack([loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
-        counts = gather_counts(moes)                             # (L, E) summed over ranks and micro-steps
+        counts = gather_counts(moes, site_group)                 # (L, E) summed over the site's ranks and micro-steps
         # a NaN/inf gradient on any rank: DeepSpeed (or FiniteAdamW) left parameters and optimizer
         # untouched on every rank; the biases stay too, and the step (and its data) is passed over
-        stop_now, skipped = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device)
+        stop_now, skipped = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device, site_group)
         gamma = gamma_at(step, t)
         if not skipped:
             update_biases(moes, counts, gamma)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         grad_norm = engine.get_global_grad_norm()
         step += 1
+        if outer is not None:                                    # every outer_every steps: across sites
+            outer.after_inner_step(step)
         dt = time.perf_counter() - t0
         interval_tokens, interval_time = interval_tokens + tokens_per_step, interval_time + dt
         parts /= t.grad_accum
@@ -277,6 +291,11 @@ def main(argv=None) -> int:
                 sent = comm_bytes(dispatchers)
                 record.update({k: (v - comm_seen.get(k, 0)) / max(1, step - comm_step) for k, v in sent.items()})
                 comm_seen, comm_step = sent, step
+            ds_sent = deepspeed_comm_bytes()   # DeepSpeed's own collectives (deepspeed.comms_logger.enabled)
+            if ds_sent:
+                record["ds_comm_bytes"] = ds_sent
+            if outer is not None:   # cross-site bytes (all ranks) and seconds blocked (mean) per inner step
+                record.update(outer.metrics(step, device), site_loss=site_losses(float(parts[0]), sites, device))
             if do_eval:
                 record["val_loss"] = evaluate(engine, val_rows, cfg, rank, world, device)
             monitor.log(record)
@@ -291,7 +310,7 @@ def main(argv=None) -> int:
             path = checkpoint.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
                 "world_size": world, "shard_dir": shard_dir},
-                t.keep_last, faults)
+                t.keep_last, faults)   # TODO(issue 18): outer=outer once checkpoint.save takes it
             monitor.write(f"saved {path}")
         if give_up:
             monitor.close()

@@ -22,6 +22,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.yaml")
 # does not import the tokenizer libraries; tests/test_bad_inputs.py checks the two agree
 MIN_BPE_VOCAB_SIZE = 256 + 1
 # Fields naming a file or directory: "" would silently mean the current directory
+OUTER_DTYPES = ("fp32", "bf16", "int8", "fp8")   # parallel.outer_dtype
 _PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("data", "cache_dir"), ("data", "text_field"),
                 ("train", "out_dir"), ("train", "init_from"))
 
@@ -87,6 +88,18 @@ class ParallelConfig:
     link_bandwidth_gbps: float | None = None   # emulated interconnect for experiments (None: off)
     link_latency_us: float = 0.0
     collective_timeout_s: float = 1800.0  # a collective waiting longer (a hung or dead rank) fails the job
+    # multi-site training (parallel/sites.py, parallel/outer.py): the world split into `sites` equal
+    # sites in rank order; EP, ZeRO and router counts stay inside a site, and every `outer_every`
+    # inner steps an outer Nesterov step on the sites' averaged parameter change crosses them
+    sites: int = 1
+    outer_every: int = 50                 # H: inner steps per outer round
+    outer_lr: float = 0.7                 # outer SGD learning rate (DiLoCo)
+    outer_momentum: float = 0.9           # outer Nesterov momentum (DiLoCo)
+    outer_fragments: int = 1              # parameter fragments synced at staggered steps (Streaming DiLoCo)
+    outer_overlap: int = 0                # tau: inner steps that run while a fragment's exchange is in flight
+    outer_dtype: str = "fp32"             # deltas sent as fp32 | bf16 | int8 | fp8 (scaled), summed in fp32
+    wan_bandwidth_gbps: float | None = None   # emulated link between sites, a site's uplink (None: off)
+    wan_latency_ms: float = 0.0
 
 
 @dataclass
@@ -275,6 +288,24 @@ def validate(cfg: Config) -> None:
                          "one of ep and n_group must divide the other")
     if p.collective_timeout_s <= 0:
         raise ValueError(f"parallel.collective_timeout_s={p.collective_timeout_s}: must be > 0")
+    if p.sites < 1:
+        raise ValueError(f"parallel.sites={p.sites}: must be >= 1")
+    if p.outer_every < 1:
+        raise ValueError(f"parallel.outer_every={p.outer_every}: must be >= 1")
+    if p.outer_dtype not in OUTER_DTYPES:
+        raise ValueError(f"parallel.outer_dtype={p.outer_dtype!r}: must be one of {', '.join(OUTER_DTYPES)}")
+    if not 1 <= p.outer_fragments <= p.outer_every:
+        raise ValueError(f"parallel.outer_fragments={p.outer_fragments}: must be in [1, parallel.outer_every="
+                         f"{p.outer_every}] (each fragment syncs once per round)")
+    if not 0 <= p.outer_overlap < p.outer_every:
+        raise ValueError(f"parallel.outer_overlap={p.outer_overlap}: must be in [0, parallel.outer_every="
+                         f"{p.outer_every}) (a fragment's exchange must land before its next one starts)")
+    if p.outer_lr <= 0 or not 0 <= p.outer_momentum < 1:
+        raise ValueError(f"parallel.outer_lr={p.outer_lr}, parallel.outer_momentum={p.outer_momentum}: "
+                         "need lr > 0 and momentum in [0, 1)")
+    if p.wan_bandwidth_gbps is not None and p.wan_bandwidth_gbps <= 0 or p.wan_latency_ms < 0:
+        raise ValueError(f"parallel.wan_bandwidth_gbps={p.wan_bandwidth_gbps}, parallel.wan_latency_ms="
+                         f"{p.wan_latency_ms}: bandwidth must be positive (or null), latency >= 0")
     if p.chunks < 1:
         raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
     if p.link_bandwidth_gbps is not None and p.link_bandwidth_gbps <= 0 or p.link_latency_us < 0:

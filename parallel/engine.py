@@ -214,9 +214,10 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
-def build_engine(model: nn.Module, cfg, world_size: int):
+def build_engine(model: nn.Module, cfg, world_size: int, mpu=None):
     """deepspeed.initialize with AdamW (DeepSpeedCPUAdam under ZeRO-Offload) -> engine; keeps the
-    router state in fp32."""
+    router state in fp32. ``world_size`` is the data-parallel size; ``mpu`` (parallel/sites.py) gives
+    DeepSpeed a data-parallel group smaller than the world (one site)."""
     import deepspeed
 
     t = cfg.train
@@ -233,11 +234,12 @@ def build_engine(model: nn.Module, cfg, world_size: int):
         # DeepSpeed's stage-0 fp32 clipping averages per-rank norms, which is not the global norm
         # once ranks hold different experts: FiniteAdamW clips with the true one instead.
         opt = FiniteAdamW(groups, max_grad_norm=ds_config["gradient_clipping"], **adam,
-                          **adamw_impl(t.optimizer_impl))
+                          **adamw_impl(t.optimizer_impl),
+                          group=None if mpu is None else mpu.get_data_parallel_group())
         ds_config["gradient_clipping"] = 0.0
     else:
         opt = torch.optim.AdamW(groups, **adam, **adamw_impl(t.optimizer_impl))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=mpu)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO in fp32 checks gradients only when clipping computes a norm: always check, so a
         # NaN/inf gradient on any rank skips the step on all (the flag is all-reduced with MAX)
@@ -303,9 +305,10 @@ class FiniteAdamW(torch.optim.AdamW):
     overflow = False
     _global_grad_norm = None
 
-    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+    def __init__(self, params, max_grad_norm: float = 0.0, group=None, **kwargs):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
+        self.group = group                    # the data-parallel ranks (a site; None: the world)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -330,8 +333,8 @@ class FiniteAdamW(torch.optim.AdamW):
         for name, ps in experts.items():
             shared[1] += sum_sq(ps) / ds_groups._get_expert_data_parallel_world_size(name)
         shared[0] = float(not bool(torch.isfinite(dense_sq + shared[1])))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(shared)
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(shared, group=self.group)
         self.overflow = bool(shared[0].item() > 0)
         if self.overflow:
             self._global_grad_norm = None

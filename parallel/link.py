@@ -34,3 +34,30 @@ class EmulatedLink:
         delay = t - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+
+
+class WanLink(EmulatedLink):
+    """The emulated wide-area link between sites, as one rank sees it, with the counters the
+    metrics report: bytes this rank sent across sites and seconds it spent blocked waiting on
+    that link. ``bandwidth_gbps`` is the whole site's uplink: its ``share`` ranks send at once
+    (the outer exchange spreads over every rank of a site), so each one is booked at 1/share of
+    it. ``latency_ms`` is paid once per transfer. Off (bandwidth None): only counts."""
+
+    def __init__(self, bandwidth_gbps: float | None = None, latency_ms: float = 0.0, share: int = 1):
+        super().__init__(None if bandwidth_gbps is None else bandwidth_gbps / share, latency_ms * 1e3)
+        self.sent_bytes = 0
+        self.blocked_s = 0.0
+
+    def send(self, nbytes: int) -> float:
+        """Count and book a transfer of nbytes issued now; return its emulated completion time."""
+        self.sent_bytes += int(nbytes)
+        return self.schedule(nbytes)
+
+    def block_until(self, t: float, real_wait=None) -> None:
+        """Wait for the real collective (``real_wait()``), then for the emulated completion time;
+        the whole wait counts as time blocked on the link."""
+        t0 = time.perf_counter()
+        if real_wait is not None:
+            real_wait()
+        self.wait_until(t)
+        self.blocked_s += time.perf_counter() - t0

@@ -1,0 +1,130 @@
+"""Multi-site quality and traffic: synchronous 4-rank data parallelism against 2 sites x 2 ranks
+(ep=2 inside each) with the DiLoCo-style outer step, same global batch and token count.
+
+    python scripts/bench_sites.py [--out runs/sites] [--steps 600] [--runs sync,h50_int8,...]
+    python scripts/bench_sites.py --report-only            # table + plot from finished runs
+
+Each run is ``deepspeed --num_gpus 4 train.py`` on configs/tiny.yaml (the embedded corpus) with
+``train.micro_batch_size`` x ``data.seq_len`` per rank (2 x 256 by default: the CPU is small). A
+run whose metrics already reach the last step is not repeated. Printed: final validation loss
+and its ratio to synchronous; bytes sent across sites per inner step (the outer step's counters,
+all ranks) against synchronous data parallelism's gradient reductions (DeepSpeed's comms logger:
+all_reduce / reduce_scatter payloads, all ranks) and its parameter all-gathers; steps/s. The
+curves go to docs/sites_loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"sync": [],
+        **{f"h{h}_{d}": ["parallel.sites=2", f"parallel.outer_every={h}", f"parallel.outer_dtype={d}"]
+           for h in (10, 50, 200) for d in ("fp32", "int8")}}
+GRADIENT_OPS = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_fn", "reduce")
+
+
+def read(out: Path) -> list[dict]:
+    f = out / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def run(name: str, args: argparse.Namespace) -> None:
+    out = Path(args.out) / name
+    rec = read(out)
+    if rec and rec[-1]["step"] >= args.steps:
+        return
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    extra = RUNS[name] + (["deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.prof_all=true"]
+                          if name == "sync" else [])
+    cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), str(ROOT / "train.py"),
+           "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={args.steps}",
+           f"train.micro_batch_size={args.mbs}", f"data.seq_len={args.seq_len}", f"train.out_dir={out}",
+           "train.eval_every=100", "train.save_every=100000", "logging.progress=false", *extra]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (Path(args.out) / f"{name}.log").write_text(p.stdout + p.stderr)
+    print(f"  exit {p.returncode} after {time.time() - t0:.0f} s", flush=True)
+
+
+def summary(name: str, rec: list[dict]) -> dict:
+    val = [r for r in rec if "val_loss" in r]
+    last = rec[-1]
+    out = {"name": name, "step": last["step"], "val_loss": val[-1]["val_loss"] if val else None,
+           "tokens_per_s": sum(r["tokens_per_s"] for r in rec[-10:]) / len(rec[-10:])}
+    if "wan_bytes_total" in last:
+        out["cross_bytes_per_step"] = last["wan_bytes_total"] / last["step"]
+        out["outer_steps"] = last["outer_steps"]
+    if "ds_comm_bytes" in last:   # rank 0's cumulative payloads; the 4 ranks are symmetric
+        ds = last["ds_comm_bytes"]
+        out["grad_bytes_per_step"] = 4 * sum(v for k, v in ds.items() if k in GRADIENT_OPS) / last["step"]
+        out["gather_bytes_per_step"] = 4 * sum(v for k, v in ds.items() if "gather" in k) / last["step"]
+    return out
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n))}
+    sync = rows.get("sync", {})
+    print(f"\n{'run':<10} {'step':>5} {'val loss':>9} {'vs sync':>8} {'bytes/step':>12} {'vs sync grads':>14} "
+          f"{'tok/s':>7}")
+    for n, r in rows.items():
+        rel = (f"{r['val_loss'] / sync['val_loss'] - 1:+.2%}" if sync.get("val_loss") and r["val_loss"] else "")
+        b = r.get("cross_bytes_per_step", r.get("grad_bytes_per_step"))
+        ratio = (f"1/{sync['grad_bytes_per_step'] / b:,.0f}" if "cross_bytes_per_step" in r
+                 and sync.get("grad_bytes_per_step") else "")
+        print(f"{n:<10} {r['step']:>5} {r['val_loss'] or float('nan'):>9.4f} {rel:>8} {b or 0:>12,.0f} {ratio:>14} "
+              f"{r['tokens_per_s']:>7,.0f}")
+    if "gather_bytes_per_step" in sync:
+        print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
+              f"all-gathers {sync['gather_bytes_per_step']:,.0f} B/step, all ranks)")
+    plot(args, rows)
+
+
+def plot(args: argparse.Namespace, rows: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for n in rows:
+        rec = read(Path(args.out) / n)
+        style = dict(lw=2, color="k") if n == "sync" else dict(lw=1, ls="--" if "int8" in n else "-")
+        a.plot([r["step"] for r in rec], [r["lm_loss"] for r in rec], label=n, **style)
+        val = [r for r in rec if "val_loss" in r]
+        b.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=n, **style)
+    a.set(xlabel="inner step", ylabel="train LM loss (mean of ranks)", title="training", ylim=(3, 8))
+    b.set(xlabel="inner step", ylabel="validation loss", title="validation")
+    b.legend()
+    fig.suptitle("2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"wrote {args.plot}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/sites")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--plot", default=str(ROOT / "docs/sites_loss.png"))
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    if not args.report_only:
+        for name in args.runs.split(","):
+            run(name, args)
+    report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
