@@ -6,18 +6,28 @@ On disk (``save_hf``) we write exactly what DeepSeek-V3's own checkpoints hold a
 ``mlp.gate.e_score_correction_bias``, and MTP depth k as the extra decoder layer
 ``model.layers.{L + k - 1}`` (enorm, hnorm, eh_proj, the block, shared_head.{norm,head},
 embed_tokens). In memory our experts are stacked (E, in, out) for the grouped GEMM.
+
+The files are written tensor by tensor (model/hf_export.py plans them from metadata, then streams
+each shard) and read tensor by tensor (model/hf_read.py), DeepSeek's native FP8 format included
+(model/hf_fp8.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from model import hf_fp8
 from model.config import ModelConfig, rope_type
+from model.hf_export import (FP8, FP32_KEYS, INDEX_NAME, MTP_NAME, WEIGHTS_NAME, Entry, Meta,  # noqa: F401
+                             hf_entries, identity_entries, mtp_key_pattern, parse_size, plan_files,
+                             write_files)
+from model.hf_read import HFCheckpoint, import_targets, read_target, resolve_mtp, warn_no_mtp
 
 _HF_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -59,6 +69,10 @@ def from_hf_config(hf: dict[str, Any] | Any, **overrides: Any) -> ModelConfig:
     d = hf if isinstance(hf, dict) else hf.to_dict()
     nullable = ("q_lora_rank", "pad_token_id")     # None means something for these: keep it
     kw = {k: d[k] for k in _HF_FIELDS if k in d and (d[k] is not None or k in nullable)}
+    # MLA has no shared KV heads (k and v come per head out of kv_b_proj): ours is always
+    # num_attention_heads, while transformers' DeepseekV3Config defaults the field to 128 whatever
+    # the head count (its SDPA attention never reads it), so a transformers-saved config carries 128
+    kw.pop("num_key_value_heads", None)
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
@@ -74,22 +88,8 @@ def from_hf_config(hf: dict[str, Any] | Any, **overrides: Any) -> ModelConfig:
 
 # ---------------------------------------------------------------- state dict
 
-def _block_to_hf(prefix_in: str, sd: dict[str, torch.Tensor], out_prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """Copy one decoder block's tensors, unstacking the experts into per-expert keys."""
-    for key, t in sd.items():
-        if not key.startswith(prefix_in):
-            continue
-        rest = key[len(prefix_in):]
-        if rest == "mlp.experts.w_gate_up":                                  # (E, D, 2F)
-            F_ = t.shape[2] // 2
-            for e in range(t.shape[0]):
-                out[f"{out_prefix}mlp.experts.{e}.gate_proj.weight"] = t[e, :, :F_].t().contiguous()
-                out[f"{out_prefix}mlp.experts.{e}.up_proj.weight"] = t[e, :, F_:].t().contiguous()
-        elif rest == "mlp.experts.w_down":                                   # (E, F, D)
-            for e in range(t.shape[0]):
-                out[f"{out_prefix}mlp.experts.{e}.down_proj.weight"] = t[e].t().contiguous()
-        else:
-            out[out_prefix + rest] = t
+def _meta(sd: dict[str, torch.Tensor]) -> Meta:
+    return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 
 def to_hf_state_dict(model, cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
@@ -104,109 +104,46 @@ def to_hf_state_dict(model, cfg: ModelConfig | None = None) -> dict[str, torch.T
     else:
         cfg = model.config
         sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": sd["embed_tokens.weight"],
-        "model.norm.weight": sd["norm.weight"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    L = cfg.num_hidden_layers
-    for i in range(L):
-        _block_to_hf(f"layers.{i}.", sd, f"model.layers.{i}.", out)
-    for k in range(cfg.num_nextn_predict_layers):
-        p = f"model.layers.{L + k}."
-        for name in ("enorm", "hnorm", "eh_proj"):
-            out[p + name + ".weight"] = sd[f"mtp.{k}.{name}.weight"]
-        _block_to_hf(f"mtp.{k}.block.", sd, p, out)
-        out[p + "shared_head.norm.weight"] = sd[f"mtp.{k}.norm.weight"]
-        # DeepSeek's layout repeats the shared embedding and head inside each MTP layer
-        out[p + "shared_head.head.weight"] = sd["lm_head.weight"]
-        out[p + "embed_tokens.weight"] = sd["embed_tokens.weight"]
-    return out
+    return {e.name: e.take(sd[e.source]) for e in hf_entries(_meta(sd), cfg)}
 
 
-_EXPERT_KEY = re.compile(r"(.*)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+class _InMemory:
+    """HFCheckpoint's reading interface over a dict of HF-named tensors."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        self.sd = sd
+
+    def names(self) -> list[str]:
+        return list(self.sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sd[name].dtype
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.sd[name]
+        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF keys (per-expert on disk, or transformers' fused in-memory experts) -> our keys."""
-    L = cfg.num_hidden_layers
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
-
-    def ours(key: str) -> str | None:
-        if key == "lm_head.weight":
-            return key
-        if not key.startswith("model."):
-            return None
-        key = key[len("model."):]
-        m = re.match(r"layers\.(\d+)\.(.*)", key)
-        if not m:
-            return key                                       # embed_tokens, norm
-        i, rest = int(m.group(1)), m.group(2)
-        if i < L:
-            return f"layers.{i}.{rest}"
-        k = i - L
-        if k >= cfg.num_nextn_predict_layers:
-            return None
-        if rest in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
-            return f"mtp.{k}.{rest}"
-        if rest == "shared_head.norm.weight":
-            return f"mtp.{k}.norm.weight"
-        if rest in ("shared_head.head.weight", "embed_tokens.weight"):
-            return None                                      # copies of the shared weights
-        return f"mtp.{k}.block.{rest}"
-
-    for key, t in hf.items():
-        m = _EXPERT_KEY.match(key)
-        if m:
-            base = ours(m.group(1) + "mlp.experts.w")
-            if base is not None:
-                experts.setdefault(base[:-1], {}).setdefault(m.group(3), {})[int(m.group(2))] = t
-            continue
-        name = ours(key)
-        if name is None:
-            continue
-        if name.endswith("mlp.experts.gate_up_proj"):       # fused (E, 2F, D)
-            out[name.replace("gate_up_proj", "w_gate_up")] = t.transpose(1, 2).contiguous()
-        elif name.endswith("mlp.experts.down_proj"):        # fused (E, D, F)
-            out[name.replace("down_proj", "w_down")] = t.transpose(1, 2).contiguous()
+    """HF keys (per-expert on disk, or transformers' fused in-memory experts) -> our keys: the
+    import's plan (model/hf_read.py), applied to tensors already in memory."""
+    src = _InMemory(hf)
+    out = {}
+    for name, t in import_targets(src, cfg).items():
+        if t.kind in ("gate_up", "down"):                  # per-expert rows (1, ...) -> (E, ...)
+            out[name] = torch.cat([read_target(src, t, None, e) for e in range(t.shape[0])])
         else:
-            out[name] = t
-    for base, parts in experts.items():
-        E = cfg.n_routed_experts
-        missing = [f"{p}[{e}]" for p in ("gate_proj", "up_proj", "down_proj") for e in range(E) if e not in parts.get(p, {})]
-        if missing:
-            raise ValueError(f"HF checkpoint lacks expert weights under {base}: {missing[:4]}...")
-        gate = torch.stack([parts["gate_proj"][e].t() for e in range(E)])   # (E, D, F)
-        up = torch.stack([parts["up_proj"][e].t() for e in range(E)])
-        out[base + "w_gate_up"] = torch.cat([gate, up], dim=2).contiguous()  # (E, D, 2F)
-        out[base + "w_down"] = torch.stack([parts["down_proj"][e].t() for e in range(E)]).contiguous()
-    if cfg.tie_word_embeddings:
-        out.setdefault("lm_head.weight", out["embed_tokens.weight"])
+            out[name] = read_target(src, t, None)
     return out
 
 
 # ---------------------------------------------------------------- files
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-MTP_NAME = "mtp.safetensors"         # --mtp separate: MTP layers outside the index (see write_weights)
-FP32_KEYS = ("e_score_correction_bias",)   # kept in fp32 whatever the export dtype
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """'2GB' / '500MB' / '10KiB' / 12345 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"max_shard_size={size!r}: expected a size like 2GB, 500MB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+          "fp16": torch.float16, "float16": torch.float16, "fp8": FP8}
 
 
 def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -215,14 +152,6 @@ def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> d
         return dict(sd)
     return {k: v.float() if k.endswith(FP32_KEYS) else v.to(dtype) if v.is_floating_point() else v
             for k, v in sd.items()}
-
-
-def mtp_key_pattern(cfg: ModelConfig) -> str | None:
-    """Regex of the on-disk MTP keys (``model.layers.{L..L+D-1}.*``), None without MTP."""
-    D, L = cfg.num_nextn_predict_layers, cfg.num_hidden_layers
-    if not D:
-        return None
-    return r"^model\.layers\.(" + "|".join(str(L + k) for k in range(D)) + r")\."
 
 
 def _own_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,45 +170,25 @@ def _own_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_weights(sd: dict[str, torch.Tensor], path: str, max_shard_size: int | str | None = None,
                   separate: str | None = None) -> list[str]:
-    """Write ``sd`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards plus
-    ``model.safetensors.index.json`` when it is larger than ``max_shard_size``. Keys matching the
-    regex ``separate`` go to ``mtp.safetensors``, which the index does not list. Stale weight files
-    of an earlier export into ``path`` are removed first. Returns the file names written."""
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
-        if name == INDEX_NAME or name == MTP_NAME or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name):
-            os.remove(os.path.join(path, name))
-    sd = _own_storage(sd)
-    written = []
-    if separate:
-        side = {k: v for k, v in sd.items() if re.search(separate, k)}
-        sd = {k: v for k, v in sd.items() if k not in side}
-        if side:
-            save_file(side, os.path.join(path, MTP_NAME), metadata={"format": "pt"})
-            written.append(MTP_NAME)
-    limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
-        if limit is not None and shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
-        return written + [WEIGHTS_NAME]
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        written.append(name)
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    with open(os.path.join(path, INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return written
+    """Write HF-named tensors as ``model.safetensors``, or as shards plus
+    ``model.safetensors.index.json`` when larger than ``max_shard_size``. Keys matching the regex
+    ``separate`` go to ``mtp.safetensors``, which the index does not list. Stale weight files of an
+    earlier export into ``path`` are removed first. Returns the file names written."""
+    entries = identity_entries(sd)
+    main = [e for e in entries if not (separate and re.search(separate, e.name))]
+    side = [e for e in entries if separate and re.search(separate, e.name)]
+    plan = plan_files(main, _NO_MTP, None, max_shard_size, "inline")
+    if side:
+        plan.files.insert(0, (MTP_NAME, plan_files(side, _NO_MTP, None, None, "inline").files[0][1]))
+    return write_files(path, plan, sd.__getitem__)
+
+
+class _NoMTP:   # plan_files' cfg for tensors that are already split: no MTP layer pattern
+    num_nextn_predict_layers = 0
+    num_hidden_layers = 0
+
+
+_NO_MTP = _NoMTP()
 
 
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
@@ -301,18 +210,22 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any):
-    """Load an HF DeepSeek-V3 directory into this project's model (eval mode)."""
+    """Load an HF DeepSeek-V3 directory into this project's model (eval mode).
+
+    Reads bf16/fp32 and DeepSeek's native FP8 (dequantised tensor by tensor). A directory whose
+    config.json promises MTP layers that are not in its weights (transformers never saves them)
+    loads as a model without MTP, with one warning naming the missing tensors; some but not all
+    of them is a ValueError."""
     from model.transformer import DeepseekV3
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face model directory")
-    with open(cfg_path) as f:
-        cfg = from_hf_config(json.load(f), **overrides)
+    ckpt = HFCheckpoint(path)
+    cfg = from_hf_config(ckpt.config, **overrides)
+    _, missing = resolve_mtp(ckpt, cfg, path)
+    if missing:
+        warn_no_mtp(path, cfg, missing)
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     model = DeepseekV3(cfg)
-    sd = from_hf_state_dict(read_safetensors_dir(path), cfg)
-    sd = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
-          for k, v in sd.items()}
+    sd = from_hf_state_dict({k: ckpt.read(k, None if k.endswith(FP32_KEYS) else dtype) for k in ckpt.names()}, cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -321,7 +234,17 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any):
 
 def write_hf_dir(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dtype: torch.dtype | None = None,
                  max_shard_size: int | str | None = None, mtp: str = "auto") -> list[str]:
-    """An HF directory from HF-named tensors: config.json, generation_config.json, weights.
+    """An HF directory from HF-named tensors: config.json, generation_config.json, weights."""
+    return write_hf_entries(identity_entries(hf_sd), hf_sd.__getitem__, cfg, path, dtype, max_shard_size, mtp)
+
+
+def write_hf_entries(entries: list[Entry], read, cfg: ModelConfig, path: str, dtype: torch.dtype | None = None,
+                     max_shard_size: int | str | None = None, mtp: str = "auto") -> list[str]:
+    """An HF directory from planned entries, ``read(source)`` giving one source tensor at a time.
+
+    ``dtype`` None keeps each tensor's dtype; torch.float8_e4m3fn writes DeepSeek's FP8 format
+    (model/hf_fp8.py: quantised weights + block scales, the rest bf16, config.json's
+    quantization_config). The router bias stays fp32 whatever the dtype.
 
     ``mtp="auto"`` (default) satisfies both readers where it can: an unsharded export puts the MTP
     layers in ``mtp.safetensors`` next to ``model.safetensors`` (no index: transformers reads only
@@ -333,23 +256,15 @@ def write_hf_dir(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dt
     61-layer model and lists the others as UNEXPECTED). ``"separate"`` writes them to
     ``mtp.safetensors`` outside the index (a silent transformers load; load_hf/import_hf still read
     them). ``"drop"`` leaves them out."""
-    if mtp not in ("auto", "inline", "separate", "drop"):
-        raise ValueError(f"mtp={mtp!r}: must be auto, inline, separate or drop")
-    pattern = mtp_key_pattern(cfg)
-    if mtp == "auto":
-        main_bytes = sum(v.numel() * (dtype.itemsize if dtype is not None and v.is_floating_point() else
-                                      v.element_size())
-                         for k, v in hf_sd.items() if not (pattern and re.search(pattern, k)))
-        fits = max_shard_size is None or main_bytes <= parse_size(max_shard_size)
-        mtp = "separate" if fits else "inline"
+    plan = plan_files(entries, cfg, dtype, max_shard_size, mtp)
+    files = write_files(path, plan, read)
     cfg_dict = to_hf_config_dict(cfg)
-    if mtp == "drop" and pattern:
-        hf_sd = {k: v for k, v in hf_sd.items() if not re.search(pattern, k)}
+    if plan.mtp_dropped:
         cfg_dict["num_nextn_predict_layers"] = 0
-    hf_sd = cast_state_dict(hf_sd, dtype)
-    files = write_weights(hf_sd, path, max_shard_size, separate=pattern if mtp == "separate" else None)
-    main = hf_sd.get("model.embed_tokens.weight")
+    main = next((o for _, outs in plan.files for o in outs if o.name == "model.embed_tokens.weight"), None)
     cfg_dict["dtype"] = str(main.dtype if main is not None else dtype or torch.float32).replace("torch.", "")
+    if dtype is FP8:
+        cfg_dict["quantization_config"] = dict(hf_fp8.QUANT_CONFIG)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
@@ -363,7 +278,9 @@ def write_hf_dir(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dt
 def save_hf(model, path: str, dtype: torch.dtype | None = None, max_shard_size: int | str | None = None,
             mtp: str = "auto") -> None:
     """Write an HF directory (config.json, generation_config.json, (sharded) safetensors)."""
-    write_hf_dir(to_hf_state_dict(model), model.config, path, dtype, max_shard_size, mtp)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    write_hf_entries(hf_entries(_meta(sd), model.config), sd.__getitem__, model.config, path, dtype,
+                     max_shard_size, mtp)
 
 
 def enable_transformers_mtp(hf_model) -> None:

@@ -1,20 +1,25 @@
 """Export a training checkpoint to a Hugging Face DeepSeek-V3 directory (no remote code).
 
-    python scripts/export_hf.py --checkpoint runs/tiny --out hf/tiny [--dtype bf16|fp32]
+    python scripts/export_hf.py --checkpoint runs/tiny --out hf/tiny [--dtype bf16|fp32|fp8]
 
 --checkpoint is a checkpoint directory (runs/X/checkpoints/step_NNNNNNN), a run directory (its
-newest complete checkpoint is used) or a directory written by scripts/import_hf.py. Only JSON and
-safetensors are read: model.safetensors (the full model, experts gathered over EP at save time),
-trainer_state.json / model_config.json and the tokenizer copy. Written: config.json
+newest complete checkpoint is used) or a directory written by scripts/import_hf.py. The weights are
+read tensor by tensor through parallel.checkpoint.open_weights and the HF shards written tensor by
+tensor (peak memory: one stacked expert tensor plus one HF tensor); besides them only JSON is read
+(trainer_state.json / model_config.json) and the tokenizer copy. Written: config.json
 (model_type deepseek_v3, no auto_map), generation_config.json, model.safetensors or shards plus
 model.safetensors.index.json above --max-shard-size, and the tokenizer files. The router bias
 (mlp.gate.e_score_correction_bias) stays fp32 whatever --dtype is. MTP layers are written in
-DeepSeek-V3's layout, model.layers.{num_hidden_layers + k}.* (see --mtp).
+DeepSeek-V3's layout, model.layers.{num_hidden_layers + k}.* (see --mtp). --dtype fp8 writes
+DeepSeek-V3's own FP8 format (float8_e4m3fn weights with a float32 weight_scale_inv per 128x128 block
+for the tensors DeepSeek quantises, the rest bf16, quantization_config in config.json: README "FP8
+export").
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,9 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
-from model.hf import DTYPES, to_hf_state_dict, write_hf_dir  # noqa: E402
+from model.hf import DTYPES, hf_entries, write_hf_entries  # noqa: E402
 from parallel import checkpoint  # noqa: E402
-from parallel.integrity import MANIFEST, verify  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -38,7 +42,7 @@ def resolve_source(path: str) -> Path:
         raise FileNotFoundError(f"--checkpoint {p}: does not exist")
     if checkpoint.is_complete(p) or (p / checkpoint.INIT_CONFIG).is_file():
         return p
-    if (p / checkpoint.STATE).is_file() or checkpoint._NAME.match(p.name):
+    if (p / checkpoint.STATE).is_file() or re.fullmatch(r"step_\d+", p.name):
         raise ValueError(f"--checkpoint {p}: incomplete checkpoint (no {checkpoint.MARKER} marker: the save "
                          "was interrupted or is still running)")
     found = checkpoint.complete_checkpoints(str(p))
@@ -71,23 +75,21 @@ def check_tokenizer(src: Path, fingerprint: str | None) -> None:
 
 def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: str | int = "2GB",
            mtp: str = "auto", tokenizer: str | None = None) -> Path:
+    """Stream the checkpoint's weights into an HF directory: the whole export is planned from the
+    tensors' names, shapes and dtypes, then each source tensor is read once (a stacked expert
+    tensor for all its experts) and each HF tensor written into its shard as it is produced, so the
+    model is never in memory; only parallel.checkpoint's WeightReader touches the checkpoint."""
     src = resolve_source(checkpoint_dir)
-    if (src / checkpoint.STATE).is_file() or (src / MANIFEST).is_file():   # every byte as it was saved
-        verify(src)
-    cfg = ModelConfig.from_dict(checkpoint.read_model_config(src), where=f"{src} model")
-    weights = src / checkpoint.MODEL
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: this checkpoint has no full model weights "
-                                "(saved by an older version of the trainer?)")
-    from safetensors.torch import load_file
-
-    sd = load_file(str(weights))
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype}: must be auto, bf16 or fp32")
+        raise ValueError(f"--dtype {dtype}: must be auto, bf16, fp32 or fp8")
+    reader = checkpoint.open_weights(src)          # checks every file against the manifest first
+    cfg = ModelConfig.from_dict(reader.config, where=f"{src} model")
+    # sorted: the order the gathered model.safetensors was read in before, so shards split as they did
+    meta = {n: (tuple(reader.shape(n)), reader.dtype(n)) for n in sorted(reader.names())}
     out_p = Path(out).expanduser()
     out_p.mkdir(parents=True, exist_ok=True)
-    files = write_hf_dir(to_hf_state_dict(sd, cfg), cfg, str(out_p), None if dtype == "auto" else DTYPES[dtype],
-                         max_shard_size, mtp)
+    files = write_hf_entries(hf_entries(meta, cfg), reader.read, cfg, str(out_p),
+                             None if dtype == "auto" else DTYPES[dtype], max_shard_size, mtp)
     tok_src = Path(tokenizer).expanduser() if tokenizer else src / checkpoint.TOKENIZER
     if tok_src.is_dir():
         state = src / checkpoint.STATE
@@ -104,8 +106,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, or import_hf.py dir")
     p.add_argument("--out", required=True, help="output Hugging Face directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="weight dtype (auto: as stored; the router bias is always fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp8"],
+                   help="weight dtype (auto: as stored; fp8: DeepSeek-V3's FP8 block format; the router bias "
+                        "is always fp32)")
     p.add_argument("--max-shard-size", default="2GB", help="shard above this size, with an index (default 2GB)")
     p.add_argument("--mtp", default="auto", choices=["auto", "inline", "separate", "drop"],
                    help="auto (default): separate when the weights fit in one file, inline when sharded. "

@@ -35,11 +35,17 @@ def _script(name: str, *args: str, check: bool = True) -> subprocess.CompletedPr
     return p
 
 
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (or import directory), read through parallel.checkpoint's reader."""
+    reader = checkpoint.open_weights(ckpt)
+    return {k: reader.read(k) for k in reader.names()}
+
+
 def _training_model(ckpt: Path) -> DeepseekV3:
     """The trained weights as the trainer saved them, in this project's model."""
     cfg = ModelConfig.from_dict(checkpoint.read_model_config(ckpt))
     model = DeepseekV3(cfg).eval()
-    model.load_state_dict(load_file(str(ckpt / checkpoint.MODEL)))
+    model.load_state_dict(_weights(ckpt))
     return model
 
 
@@ -91,12 +97,11 @@ def exported(trained, tmp_path_factory) -> Path:
 
 
 def test_checkpoint_holds_full_weights_and_tokenizer(trained):
-    sd = load_file(str(trained / checkpoint.MODEL))
+    sd = _weights(trained)
     model = _training_model(trained)
     assert sd.keys() == model.state_dict().keys()
-    biases = load_file(str(trained / checkpoint.BIAS))
     moe_bias = [k for k in sd if k.endswith("e_score_correction_bias")]
-    assert len(moe_bias) == len(biases)
+    assert len(moe_bias) == len(model.moe_layers())
     assert any(sd[k].abs().sum() > 0 for k in moe_bias), "bias updates should have moved the router bias"
     from data import load_tokenizer, tokenizer_fingerprint
     state = checkpoint.read_state(trained)
@@ -246,13 +251,13 @@ def test_load_init_weights(tmp_path):
         checkpoint.load_init_weights(fresh, tmp_path / "nowhere")
 
 
-def test_import_rejects_fp8_and_foreign_dirs(tmp_path):
+def test_import_rejects_other_quantisations_and_foreign_dirs(tmp_path):
     save_hf(_random_model(), str(tmp_path / "hf"))
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [64, 64]}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     p = _script("import_hf.py", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o"), check=False)
-    assert p.returncode != 0 and "bf16" in p.stderr
+    assert p.returncode != 0 and "quantization_config.weight_block_size=[64, 64]" in p.stderr, p.stderr
     p = _script("import_hf.py", "--hf", str(tmp_path / "none"), "--out", str(tmp_path / "o"), check=False)
     assert p.returncode != 0 and "config.json" in p.stderr
 
@@ -292,7 +297,7 @@ def test_export_after_expert_parallel_training(tmp_path):
     # closest to the expert of the same index
     train(run_args(tmp_path, corpus, "one", ["train.max_steps=3", "train.save_every=100",
                                              "train.micro_batch_size=4"]))
-    one = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "one"))[-1] / checkpoint.MODEL))
+    one = _weights(checkpoint.complete_checkpoints(str(tmp_path / "one"))[-1])
     two = ours.state_dict()
     for key in [k for k in one if k.endswith(("experts.w_gate_up", "experts.w_down"))]:
         dist = torch.cdist(two[key].flatten(1), one[key].flatten(1))         # (E, E)
@@ -320,8 +325,8 @@ def test_train_init_from_imported_weights(trained, exported, tmp_path):
                                                "train.warmup_steps=0", f"train.init_from={imported}",
                                                f"data.tokenizer={imported / 'tokenizer'}"])
     train(args)
-    after = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "init"))[-1] / checkpoint.MODEL))
-    start = load_file(str(trained / checkpoint.MODEL))
+    after = _weights(checkpoint.complete_checkpoints(str(tmp_path / "init"))[-1])
+    start = _weights(trained)
     for k, v in start.items():
         if k.endswith("e_score_correction_bias"):
             continue  # the bias update moves by gamma after the step, independent of the lr
@@ -329,3 +334,49 @@ def test_train_init_from_imported_weights(trained, exported, tmp_path):
     # a config that does not match the imported weights is refused, naming the field
     bad = train(args[:-2] + ["model.n_routed_experts=8", f"train.init_from={imported}"], check=False)
     assert bad.returncode != 0 and "n_routed_experts" in bad.stderr
+
+
+# ---------------------------------------------------------------- streaming safetensors writer
+
+def test_streaming_writer_is_byte_identical_to_save_file(tmp_path):
+    """Header order, JSON and padding, and data as save_file writes them, for every dtype an export
+    holds (fp8 weights, fp32 scales, bf16), scalars, empty and non-ASCII names, in any write order."""
+    from safetensors.torch import save_file
+
+    from model.safetensors_stream import SafetensorsWriter, save_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(2, 7, generator=g),
+               "w_scale_inv": torch.rand(1, 2, generator=g), "q": torch.randn(130, 3, generator=g).to(torch.float8_e4m3fn),
+               "ids": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+               "ünï": torch.ones(3, dtype=torch.float16)}
+    for meta in (None, {"format": "pt"}):
+        save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=meta)
+        save_streaming(tensors, tmp_path / "ours.safetensors", metadata=meta)
+        assert (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "ours.safetensors").read_bytes()
+    # reversed order, the 130-row tensor in two pieces along dim 0
+    specs = [(k, v.dtype, v.shape) for k, v in tensors.items()]
+    with SafetensorsWriter(tmp_path / "pieces.safetensors", specs, {"format": "pt"}) as w:
+        for k, v in reversed(tensors.items()):
+            if k == "q":
+                w.write(k, v[100:], row=100)
+                w.write(k, v[:100])
+            else:
+                w.write(k, v)
+    assert (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "pieces.safetensors").read_bytes()
+
+
+def test_streaming_writer_refuses_incomplete_or_unplanned_tensors(tmp_path):
+    from model.safetensors_stream import SafetensorsWriter
+
+    w = SafetensorsWriter(tmp_path / "x.safetensors", [("a", torch.float32, (4, 3)), ("b", torch.bfloat16, (2,))])
+    w.write("a", torch.ones(2, 3), row=2)
+    with pytest.raises(ValueError, match=r"b planned as torch\.bfloat16"):
+        w.write("b", torch.ones(2))
+    with pytest.raises(ValueError, match=r"a has shape \(4, 3\); cannot write a \(3, 3\) piece at row 2"):
+        w.write("a", torch.ones(3, 3), row=2)
+    with pytest.raises(ValueError, match="c is not in this file's plan"):
+        w.write("c", torch.ones(1))
+    with pytest.raises(ValueError, match=r"a got 24 of 48 bytes \(2 tensor\(s\) incomplete\)"):
+        w.close()
+    assert not list(tmp_path.iterdir())          # nothing left behind, not even the temporary file
