@@ -212,10 +212,11 @@ def main(argv=None) -> int:
     engine = build_engine(model.to(device), cfg, site_size, mpu=SiteMPU(sites) if sites else None)
     moes = model.moe_layers()
     outer = OuterSync(engine, sites, cfg.parallel, moes) if sites else None   # the shared start point
+    saver = checkpoint.Checkpointer(async_save=t.async_save)   # its own gloo group: created on every rank
 
     step = 0
     if ckpt is not None:
-        checkpoint.load(engine, ckpt, state)   # TODO(issue 18): outer=outer once checkpoint.load takes it
+        checkpoint.load(engine, ckpt, state, outer=outer)
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
 
@@ -307,12 +308,14 @@ def main(argv=None) -> int:
 
         give_up = skipped_in_a_row >= t.max_consecutive_skips
         if step % t.save_every == 0 or step == stop or stop_now or give_up:
-            path = checkpoint.save(engine, t.out_dir, step, {
+            path = saver.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
                 "world_size": world, "shard_dir": shard_dir},
-                t.keep_last, faults)   # TODO(issue 18): outer=outer once checkpoint.save takes it
-            monitor.write(f"saved {path}")
+                t.keep_last, faults, outer=outer)
+            monitor.write(f"{'saving' if t.async_save else 'saved'} {path} (training held up "
+                          f"{saver.last_stall_s:.2f} s)")
         if give_up:
+            saver.wait()
             monitor.close()
             raise TrainingStopped(
                 f"{skipped_in_a_row} optimizer steps in a row (train.max_consecutive_skips="
@@ -323,6 +326,7 @@ def main(argv=None) -> int:
             monitor.write(f"stopped by SIGTERM at step {step}; resume with train.resume=auto")
             break
 
+    saver.wait()   # an async save in flight completes before the run ends
     monitor.close()
     dist.barrier()
     return 0

@@ -59,6 +59,7 @@ class TrainConfig:
     init_from: str | None = None          # a checkpoint made by scripts/import_hf.py
     log_every: int = 10
     save_every: int = 100
+    async_save: bool = False              # write checkpoints in the background (training goes on; one in flight)
     eval_every: int = 100
     eval_batches: int = 4
     keep_last: int = 2

@@ -1,23 +1,29 @@
-"""Checkpoints: DeepSpeed's engine state plus the trainer state, complete-or-ignored.
+"""Checkpoints: the training state sharded by owner, complete-or-ignored, optionally async.
 
 Layout, one directory per save:
     OUT_DIR/checkpoints/step_0000100/
-        <DeepSpeed files>            model, optimizer partitions (engine.save_checkpoint)
-        trainer_state.json           step, sampler position, config, tokenizer fingerprint
-        router_bias.safetensors      the aux-loss-free balancing biases, one tensor per MoE layer
-        model.safetensors            the full model state dict (experts gathered over EP), our naming:
-                                     what scripts/export_hf.py and train.init_from read
-        optimizer.safetensors        AdamW moments by full parameter name (experts gathered): lets a
-                                     resume change world size or ep (parallel/reshard.py)
+        state/                       torch.distributed.checkpoint, safetensors storage
+                                     (parallel/dcp_storage.py): shard-RRRRR.safetensors per writing
+                                     rank + index.json, the global (name, offset, size) index
+        trainer_state.json           step, sampler position, config, tokenizer fingerprint, format,
+                                     full tensor shapes, AdamW step, DeepSpeed's counters
         tokenizer/                   a copy of the tokenizer the data was prepared with
         rng_rank{r}.safetensors      torch RNG state (tensor) + python/numpy RNG (JSON metadata)
         MANIFEST.json                size + SHA-256 of every file above (parallel/integrity.py)
         COMPLETE                     written last, after every rank has finished
 
+What ``state/`` holds, by key, each tensor once: ``param/<name>`` the fp32 master of every trainable
+parameter, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` its AdamW moments, all flattened to 1-D
+and written as the slices their owners hold (parallel/fragments.py: a ZeRO partition, an EP rank's
+experts; replicas are written once), and ``buffer/<name>`` the router biases. Nothing is gathered
+on any rank. A bf16 run's module weights are bf16(master), so they are not stored again. A resume
+on any world size, ``parallel.ep`` or ZeRO stage asks DCP for the slices it owns now.
+
 A directory without COMPLETE (a save that crashed halfway) is never resumed from, and
 keep_last pruning only counts complete ones. Every file is checked against the manifest
-before a resume, an init_from or an export reads it. Everything the trainer writes itself is
-JSON or safetensors; DeepSpeed's own .pt files are read back with weights_only=True.
+before a resume, an init_from or an export reads it. Everything is JSON or safetensors.
+This module owns checkpoint I/O; parallel/dcp_storage.py and parallel/fragments.py are its parts
+and import nothing back.
 """
 from __future__ import annotations
 
@@ -25,21 +31,29 @@ import json
 import os
 import random
 import re
+import math
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, safe_open, save_file
 
+from parallel import dcp_storage, fragments
+from parallel.dcp_storage import FlatSlice, LoadPlanner, SavePlanner, ShardReader, ShardWriter
 from parallel.integrity import MANIFEST, verify, write_manifest
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
-BIAS = "router_bias.safetensors"
-MODEL = "model.safetensors"
+MODEL = "model.safetensors"          # the weights of a scripts/import_hf.py directory
+SHARDS = "state"                     # the DCP directory of a training checkpoint
+FORMAT = "moe-trainer-sharded-1"
+_BIAS_SUFFIX = "e_score_correction_bias"
 TOKENIZER = "tokenizer"
 INIT_CONFIG = "model_config.json"   # written by scripts/import_hf.py: {"model": {...}}
 _NAME = re.compile(r"^step_(\d+)$")
@@ -127,39 +141,143 @@ def _set_rng_state(path: Path) -> None:
     np.random.set_state(np_state)
 
 
+# ---------------------------------------------------------------- the sharded training state
+
+def _fqn(kind: str, name: str, prefix: str = "") -> str:
+    return f"{prefix}{kind}/{name}"
+
+
+def _bias_names(model) -> list[tuple[str, torch.Tensor]]:
+    return [(n, b) for n, b in model.named_buffers() if n.endswith(_BIAS_SUFFIX)]
+
+
+def full_shapes(model) -> dict[str, list[int]]:
+    """Full parameter name -> full shape (experts: all E), the shapes the flat entries fold back to."""
+    layouts = fragments.expert_layouts(model)
+    out = {}
+    for name, p in fragments.trainable(model):
+        lay = layouts.get(name)
+        out[name] = [lay.num_experts, *p.shape[1:]] if lay else list(p.shape)
+    for name, b in _bias_names(model):
+        out[name] = list(b.shape)
+    return out
+
+
+def state_entries(engine, prefix: str = "", stage: bool = False) -> dict[str, Any]:
+    """The DCP state dict of this rank: every owned fragment's fp32 master and AdamW moments as a
+    slice of its flat full tensor, and the router biases (replicated: DCP keeps one copy).
+    ``stage`` copies everything first (an async save writes the copies while training goes on)."""
+    own = (lambda t: t.detach().clone()) if stage else (lambda t: t.detach())
+    sd: dict[str, Any] = {}
+    for fr in fragments.owned_fragments(engine):
+        n = fr.full_numel
+        sd[_fqn("param", fr.name, prefix)] = FlatSlice(own(fr.master), fr.offset, n)
+        for key, value in fr.states.items():
+            sd[_fqn(key, fr.name, prefix)] = FlatSlice(own(value), fr.offset, n)
+    for name, b in _bias_names(engine.module):
+        sd[_fqn("buffer", name, prefix)] = own(b.float().cpu()) if b.device.type != "cpu" else own(b)
+    return sd
+
+
+def _group():
+    """The process group checkpoints talk over: gloo (plans and barriers are small; DCP's object
+    collectives need no GPU), and its own, so an async save's collectives never interleave with
+    training's. Created once, on every rank (new_group is collective)."""
+    global _CKPT_GROUP
+    if _CKPT_GROUP is None:
+        _CKPT_GROUP = dist.new_group(backend="gloo")
+    return _CKPT_GROUP
+
+
+_CKPT_GROUP = None
+
+
+class Checkpointer:
+    """Saves checkpoints, synchronously or (``async_save``) in a background thread: the training
+    state is copied (staged) on the spot, then written while training goes on. At most one save is
+    in flight; the next one, and the end of the run, wait for it. Every rank calls every method."""
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.group = _group()
+        self.last_stall_s = 0.0          # how long the last save() held up training
+
+    def wait(self) -> None:
+        """Finish the save in flight (if any); re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"the background checkpoint save failed: {e}") from e
+
+    def save(self, engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int,
+             faults=None, outer=None) -> Path:
+        t0 = time.perf_counter()
+        self.wait()
+        rank = dist.get_rank()
+        path = checkpoint_root(out_dir) / checkpoint_name(step)
+        if rank == 0:
+            if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
+                shutil.rmtree(path)
+            (path / SHARDS).mkdir(parents=True)
+        dist.barrier(group=self.group)
+        fragments.ensure_optimizer_state(engine)           # before the first step: zero moments
+        prefix = outer.key_prefix if outer is not None else ""
+        sd = state_entries(engine, prefix, stage=self.async_save)
+        if outer is not None:
+            for key, (shape, offset, tensor) in outer.checkpoint_tensors().items():
+                n = math.prod(shape)
+                sd[key] = FlatSlice(tensor.detach().clone() if self.async_save else tensor.detach(), offset, n)
+        tensors, meta = _rng_state()
+        save_file(tensors, str(path / f"rng_rank{rank}.safetensors"), metadata=meta)
+        if rank == 0:
+            copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
+            _atomic_write(path / STATE, json.dumps(dict(
+                trainer_state, step=step, format=FORMAT, tensors=full_shapes(engine.module),
+                optimizer_step=fragments.optimizer_step(engine), engine_counters=_engine_counters(engine),
+                **({"outer": outer.state_meta()} if outer is not None else {})), indent=1))
+        if self.async_save:
+            self._thread = threading.Thread(target=self._write_guarded, args=(sd, path, out_dir, step, keep_last,
+                                                                               faults), daemon=False)
+            self._thread.start()
+        else:
+            self._write(sd, path, out_dir, step, keep_last, faults)
+        self.last_stall_s = time.perf_counter() - t0
+        return path
+
+    def _write_guarded(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:   # surfaced by the next wait(), on the training thread
+            self._error = e
+
+    def _write(self, sd, path: Path, out_dir: str, step: int, keep_last: int, faults) -> None:
+        rank = dist.get_rank()
+        dcp.save(sd, storage_writer=ShardWriter(path / SHARDS, rank), planner=SavePlanner(),
+                 process_group=self.group)
+        if faults is not None:
+            faults.in_save(step)   # tests: a rank dies with its shard written, the checkpoint incomplete
+        dist.barrier(group=self.group)  # every rank's files are on disk
+        if rank == 0:
+            write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
+            _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+            prune(out_dir, keep_last)
+        dist.barrier(group=self.group)
+
+
 def save(engine, out_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int, faults=None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    rank = dist.get_rank()
-    root = checkpoint_root(out_dir)
-    path = root / checkpoint_name(step)
-    if rank == 0:
-        if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
-    if faults is not None:
-        faults.in_save(step)   # tests: a rank dies with the engine files half-written
-    tensors, meta = _rng_state()
-    save_file(tensors, str(path / f"rng_rank{rank}.safetensors"), metadata=meta)
-    from parallel.expert_parallel import full_state_dict
-    full = full_state_dict(engine.module)  # collective over the EP groups: every rank calls it
-    if rank == 0:
-        save_model(full, path / MODEL)
-        copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
-        biases = {f"layer{i}": m.gate.e_score_correction_bias.detach().float().cpu().contiguous()
-                  for i, m in enumerate(engine.module.moe_layers())}
-        save_file(biases, str(path / BIAS))
-        _atomic_write(path / STATE, json.dumps(dict(trainer_state, step=step), indent=1))
-    from parallel.reshard import save_optimizer_state
-    save_optimizer_state(engine, path)  # collective: layout-free AdamW state (resume on another layout)
-    dist.barrier()  # every rank's files are on disk
-    if rank == 0:
-        write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
-        _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
-        prune(out_dir, keep_last)
-    dist.barrier()
-    return path
+    """A synchronous save (collective: every rank calls it). Returns the checkpoint directory."""
+    return Checkpointer(async_save=False).save(engine, out_dir, step, trainer_state, keep_last, faults)
+
+
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def _engine_counters(engine) -> dict[str, int]:
+    return {k: int(getattr(engine, k)) for k in _COUNTERS if hasattr(engine, k)}
 
 
 def prune(out_dir: str, keep_last: int) -> None:
@@ -208,35 +326,62 @@ def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any
                          f"{fingerprint[:12]}...): check data.tokenizer / data.path")
 
 
-def load(engine, path: Path, state: dict[str, Any]) -> None:
-    """Collective: load the engine state, the balancing biases and this rank's RNG states.
-    ``state`` is the checkpoint's trainer_state.json (``read_state(path)``).
+def check_global_batch(engine, state: dict, path: Path) -> None:
+    """ValueError naming the fields when this run's global batch differs from the checkpoint's:
+    the sampler's data order (and the step's gradient) depend on it, not on the layout."""
+    saved = state.get("sampler", {}).get("global_batch_size")
+    now = engine.train_batch_size()            # micro_batch_size x grad_accum x world size
+    if saved is None or int(saved) == now:
+        return
+    t = state.get("config", {}).get("train", {})
+    raise ValueError(
+        f"checkpoint {path} was trained with a global batch of {saved} rows (train.micro_batch_size="
+        f"{t.get('micro_batch_size')} x train.grad_accum={t.get('grad_accum')} x {state.get('world_size', 1)} "
+        f"processes); this run has {now} (train.micro_batch_size={engine.train_micro_batch_size_per_gpu()} x "
+        f"train.grad_accum={engine.gradient_accumulation_steps()} x {dist.get_world_size()} processes): choose "
+        f"train.micro_batch_size and train.grad_accum so that their product times the number of processes "
+        f"is {saved}")
 
-    Saved on another layout (world size or parallel.ep): DeepSpeed's files are partitioned for
-    that layout, so the weights and AdamW states come from the layout-free model.safetensors and
-    optimizer.safetensors instead (parallel/reshard.py)."""
-    from parallel import reshard
 
-    reshard.check_global_batch(engine, state, path)
-    if reshard.layout_changed(engine, state):
-        reshard.load_resharded(engine, path)
-    else:
-        load_dir, tag = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
-        if load_dir is None:
-            raise ValueError(f"checkpoint {path}: DeepSpeed found no engine state to load")
-        from parallel.expert_parallel import is_expert_param, load_full_state_dict
+def _check_format(path: Path, state: dict[str, Any]) -> None:
+    if state.get("format") == FORMAT and (path / SHARDS).is_dir():
+        return
+    if (path / "optimizer.safetensors").is_file() or (path / MODEL).is_file():
+        raise ValueError(f"checkpoint {path} is in the pre-sharded format (DeepSpeed engine files + gathered "
+                         f"model.safetensors/optimizer.safetensors, before {FORMAT}): this version cannot resume "
+                         "it; export it with an older checkout's scripts/export_hf.py and continue with "
+                         "scripts/import_hf.py + train.init_from")
+    raise ValueError(f"checkpoint {path}: format {state.get('format')!r} with no {SHARDS}/ directory: not a "
+                     f"checkpoint this version wrote (expected format {FORMAT!r})")
 
-        model_file = path / MODEL
-        if model_file.is_file() and any(is_expert_param(p) for p in engine.module.parameters()):
-            # DeepSpeed's module file is written by one rank; under expert parallelism every rank holds
-            # other experts, so each takes its own slice of the full (gathered) weights we saved
-            with torch.no_grad():
-                load_full_state_dict(engine.module, load_file(str(model_file)))
-    biases = load_file(str(path / BIAS))
+
+def load(engine, path: Path, state: dict[str, Any], outer=None) -> None:
+    """Collective: load checkpoint ``path`` (saved on any world size, ``parallel.ep`` or ZeRO stage)
+    into this engine. Each rank reads only the slices it owns; DCP reshards. ``state`` is the
+    checkpoint's trainer_state.json (``read_state(path)``)."""
+    check_global_batch(engine, state, path)
+    _check_format(path, state)
+    step = int(state.get("optimizer_step", 0))
+    fragments.ensure_optimizer_state(engine, step)
+    prefix = outer.key_prefix if outer is not None else ""
+    sd = state_entries(engine, prefix)                 # views into the optimizer's and module's own buffers
+    biases = {k: v for k, v in sd.items() if not isinstance(v, FlatSlice)}
+    for k, v in biases.items():                        # fill copies; a bf16 module's bias buffers stay as they are
+        sd[k] = v.clone()
+    if outer is not None:
+        for key, (shape, offset, tensor) in outer.checkpoint_tensors().items():
+            sd[key] = FlatSlice(tensor, offset, math.prod(shape))
     with torch.no_grad():
-        for i, m in enumerate(engine.module.moe_layers()):
-            b = m.gate.e_score_correction_bias
-            b.copy_(biases[f"layer{i}"].to(device=b.device, dtype=b.dtype))
+        dcp.load(sd, storage_reader=ShardReader(str(path / SHARDS)), planner=LoadPlanner(), process_group=_group())
+        fragments.set_optimizer_step(engine, step)
+        fragments.link_optimizer_state(engine)
+        fragments.update_module_weights(engine)       # the module's weights from the loaded masters
+        for name, b in _bias_names(engine.module):
+            b.copy_(sd[_fqn("buffer", name, prefix)].to(device=b.device, dtype=b.dtype))
+    for key, value in state.get("engine_counters", {}).items():
+        setattr(engine, key, int(value))               # DeepSpeed's own counters, as its loader sets them
+    if outer is not None:
+        outer.load_state_meta(state.get("outer", {}))
     rank = dist.get_rank()
     rng = path / f"rng_rank{rank}.safetensors"
     if not rng.is_file():  # resumed on more ranks than saved: reuse rank 0's generators
@@ -311,27 +456,124 @@ def check_init_compatible(saved: dict[str, Any], model_cfg: dict[str, Any], path
 
 def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load the weights of ``path`` (a directory from scripts/import_hf.py, or a training checkpoint)
-    into a freshly built model, which may hold only its EP rank's experts (any ep works).
+    into a freshly built model, which may hold only its EP rank's experts (any ep works): each rank
+    reads only what it holds, one tensor at a time (its experts' rows of the stacked tensors).
 
     Checks the stored model config against ``model.config`` first (ValueError naming the field).
     Call it on every rank after the model is built and sharded, before deepspeed.initialize.
     Only weights are loaded: optimizer, step, sampler and RNG start fresh."""
-    from parallel.expert_parallel import load_full_state_dict
-
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"train.init_from={str(path)!r}: directory does not exist")
     if (p / STATE).is_file() and not is_complete(p):
         raise ValueError(f"train.init_from={str(path)!r}: incomplete checkpoint (no {MARKER} marker)")
-    if (p / STATE).is_file() or (p / MANIFEST).is_file():   # import_hf directories carry one too
-        verify(p)
-    file = p / MODEL
-    if not file.is_file():
-        raise FileNotFoundError(f"train.init_from={str(path)!r}: {file} not found (make one with "
+    if not (p / MODEL).is_file() and not (p / SHARDS).is_dir():
+        raise FileNotFoundError(f"train.init_from={str(path)!r}: {p / MODEL} not found (make one with "
                                 "scripts/import_hf.py, or use a checkpoint saved by this version)")
     check_init_compatible(read_model_config(p), model.config.to_dict(), p)
-    sd = load_file(str(file))
+    weights = open_weights(p)
+    layouts = fragments.expert_layouts(model)
     own = model.state_dict()
-    sd = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in sd.items()}
+    missing = sorted(set(own) - set(weights.names()))
+    unexpected = sorted(set(weights.names()) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"train.init_from={str(path)!r}: weights do not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     with torch.no_grad():
-        load_full_state_dict(model, sd)
+        for name, dest in own.items():
+            lay = layouts.get(name)
+            if lay is None:
+                parts = [weights.read(name)]
+            else:                                          # this rank's experts, one run of ids at a time
+                parts = [weights.read(name, e, e + n) for _, e, n in fragments._runs(lay.expert_ids)]
+            value = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if tuple(value.shape) != tuple(dest.shape):
+                raise ValueError(f"train.init_from={str(path)!r}: {name} has shape {tuple(value.shape)}, the model "
+                                 f"holds {tuple(dest.shape)}")
+            dest.copy_(value.to(dest.dtype))
+
+
+# ---------------------------------------------------------------- tensor-by-tensor weight reading
+
+class WeightReader:
+    """A weight directory's tensors one at a time, in this project's naming (the full model, experts
+    stacked over all E): what scripts/export_hf.py streams from and train.init_from reads its slices
+    from. Never loads the whole model.
+
+    ``names()`` lists the tensors, ``shape(name)`` / ``dtype(name)`` describe one without reading it,
+    ``read(name, start, stop)`` returns rows [start, stop) of its first dimension (all by default;
+    for experts, a range of expert ids), ``config`` is the model config section.
+
+    Sharded checkpoints: the weights are the fp32 masters, returned in the run's training dtype
+    (``train.dtype``: a bf16 run's module weights are exactly bf16(master)); the router biases fp32.
+    Directories from scripts/import_hf.py: their model.safetensors as stored."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = read_model_config(self.path)
+        if (self.path / SHARDS).is_dir():
+            state = read_state(self.path)
+            _check_format(self.path, state)
+            self._index = dcp_storage.read_index(self.path / SHARDS)
+            train_dtype = state.get("config", {}).get("train", {}).get("dtype", "fp32")
+            weight_dtype = torch.bfloat16 if train_dtype == "bf16" else torch.float32
+            self._meta = {}
+            for name, shape in state["tensors"].items():
+                bias = name.endswith(_BIAS_SUFFIX)
+                fqn = _fqn("buffer" if bias else "param", name)
+                if fqn not in self._index:
+                    raise ValueError(f"checkpoint {self.path}: {name} is missing from {SHARDS}/{dcp_storage.INDEX}")
+                self._meta[name] = (tuple(shape), torch.float32 if bias else weight_dtype, fqn)
+            return
+        self._file = self.path / MODEL
+        if not self._file.is_file():
+            raise FileNotFoundError(f"{self._file} not found: this directory has no model weights")
+        from safetensors.torch import _getdtype
+        with safe_open(str(self._file), framework="pt") as f:
+            self._meta = {k: (tuple(f.get_slice(k).get_shape()), _getdtype(f.get_slice(k).get_dtype()), None)
+                          for k in f.keys()}
+        self._index = None
+
+    def names(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        shape, dtype, fqn = self._meta[name]
+        rows = shape[0] if shape else 1
+        start, stop = start or 0, rows if stop is None else stop
+        if self._index is None:
+            with safe_open(str(self._file), framework="pt") as f:
+                return f.get_tensor(name) if (start, stop) == (0, rows) else f.get_slice(name)[start:stop]
+        per_row = math.prod(shape[1:]) if shape else 1
+        flat = dcp_storage.read_flat(self.path / SHARDS, self._index, fqn, start * per_row, stop * per_row)
+        return flat.view(stop - start, *shape[1:]).to(dtype) if shape else flat.view(()).to(dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor at once (small models, tests)."""
+        return {n: self.read(n) for n in self.names()}
+
+
+def open_weights(path: str | os.PathLike) -> WeightReader:
+    """A WeightReader for a complete checkpoint or an import_hf.py directory (checked against its
+    manifest first)."""
+    p = Path(path)
+    if (p / STATE).is_file() or (p / MANIFEST).is_file():
+        verify(p)
+    return WeightReader(p)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint (experts gathered; tests and small models)."""
+    return open_weights(path).state_dict()
+
+
+def read_biases(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The router biases of a checkpoint, by MoE layer: {"layer0": (E,), ...} in model order."""
+    sd = open_weights(path)
+    return {f"layer{i}": sd.read(n) for i, n in enumerate(n for n in sd.names() if n.endswith(_BIAS_SUFFIX))}

@@ -106,7 +106,7 @@ def test_rank_killed_while_saving(tmp_path):
     assert checkpoint.resolve_resume("auto", str(out)).name == "step_0000002"
 
     # a bit flipped in the checkpoint to resume from: every rank names the file, nothing trains
-    weights = out / "checkpoints" / "step_0000002" / checkpoint.MODEL
+    weights = out / "checkpoints" / "step_0000002" / checkpoint.SHARDS / "shard-00001.safetensors"
     good = weights.read_bytes()
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0x01
@@ -216,35 +216,17 @@ def test_nonfinite_on_one_rank_skips_the_step_everywhere(tmp_path):
     ck = {s: out / "checkpoints" / checkpoint.checkpoint_name(s) for s in range(1, 8)}
 
     def same_state(a: int, b: int) -> bool:
-        files = [checkpoint.MODEL, checkpoint.BIAS]
-        if any((ck[a] / f).read_bytes() != (ck[b] / f).read_bytes() for f in files):
-            return False
-        for f in sorted(p.name for p in ck[a].glob("*optim_states.pt")):   # the DeepSpeed optimizer partitions
-            sa = integrity._safe_load(str(ck[a] / f))["optimizer_state_dict"]
-            sb = integrity._safe_load(str(ck[b] / f))["optimizer_state_dict"]
-            ta = [t for t in _tensors(sa)]
-            tb = [t for t in _tensors(sb)]
-            if len(ta) != len(tb) or not all(torch.equal(x, y) for x, y in zip(ta, tb)):
-                return False
-        return True
+        # every rank's shard: fp32 masters, both AdamW moments and the router biases, byte for byte
+        shards = sorted(p.name for p in (ck[a] / checkpoint.SHARDS).glob("*.safetensors"))
+        return all((ck[a] / checkpoint.SHARDS / f).read_bytes() == (ck[b] / checkpoint.SHARDS / f).read_bytes()
+                   for f in shards)
 
-    assert list(ck[1].glob("*optim_states.pt")), "no optimizer files to compare"
+    assert len(list((ck[1] / checkpoint.SHARDS).glob("*.safetensors"))) == 2, "not one shard per rank"
     assert same_state(2, 3), "the skipped step 3 changed the state"
     assert not same_state(3, 4), "step 4 did not train"
     assert same_state(4, 7), "the skipped steps 5-7 changed the state"
-    b3 = load_file(str(ck[3] / checkpoint.BIAS))
+    b3 = checkpoint.read_biases(ck[3])
     assert all(torch.isfinite(v).all() for v in b3.values())
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def test_nonfinite_with_the_plain_optimizer(tmp_path):
@@ -256,7 +238,8 @@ def test_nonfinite_with_the_plain_optimizer(tmp_path):
               env={"MOE_FAULTS": "nan_loss@2"})
     rec = {r["step"]: r for r in metrics(out)}
     assert [s for s in rec if rec[s]["skipped"]] == [2] and rec[3]["skipped_steps"] == 1, p.stdout[-2000:]
-    c1, c2, c3 = (out / "checkpoints" / checkpoint.checkpoint_name(s) / checkpoint.MODEL for s in (1, 2, 3))
+    c1, c2, c3 = (out / "checkpoints" / checkpoint.checkpoint_name(s) / checkpoint.SHARDS / "shard-00000.safetensors"
+                  for s in (1, 2, 3))
     assert c1.read_bytes() == c2.read_bytes() != c3.read_bytes()
 
 
@@ -264,20 +247,25 @@ def test_nonfinite_with_the_plain_optimizer(tmp_path):
 
 
 def test_checkpoint_pickle_payload_is_refused_and_never_runs(tmp_path):
+    """The sharded state is safetensors + JSON only: a pickle dropped in as DCP's usual ``.metadata``
+    is never opened, and one in place of a shard is refused, naming the file."""
     corpus = make_corpus(tmp_path)
     out = tmp_path / "run"
-    args = run_args(tmp_path, corpus, "run", ["train.max_steps=1", "train.save_every=1"])
+    args = run_args(tmp_path, corpus, "run", ["train.max_steps=1", "train.save_every=1", "train.keep_last=5"])
     train(args)
     ck = checkpoint.complete_checkpoints(str(out))[-1]
-    target = next(ck.glob("*model_states.pt"))
     sentinel = tmp_path / "PWNED"
-    state = integrity._safe_load(str(target))
-    state["payload"] = PicklePayload(sentinel)
-    torch.save(state, target)
+    torch.save({"payload": PicklePayload(sentinel)}, ck / checkpoint.SHARDS / ".metadata")
     integrity.write_manifest(ck)         # an attacker can re-hash: the manifest is not a signature
-    p = train(args + ["train.max_steps=2", "train.resume=auto"], check=False)
+    train(args + ["train.max_steps=2", "train.resume=auto"])
+    assert not sentinel.exists()
+
+    target = ck / checkpoint.SHARDS / "shard-00000.safetensors"
+    torch.save({"payload": PicklePayload(sentinel)}, target)
+    integrity.write_manifest(ck)
+    p = train(args + ["train.max_steps=2", f"train.resume={ck}"], check=False)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
-    assert f"checkpoint file {target} refused" in p.stderr
+    assert f"{target} is not a readable safetensors file" in p.stderr, p.stderr[-3000:]
     assert not sentinel.exists()
 
 

@@ -1,5 +1,6 @@
-"""Resharding: a checkpoint saved at parallel.ep=2 on 2 processes resumes at ep=1 on 1 process
-and at ep=4 on 4 processes, and the following steps agree with resuming unchanged on 2.
+"""Resharding: a sharded checkpoint saved at parallel.ep=2 on 2 processes (ZeRO-1) resumes at ep=1
+on 1 process, at ep=4 on 4 processes and at ZeRO-2, and the following steps agree with resuming
+unchanged on 2.
 
 Same global batch throughout (4 rows: 2 procs x 2, 1 proc x 2 x grad_accum 2, 4 procs x 1).
 Step 4's loss checks the weights; its gradient norm the gradients of every expert; step 5's
@@ -10,9 +11,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from parallel import checkpoint, reshard
+from parallel import checkpoint
+from parallel.dcp_storage import read_index
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
@@ -20,7 +20,7 @@ SAVED = 3
 
 
 def _final_weights(out_dir):
-    return load_file(str(checkpoint.complete_checkpoints(str(out_dir))[-1] / checkpoint.MODEL))
+    return checkpoint.read_weights(checkpoint.complete_checkpoints(str(out_dir))[-1])
 
 
 @pytest.mark.slow
@@ -32,18 +32,23 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path):
     launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
                                                              f"train.stop_at={SAVED}"]))
     ckpt = checkpoint.complete_checkpoints(str(tmp_path / "saved"))[-1]
-    states = load_file(str(ckpt / reshard.OPTIMIZER))
-    assert states["layers.1.mlp.experts.w_down.exp_avg"].shape[0] == 16   # gathered over EP: all 16
+    index = read_index(ckpt / checkpoint.SHARDS)
+    chunks = index["exp_avg/layers.1.mlp.experts.w_down"]["chunks"]   # one slice per EP rank, no gather
+    assert sorted(c["file"] for c in chunks) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    dense = index["exp_avg/embed_tokens.weight"]["chunks"]           # ZeRO-1: each rank its partition
+    assert len(dense) == 2 and sum(c["size"][0] for c in dense) == index["exp_avg/embed_tokens.weight"]["size"][0]
 
     resume = [f"train.resume={ckpt}"]
     launch(2, run_args(tmp_path, corpus, "same", common + resume + ["train.micro_batch_size=2", "parallel.ep=2"]))
     train(run_args(tmp_path, corpus, "ep1", common + resume + ["train.micro_batch_size=2", "train.grad_accum=2"]))
     launch(4, run_args(tmp_path, corpus, "ep4", common + resume + ["train.micro_batch_size=1", "parallel.ep=4"]))
+    launch(2, run_args(tmp_path, corpus, "zero2", common + resume + ["train.micro_batch_size=2", "parallel.ep=2",
+                                                                     "deepspeed.zero_optimization.stage=2"]))
 
     ref = metrics(tmp_path / "same")
     assert [r["step"] for r in ref] == [SAVED + 1, STEPS]
     ref_w = _final_weights(tmp_path / "same")
-    for out in ("ep1", "ep4"):
+    for out in ("ep1", "ep4", "zero2"):
         got = metrics(tmp_path / out)
         assert [r["step"] for r in got] == [r["step"] for r in ref]
         for a, b in zip(ref, got):
@@ -71,9 +76,10 @@ def test_bf16_without_zero_reshards_ep2_to_one_process(tmp_path):
     launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
                                                              "train.stop_at=2"]))
     ckpt = checkpoint.complete_checkpoints(str(tmp_path / "saved"))[-1]
-    states = load_file(str(ckpt / reshard.OPTIMIZER))
-    assert states["embed_tokens.weight.fp32"].dtype == torch.float32      # bf16 weights: masters saved too
-    assert states["embed_tokens.weight.exp_avg"].abs().sum() > 0
+    weights = checkpoint.open_weights(ckpt)
+    assert weights.dtype("embed_tokens.weight") == torch.bfloat16          # as the module holds it
+    index = read_index(ckpt / checkpoint.SHARDS)
+    assert index["param/embed_tokens.weight"]["dtype"] == "float32"        # the fp32 master, once
     resume = [f"train.resume={ckpt}"]
     launch(2, run_args(tmp_path, corpus, "same", common + resume + ["train.micro_batch_size=2", "parallel.ep=2"]))
     train(run_args(tmp_path, corpus, "ep1", common + resume + ["train.micro_batch_size=2", "train.grad_accum=2"]))

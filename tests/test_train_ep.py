@@ -20,7 +20,7 @@ COMMON = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch
 
 
 def _biases(out_dir):
-    return load_file(str(checkpoint.complete_checkpoints(str(out_dir))[-1] / checkpoint.BIAS))
+    return checkpoint.read_biases(checkpoint.complete_checkpoints(str(out_dir))[-1])
 
 
 @pytest.fixture(scope="module")

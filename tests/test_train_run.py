@@ -50,8 +50,8 @@ def test_resume_is_bit_exact_mid_epoch(tmp_path, corpus):
         for k in KEYS:
             assert ra.get(k) == rb.get(k), f"step {ra['step']}: {k} {ra.get(k)!r} != {rb.get(k)!r}"
     # the final checkpoints hold identical balancing biases
-    ba = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "full"))[-1] / checkpoint.BIAS))
-    bb = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "split"))[-1] / checkpoint.BIAS))
+    ba = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "full"))[-1])
+    bb = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "split"))[-1])
     assert ba.keys() == bb.keys() and all((ba[k] == bb[k]).all() for k in ba)
     assert any(ba[k].abs().sum() > 0 for k in ba)          # the bias update ran
 
@@ -77,7 +77,9 @@ def test_metrics_checkpoints_and_keep_last(tmp_path, corpus):
     names = [c.name for c in checkpoint.complete_checkpoints(str(tmp_path / "run"))]
     assert names == ["step_0000004", "step_0000006"]
     files = {f.name for f in (tmp_path / "run" / "checkpoints" / "step_0000006").iterdir()}
-    assert {"COMPLETE", "trainer_state.json", "router_bias.safetensors", "rng_rank0.safetensors"} <= files
+    assert files == {"COMPLETE", "MANIFEST.json", "trainer_state.json", "state", "rng_rank0.safetensors", "tokenizer"}
+    state = {f.name for f in (tmp_path / "run" / "checkpoints" / "step_0000006" / checkpoint.SHARDS).iterdir()}
+    assert state == {"shard-00000.safetensors", "index.json"}
     assert not list((tmp_path / "run").rglob("zero_to_*.py"))     # DeepSpeed's unpickling helpers
     assert "saved" in p.stdout
 
@@ -139,7 +141,7 @@ def test_bf16_grad_accum_activation_checkpointing_and_wandb_offline(tmp_path, co
           env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "WANDB_SILENT": "true"})
     recs = metrics(tmp_path / "x")
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] < 9 for r in recs)
-    bias = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "x"))[-1] / checkpoint.BIAS))
+    bias = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "x"))[-1])
     assert all(b.dtype == torch.float32 for b in bias.values())   # balancing state stays fp32 under bf16
     wandb_files = [f for f in (tmp_path / "x" / "wandb").rglob("*") if f.is_file()]
     assert wandb_files
@@ -182,6 +184,6 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["step"], k)
         assert rb["expert_load_imbalance"] == ra["expert_load_imbalance"]
     # parameter names (what checkpoints and exports read) are unchanged by the in-place compile
-    saved = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "compiled"))[-1] / checkpoint.MODEL))
-    ref = load_file(str(checkpoint.complete_checkpoints(str(tmp_path / "eager"))[-1] / checkpoint.MODEL))
+    saved = checkpoint.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "compiled"))[-1])
+    ref = checkpoint.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "eager"))[-1])
     assert saved.keys() == ref.keys() and not any("_orig_mod" in k for k in saved)

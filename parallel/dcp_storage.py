@@ -1,0 +1,260 @@
+"""torch.distributed.checkpoint (DCP) glue for flat parameter slices, in safetensors files.
+
+Why DCP and not DeepSpeed's own files: DeepSpeed's ZeRO checkpoints are per-layout (one file per
+data-parallel partition, experts per EP rank) and its universal-checkpoint converter is an offline
+pass that materialises every parameter. DCP is the engine torchtitan uses: each rank writes the
+slices it owns, the coordinator builds one global index of (name, offset, size) chunks and
+dedups replicas, and a load on any layout asks for the ranges it needs and DCP reads exactly
+those (resharding for free). What DCP cannot take as it is:
+
+- ZeRO partitions are ranges of the *flattened* parameter, not rectangular tiles, so every
+  parameter is addressed as a 1-D tensor of numel elements (``FlatSlice``, DCP's
+  ``_Checkpointable`` protocol that DTensor also implements; the planners below look it up).
+- DCP's default ``.metadata`` file is a pickle, which this project never reads. Storage is
+  DCP's safetensors format instead (``HuggingFaceStorageWriter/Reader``: each chunk's offset sits
+  in its file's header), with two changes: ``ShardWriter`` streams each tensor's bytes to disk as
+  it is resolved (the stock writer clones every view and serialises the whole file in memory,
+  2x the rank's share of state), and writes the coordinator's global index as JSON
+  (``index.json``); ``ShardReader`` checks the files' headers against it before any read, so a
+  missing shard, a stale index or two files claiming one slice is an error naming the path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+INDEX = "index.json"
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
+
+
+@dataclass
+class FlatSlice:
+    """``tensor`` (1-D, contiguous) holds elements [offset, offset + len) of the flattened tensor
+    of ``numel`` elements that DCP knows by this entry's key."""
+    tensor: torch.Tensor
+    offset: int
+    numel: int
+
+    def _chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=torch.Size([self.offset]), sizes=torch.Size([self.tensor.numel()]))
+
+    # DCP's _Checkpointable protocol (as DTensor implements it)
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size([self.offset])), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=self._chunk(),
+                                                      properties=TensorProperties(dtype=self.tensor.dtype),
+                                                      size=torch.Size([self.numel])))]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [self._chunk()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.tensor
+
+
+class SavePlanner(DefaultSavePlanner):
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index: MetadataIndex):
+        obj = self.state_dict[index.fqn]
+        return obj.tensor if isinstance(obj, FlatSlice) else super().lookup_object(index)
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # the default one first maps every value it does not know (FlatSlice) to None; the state
+        # dict here is already flat and every destination exists
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict[index.fqn]
+        return obj.tensor if isinstance(obj, FlatSlice) else super().lookup_tensor(index)
+
+
+# ---------------------------------------------------------------- writing
+
+def _header(entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """safetensors header for tensors written back to back in this order -> (bytes, byte offsets)."""
+    head: dict = {"__metadata__": metadata}
+    offsets, pos = [], 0
+    for name, dtype, shape in entries:
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        head[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [pos, pos + n]}
+        offsets.append(pos)
+        pos += n
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                       # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+class ShardWriter(HuggingFaceStorageWriter):
+    """One safetensors file per writing rank (``shard-RRRRR.safetensors``), tensors streamed one at a
+    time; the coordinator writes the global index ``index.json`` when every rank is done."""
+
+    def __init__(self, path: str | os.PathLike, rank: int):
+        super().__init__(str(path), save_distributed=True)
+        self.rank = rank
+
+    def write_data(self, plan, planner) -> Future:
+        fut: Future = Future()
+        items = [w for w in plan.items if w.type != WriteItemType.BYTE_IO]
+        if len(items) != len(plan.items):
+            raise ValueError("sharded checkpoint: only tensors can be stored (got a non-tensor object)")
+        if not items:
+            fut.set_result([])
+            return fut
+        name = f"shard-{self.rank:05d}.safetensors"
+        entries = [(w.index.fqn, w.tensor_data.properties.dtype, list(w.tensor_data.chunk.sizes)) for w in items]
+        sharding = {w.index.fqn: {SAVED_OFFSETS_KEY: list(w.tensor_data.chunk.offsets)} for w in items}
+        head, offsets = _header(entries, {CUSTOM_METADATA_KEY: json.dumps(sharding), "format": "pt"})
+        results = []
+        with open(Path(self.path) / name, "wb") as f:
+            f.write(head)
+            for w, off in zip(items, offsets):
+                t = planner.resolve_data(w).detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                t = t.contiguous()                          # a 1-D narrow of a flat buffer already is
+                nbytes = t.numel() * t.element_size()
+                f.write(t.view(torch.uint8).numpy().data if nbytes else b"")
+                results.append(WriteResult(index=w.index, size_in_bytes=nbytes,
+                                           storage_data=_StorageInfo(name, len(head) + off, nbytes)))
+            f.flush()
+            os.fsync(f.fileno())
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator only: the global index of every chunk, JSON, written atomically."""
+        files = {(r.index.fqn, tuple(r.index.offset)): r.storage_data.relative_path for rs in results for r in rs}
+        index = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            index[fqn] = {"dtype": str(md.properties.dtype).replace("torch.", ""), "size": list(md.size),
+                          "chunks": [{"offset": list(c.offsets), "size": list(c.sizes),
+                                      "file": files[(fqn, tuple(c.offsets))]} for c in md.chunks]}
+        tmp = Path(self.path) / f".{INDEX}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "tensors": index}, f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, Path(self.path) / INDEX)
+
+
+# ---------------------------------------------------------------- reading
+
+def read_index(path: str | os.PathLike) -> dict[str, dict]:
+    """The global index written by ShardWriter: fqn -> {dtype, size, chunks: [{offset, size, file}]}."""
+    f = Path(path) / INDEX
+    if not f.is_file():
+        raise FileNotFoundError(f"sharded checkpoint {path}: {f} is missing")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))["tensors"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"sharded checkpoint {path}: {f} is unreadable: {e}") from e
+
+
+def check_index(path: str | os.PathLike, index: dict[str, dict], found: dict[tuple[str, int], tuple[str, int]]) -> None:
+    """``found``: (fqn, offset) -> (file, size) from the shard files' own headers. Raise a ValueError
+    naming the path unless the files hold exactly the chunks of the index, each slice once, covering
+    every tensor."""
+    want = {}
+    for fqn, md in index.items():
+        chunks = sorted((c["offset"][0], c["size"][0], c["file"]) for c in md["chunks"])
+        end = 0
+        for off, size, file in chunks:
+            if off < end:
+                raise ValueError(f"sharded checkpoint {path}: two chunks claim elements {off}..{end} of {fqn} "
+                                 f"({file} and another shard)")
+            if off > end:
+                raise ValueError(f"sharded checkpoint {path}: elements {end}..{off} of {fqn} are in no shard")
+            end = off + size
+            want[(fqn, off)] = (file, size)
+        if end != md["size"][0]:
+            raise ValueError(f"sharded checkpoint {path}: {fqn} has {end} of its {md['size'][0]} elements")
+    for key, (file, size) in found.items():
+        if key not in want:
+            raise ValueError(f"sharded checkpoint {path}: {Path(path) / file} holds {key[0]}[{key[1]}:] which "
+                             f"{INDEX} does not list (a stale or foreign shard)")
+        if want[key] != (file, size):
+            raise ValueError(f"sharded checkpoint {path}: {INDEX} puts {key[0]}[{key[1]}:] in {want[key][0]} "
+                             f"({want[key][1]} elements), {file} holds {size}")
+    missing = sorted(set(want) - set(found))
+    if missing:
+        fqn, off = missing[0]
+        raise ValueError(f"sharded checkpoint {path}: {Path(path) / want[missing[0]][0]} should hold {fqn}[{off}:] "
+                         "and does not (missing or replaced shard)")
+
+
+def scan_shards(path: str | os.PathLike) -> dict[tuple[str, int], tuple[str, int]]:
+    """(fqn, offset) -> (file name, elements) from every shard's safetensors header."""
+    from safetensors import safe_open
+
+    found: dict[tuple[str, int], tuple[str, int]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                sharding = json.loads((f.metadata() or {}).get(CUSTOM_METADATA_KEY, "{}"))
+                for key in f.keys():
+                    off = sharding.get(key, {}).get(SAVED_OFFSETS_KEY, [0])[0]
+                    if (key, off) in found:
+                        raise ValueError(f"sharded checkpoint {path}: {file} and {found[(key, off)][0]} both "
+                                         f"hold {key}[{off}:]")
+                    found[(key, off)] = (file.name, f.get_slice(key).get_shape()[0])
+        except ValueError:
+            raise
+        except Exception as e:                          # safetensors' own error for a damaged header
+            raise ValueError(f"sharded checkpoint {path}: {file} is not a readable safetensors file: {e}") from e
+    return found
+
+
+class ShardReader(HuggingFaceStorageReader):
+    """DCP's safetensors reader, after checking the shards against the global index."""
+
+    def read_metadata(self) -> Metadata:
+        index = read_index(self.path)
+        check_index(self.path, index, scan_shards(self.path))
+        md = super().read_metadata()
+        for fqn, entry in md.state_dict_metadata.items():     # the full size from the index, not the
+            if isinstance(entry, TensorStorageMetadata):       # largest chunk end seen
+                entry.size = torch.Size(index[fqn]["size"])
+        return md
+
+
+def read_flat(path: str | os.PathLike, index: dict[str, dict], fqn: str, start: int = 0,
+              stop: int | None = None) -> torch.Tensor:
+    """Elements [start, stop) of the flattened tensor ``fqn``, read from the chunks that hold them
+    (no process group needed: scripts read one tensor at a time this way)."""
+    from safetensors import safe_open
+
+    md = index[fqn]
+    stop = md["size"][0] if stop is None else stop
+    out = torch.empty(stop - start, dtype=getattr(torch, md["dtype"]))
+    for c in md["chunks"]:
+        off, size = c["offset"][0], c["size"][0]
+        lo, hi = max(start, off), min(stop, off + size)
+        if lo < hi:
+            with safe_open(str(Path(path) / c["file"]), framework="pt") as f:
+                out[lo - start:hi - start] = f.get_slice(fqn)[lo - off:hi - off]
+    return out
