@@ -61,12 +61,30 @@ def lr_at(step: int, t) -> float:
 
 
 def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
-    """The dict handed to deepspeed.initialize; raises ValueError naming a conflicting key."""
+    """The dict handed to deepspeed.initialize; raises ValueError naming a conflicting key.
+
+    A DeepSpeed user's habit: ``deepspeed.gradient_accumulation_steps`` or
+    ``deepspeed.train_micro_batch_size_per_gpu`` given while ``train.grad_accum`` /
+    ``train.micro_batch_size`` is still at its default is taken as that train value, and written
+    back into ``cfg.train`` (the trainer's loop and the saved config read it there). A train value
+    that was changed from its default and disagrees is a real conflict and stays an error. (The
+    config does not record which keys were written, so an explicit train value equal to the
+    default counts as not given.)"""
+    import dataclasses
+
     ds = copy.deepcopy(cfg.deepspeed)
     t = cfg.train
     for key, why in _OWNED.items():
         if key in ds and not (key == "fp16" and not (ds[key] or {}).get("enabled", False)):
             raise ValueError(f"deepspeed.{key}: not supported here ({why}); remove it")
+    defaults = {f.name: f.default for f in dataclasses.fields(t)}
+    for key, name in (("gradient_accumulation_steps", "grad_accum"), ("train_micro_batch_size_per_gpu",
+                                                                     "micro_batch_size")):
+        if key in ds and getattr(t, name) == defaults[name] and ds[key] != defaults[name]:
+            value = ds[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"deepspeed.{key}={value!r}: must be a positive integer")
+            setattr(t, name, value)
     derived = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
                "gradient_accumulation_steps": t.grad_accum,
                "gradient_clipping": t.grad_clip,

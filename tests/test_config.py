@@ -56,3 +56,34 @@ def test_bad_values_name_field_and_value(overrides, needle):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_deepspeed_batch_keys_alone_set_the_train_values():
+    """A DeepSpeed user's habit: the batch keys written in the deepspeed section only."""
+    from parallel.engine import deepspeed_config
+
+    cfg = load_config(None, ["deepspeed.gradient_accumulation_steps=4", "deepspeed.train_micro_batch_size_per_gpu=2"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert (cfg.train.grad_accum, cfg.train.micro_batch_size) == (4, 2)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["train_batch_size"] == 16
+    deepspeed_config(cfg, world_size=2)              # called again (train.py does): still agrees
+    same = load_config(None, ["train.grad_accum=3", "deepspeed.gradient_accumulation_steps=3"])
+    assert deepspeed_config(same, 1)["gradient_accumulation_steps"] == 3
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.grad_accum=3", "deepspeed.gradient_accumulation_steps=2"],
+     r"deepspeed\.gradient_accumulation_steps=2 conflicts with train\.grad_accum \(= 3\)"),
+    (["train.micro_batch_size=4", "deepspeed.train_micro_batch_size_per_gpu=3"],
+     r"deepspeed\.train_micro_batch_size_per_gpu=3 conflicts with train\.micro_batch_size \(= 4\)"),
+    (["deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.train_batch_size=5"],
+     r"deepspeed\.train_batch_size=5 conflicts with train\.micro_batch_size x train\.grad_accum"),
+    (["deepspeed.gradient_accumulation_steps=0"], r"deepspeed\.gradient_accumulation_steps=0: must be a positive integer"),
+    (["deepspeed.train_micro_batch_size_per_gpu=two"], r"deepspeed\.train_micro_batch_size_per_gpu='two': must be"),
+])
+def test_deepspeed_batch_conflicts_stay_errors(overrides, needle):
+    from parallel.engine import deepspeed_config
+
+    with pytest.raises(ValueError, match=needle):
+        deepspeed_config(load_config(None, overrides), world_size=1)
