@@ -133,18 +133,21 @@ class StopOnSignal:
         self.requested = True
 
 
-def agree_on_step(stop_requested: bool, skipped: bool, device, site_group=None) -> tuple[bool, bool]:
+def agree_on_step(stop_requested: bool, skipped: bool, device, site_group=None) -> tuple[bool, bool, bool]:
     """One all-reduce per step: stop if any rank was asked to; and check that every rank made the
     same skip decision (DeepSpeed all-reduces the overflow flag, so a mismatch is a bug). With
-    sites, a skip is a site's own decision (its ZeRO group reduced the flag) and a stop the world's."""
+    sites, a skip is a site's own decision (its ZeRO group reduced the flag), while the stop and
+    whether any site skipped (which logs the step, a collective) are the world's.
+    -> (stop, this rank skipped, some rank skipped)"""
     flags = torch.tensor([float(stop_requested), float(skipped), -float(skipped)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=site_group)
-    if site_group is not None:   # every site saves and stops at the same step
-        dist.all_reduce(flags[:1], op=dist.ReduceOp.MAX)
     stop, any_skipped, not_all = bool(flags[0]), bool(flags[1]), bool(flags[2] == 0)
     if any_skipped and not_all:
         raise RuntimeError("ranks disagree on whether the optimizer step was skipped")
-    return stop, any_skipped
+    if site_group is None:
+        return stop, any_skipped, any_skipped
+    dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)   # every site saves, stops and logs at the same step
+    return bool(flags[0]), any_skipped, bool(flags[1])
 
 
 def main(argv=None) -> int:
@@ -264,7 +267,8 @@ def main(argv=None) -> int:
         counts = gather_counts(moes, site_group)                 # (L, E) summed over the site's ranks and micro-steps
         # a NaN/inf gradient on any rank: DeepSpeed (or FiniteAdamW) left parameters and optimizer
         # untouched on every rank; the biases stay too, and the step (and its data) is passed over
-        stop_now, skipped = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device, site_group)
+        stop_now, skipped, skip_seen = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device,
+                                                     site_group)
         gamma = gamma_at(step, t)
         if not skipped:
             update_biases(moes, counts, gamma)
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
         monitor.step(float(parts[0]), tokens_per_step / dt, tokens_per_step / dt * flops_per_token / peak)
 
         do_eval = val_rows is not None and (step % t.eval_every == 0 or step == t.max_steps)
-        if step == 1 or step % t.log_every == 0 or step == stop or do_eval or skipped or stop_now:
+        if step == 1 or step % t.log_every == 0 or step == stop or do_eval or skip_seen or stop_now:
             loss, lm, aux, mtp = mean_over_ranks(parts.tolist(), device)
             tok_s = interval_tokens / interval_time
             record = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
@@ -307,6 +311,8 @@ def main(argv=None) -> int:
             interval_tokens, interval_time = 0, 0.0
 
         give_up = skipped_in_a_row >= t.max_consecutive_skips
+        if sites and skip_seen:   # one site's run of skips stops every site (the save is collective)
+            give_up = mean_over_ranks([float(give_up)], device)[0] > 0
         if step % t.save_every == 0 or step == stop or stop_now or give_up:
             path = saver.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.fragments import expert_layouts, owned_fragments, trainable, update_module_weights
+from parallel.fragments import (expert_layouts, optimizer_step, owned_fragments, set_optimizer_step, trainable,
+                                update_module_weights)
 from parallel.link import WanLink
 
 BLOCK = 256                                  # values per scale in the int8 / fp8 encodings
@@ -289,6 +290,7 @@ class OuterSync:
         and biases at send, per site). Read to save; filled in place to load."""
         for pend in self.pending.values():
             self._collect(pend)                  # the average is fixed at send: waiting early is exact
+        self._site_counters = self._gather_site_counters()
         out = {}
         for f, us in enumerate(self.units):
             tensors = {"outer_anchor/": self.anchor[f], "outer_momentum/": self.momentum[f]}
@@ -307,16 +309,33 @@ class OuterSync:
             out[f"{self.key_prefix}outer_inflight_bias_sent"] = (tuple(sent.shape), 0, sent.view(-1))
         return out
 
+    def _gather_site_counters(self) -> list[list[int]]:
+        """[site] -> [optimizer steps applied, steps skipped]: a site skips a non-finite step on its
+        own, so AdamW's step count (its bias correction) differs between sites. Collective."""
+        t = torch.zeros(self.sites.count, 2, dtype=torch.float64)
+        t[self.sites.index] = torch.tensor([optimizer_step(self.engine), int(self.engine.skipped_steps)],
+                                           dtype=torch.float64) / self.sites.size
+        dev = self.anchor[0].device if self.anchor else "cpu"
+        t = t.to(dev)
+        dist.all_reduce(t)
+        return [[round(float(x)) for x in row] for row in t.cpu()]
+
     def state_meta(self) -> dict:
+        """Scalars (call after ``checkpoint_tensors``, which gathers the per-site counters)."""
         return {"sites": self.sites.count, "outer_every": self.H, "outer_fragments": self.P,
                 "outer_overlap": self.tau, "outer_steps": self.outer_steps,
-                "pending": {str(f): p.finish_step for f, p in self.pending.items()}}
+                "pending": {str(f): p.finish_step for f, p in self.pending.items()},
+                "site_counters": getattr(self, "_site_counters", None)}
 
     def load_state_meta(self, meta: dict) -> None:
         """Scalars of a saved outer state (after the tensors were filled): the exchanges that were
         in flight become pending again, with their loaded results."""
         check_layout(meta, self.sites.count, self.H, self.P, self.tau)
         self.outer_steps = int(meta["outer_steps"])
+        counters = meta.get("site_counters")
+        if counters:                                 # this site's own AdamW step count and skips
+            set_optimizer_step(self.engine, counters[self.sites.index][0])
+            self.engine.skipped_steps = counters[self.sites.index][1]
         self.pending = {}
         for f, finish in meta.get("pending", {}).items():
             f = int(f)
