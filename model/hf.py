@@ -220,7 +220,7 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any):
 
     ckpt = HFCheckpoint(path)
     cfg = from_hf_config(ckpt.config, **overrides)
-    _, missing = resolve_mtp(ckpt, cfg, path)
+    missing = resolve_mtp(ckpt, cfg, path)
     if missing:
         warn_no_mtp(path, cfg, missing)
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)

@@ -213,29 +213,41 @@ def import_targets(ckpt: HFCheckpoint, cfg) -> dict[str, Target]:
     return out
 
 
-def resolve_mtp(ckpt: HFCheckpoint, cfg, where: str) -> tuple[list[str], list[str]]:
-    """(MTP tensors the config implies, those of them the directory lacks), in our naming.
-    Raises a ValueError naming the missing ones when only some are there."""
+def resolve_mtp(ckpt: HFCheckpoint, cfg, where: str) -> list[str]:
+    """The HF names of the MTP tensors the config implies but the directory lacks ([] when it has
+    them all; the MTP layers' copies of the shared embedding and head are optional). Raises a
+    ValueError naming the missing ones when only some are there."""
+    from model.hf_export import hf_entries, mtp_key_pattern
     from model.transformer import DeepseekV3
 
     if not cfg.num_nextn_predict_layers:
-        return [], []
+        return []
     with torch.device("meta"):
-        want = sorted(k for k in DeepseekV3(cfg).state_dict() if k.startswith("mtp."))
-    have = import_targets(ckpt, cfg)
-    missing = [k for k in want if k not in have]
+        sd = DeepseekV3(cfg).state_dict()
+    pattern = re.compile(mtp_key_pattern(cfg))
+    want = [e.name for e in hf_entries({k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, cfg)
+            if pattern.search(e.name) and not e.name.endswith(("embed_tokens.weight", "shared_head.head.weight"))]
+    have = set(ckpt.names())
+    missing = [n for n in want if n not in have and _fused_form(n) not in have]
     if missing and len(missing) < len(want):
         raise ValueError(f"{where}: incomplete MTP layers: config.json has num_nextn_predict_layers="
                          f"{cfg.num_nextn_predict_layers} but {len(missing)} of its {len(want)} tensors are missing: "
                          f"{missing[:6]}")
-    return want, missing
+    return missing
+
+
+def _fused_form(name: str) -> str | None:
+    """transformers' fused in-memory key holding this per-expert key (mlp.experts.gate_up_proj / down_proj)."""
+    m = _EXPERT_KEY.match(name)
+    if not m:
+        return None
+    return m.group(1) + "mlp.experts." + ("down_proj" if m.group(3) == "down_proj" else "gate_up_proj")
 
 
 def warn_no_mtp(where: str, cfg, missing: list[str]) -> None:
-    L = cfg.num_hidden_layers
     warnings.warn(f"{where}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no MTP "
-                  f"weights (model.layers.{L}.*: {missing[:4]}{' ...' if len(missing) > 4 else ''}; transformers "
-                  "never saves them): loaded without MTP layers", stacklevel=3)
+                  f"weights (missing {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}: {len(missing)} "
+                  "tensors; transformers never saves them): loaded without MTP layers", stacklevel=3)
 
 
 def out_dtype(name: str, src: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:

@@ -50,7 +50,7 @@ def import_hf(hf: str, out: str, dtype: str = "auto", mtp: str = "auto", seed: i
     cfg = from_hf_config(ckpt.config)
     if mtp == "init" and not cfg.num_nextn_predict_layers:
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=1)      # DeepSeek-V3's depth
-    _, missing = resolve_mtp(ckpt, cfg, str(src))    # some-but-not-all MTP tensors: ValueError naming them
+    missing = resolve_mtp(ckpt, cfg, str(src))    # some-but-not-all MTP tensors: ValueError naming them
     fresh: dict[str, torch.Tensor] = {}
     if missing and mtp == "init":
         fresh = fresh_mtp(cfg, seed, _main_dtype(ckpt, DTYPES[dtype]))
@@ -58,7 +58,7 @@ def import_hf(hf: str, out: str, dtype: str = "auto", mtp: str = "auto", seed: i
               f"layer(s) ({len(fresh)} tensors, seed {seed}) for continued training", file=sys.stderr)
     elif missing:
         print(f"warning: {src}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no MTP "
-              f"weights ({missing[0]}, ... {len(missing)} tensors; transformers never saves them): imported "
+              f"weights (missing {missing[0]}, ...: {len(missing)} tensors; transformers never saves them): imported "
               "without MTP layers (--mtp init adds fresh ones)", file=sys.stderr)
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     elif mtp == "init" and cfg.num_nextn_predict_layers:
