@@ -335,6 +335,9 @@ def main(argv=None) -> int:
     saver.wait()   # an async save in flight completes before the run ends
     monitor.close()
     dist.barrier()
+    # every group (the checkpoints' own gloo group too) closed together, not torn down at interpreter
+    # exit while a peer is already gone
+    dist.destroy_process_group()
     return 0
 
 

@@ -163,19 +163,23 @@ def full_shapes(model) -> dict[str, list[int]]:
     return out
 
 
-def state_entries(engine, prefix: str = "", stage: bool = False) -> dict[str, Any]:
+def state_entries(engine, prefix: str = "", stage=None) -> dict[str, Any]:
     """The DCP state dict of this rank: every owned fragment's fp32 master and AdamW moments as a
     slice of its flat full tensor, and the router biases (replicated: DCP keeps one copy).
-    ``stage`` copies everything first (an async save writes the copies while training goes on)."""
-    own = (lambda t: t.detach().clone()) if stage else (lambda t: t.detach())
+    ``stage(key, tensor)`` returns a copy to write instead (an async save writes copies while
+    training goes on); None: the live tensors."""
+    own = (lambda key, t: t.detach()) if stage is None else stage
     sd: dict[str, Any] = {}
     for fr in fragments.owned_fragments(engine):
         n = fr.full_numel
-        sd[_fqn("param", fr.name, prefix)] = FlatSlice(own(fr.master), fr.offset, n)
-        for key, value in fr.states.items():
-            sd[_fqn(key, fr.name, prefix)] = FlatSlice(own(value), fr.offset, n)
+        key = _fqn("param", fr.name, prefix)
+        sd[key] = FlatSlice(own(key, fr.master), fr.offset, n)
+        for kind, value in fr.states.items():
+            key = _fqn(kind, fr.name, prefix)
+            sd[key] = FlatSlice(own(key, value), fr.offset, n)
     for name, b in _bias_names(engine.module):
-        sd[_fqn("buffer", name, prefix)] = own(b.float().cpu()) if b.device.type != "cpu" else own(b)
+        key = _fqn("buffer", name, prefix)
+        sd[key] = own(key, b.float().cpu() if b.device.type != "cpu" else b)
     return sd
 
 
@@ -203,6 +207,16 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.group = _group()
         self.last_stall_s = 0.0          # how long the last save() held up training
+        self._staged: dict[str, torch.Tensor] = {}   # async: host copies, reused save after save
+
+    def _stage(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` for the background writer. The buffers are kept between saves (only
+        one save is in flight, and it has finished before the next stages), so a save after the
+        first costs one memcpy of the rank's state, not fresh pages."""
+        buf = self._staged.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._staged[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        return buf.copy_(t.detach())
 
     def wait(self) -> None:
         """Finish the save in flight (if any); re-raise its error."""
@@ -226,11 +240,11 @@ class Checkpointer:
         dist.barrier(group=self.group)
         fragments.ensure_optimizer_state(engine)           # before the first step: zero moments
         prefix = outer.key_prefix if outer is not None else ""
-        sd = state_entries(engine, prefix, stage=self.async_save)
+        stage = self._stage if self.async_save else None
+        sd = state_entries(engine, prefix, stage=stage)
         if outer is not None:
             for key, (shape, offset, tensor) in outer.checkpoint_tensors().items():
-                n = math.prod(shape)
-                sd[key] = FlatSlice(tensor.detach().clone() if self.async_save else tensor.detach(), offset, n)
+                sd[key] = FlatSlice(stage(key, tensor) if stage else tensor.detach(), offset, math.prod(shape))
         tensors, meta = _rng_state()
         save_file(tensors, str(path / f"rng_rank{rank}.safetensors"), metadata=meta)
         if rank == 0:
@@ -361,6 +375,7 @@ def load(engine, path: Path, state: dict[str, Any], outer=None) -> None:
     checkpoint's trainer_state.json (``read_state(path)``)."""
     check_global_batch(engine, state, path)
     _check_format(path, state)
+    dcp_storage.check_shards(path / SHARDS)            # a clear error naming the file, before DCP reads
     step = int(state.get("optimizer_step", 0))
     fragments.ensure_optimizer_state(engine, step)
     prefix = outer.key_prefix if outer is not None else ""

@@ -229,12 +229,18 @@ def scan_shards(path: str | os.PathLike) -> dict[tuple[str, int], tuple[str, int
     return found
 
 
+def check_shards(path: str | os.PathLike) -> dict[str, dict]:
+    """Check the shard files of ``path`` against its index (ValueError naming the path); the index."""
+    index = read_index(path)
+    check_index(path, index, scan_shards(path))
+    return index
+
+
 class ShardReader(HuggingFaceStorageReader):
     """DCP's safetensors reader, after checking the shards against the global index."""
 
     def read_metadata(self) -> Metadata:
-        index = read_index(self.path)
-        check_index(self.path, index, scan_shards(self.path))
+        index = check_shards(self.path)
         md = super().read_metadata()
         for fqn, entry in md.state_dict_metadata.items():     # the full size from the index, not the
             if isinstance(entry, TensorStorageMetadata):       # largest chunk end seen
