@@ -4,6 +4,7 @@ MOE_FAULTS (parallel/faults.py); every run is a real `deepspeed --num_gpus 2 tra
 `python train.py`) on CPU with gloo."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -255,7 +256,9 @@ def test_checkpoint_pickle_payload_is_refused_and_never_runs(tmp_path):
     train(args)
     ck = checkpoint.complete_checkpoints(str(out))[-1]
     sentinel = tmp_path / "PWNED"
-    torch.save({"payload": PicklePayload(sentinel)}, ck / checkpoint.SHARDS / ".metadata")
+    buf = io.BytesIO()
+    torch.save({"payload": PicklePayload(sentinel)}, buf)                # DCP's usual pickled index file
+    (ck / checkpoint.SHARDS / ".metadata").write_bytes(buf.getvalue())
     integrity.write_manifest(ck)         # an attacker can re-hash: the manifest is not a signature
     train(args + ["train.max_steps=2", "train.resume=auto"])
     assert not sentinel.exists()
