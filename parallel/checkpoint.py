@@ -500,7 +500,7 @@ def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
             if lay is None:
                 parts = [weights.read(name)]
             else:                                          # this rank's experts, one run of ids at a time
-                parts = [weights.read(name, e, e + n) for _, e, n in fragments._runs(lay.expert_ids)]
+                parts = [weights.read(name, e, e + n) for _, e, n in fragments.expert_runs(lay.expert_ids)]
             value = torch.cat(parts) if len(parts) > 1 else parts[0]
             if tuple(value.shape) != tuple(dest.shape):
                 raise ValueError(f"train.init_from={str(path)!r}: {name} has shape {tuple(value.shape)}, the model "

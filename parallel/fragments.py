@@ -78,7 +78,7 @@ def expert_layouts(model: nn.Module) -> dict[str, ExpertLayout]:
     return out
 
 
-def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+def expert_runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Consecutive runs of global ids -> [(local index, global id, length)]."""
     runs: list[list[int]] = []
     for j, e in enumerate(ids):
@@ -99,7 +99,7 @@ def _to_global(name: str, p: torch.Tensor, start: int, numel: int,
     per = p[0].numel()                                    # elements of one expert
     shape = (lay.num_experts, *p.shape[1:])
     out = []
-    for j, e, n in _runs(lay.expert_ids):
+    for j, e, n in expert_runs(lay.expert_ids):
         lo, hi = max(start, j * per), min(start + numel, (j + n) * per)
         if lo < hi:
             out.append((shape, e * per + (lo - j * per), lo, hi - lo))
