@@ -10,7 +10,10 @@ run whose metrics already reach the last step is not repeated. Printed: final va
 and its ratio to synchronous; bytes sent across sites per inner step (the outer step's counters,
 all ranks) against synchronous data parallelism's gradient reductions (DeepSpeed's comms logger:
 all_reduce / reduce_scatter payloads, all ranks) and its parameter all-gathers; steps/s. The
-curves go to docs/sites_loss.png.
+curves go to docs/sites_loss.png. ``--utilisation`` adds three short runs (``--util-steps``, H=50
+int8): without link emulation, over an emulated 100 Mbit/s / 50 ms wide-area link, and the same
+with outer_overlap=5; steps/s of each, and synchronous data parallelism's time on that link per
+step computed from its counted gradient bytes (it is not run over the link).
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sync": [],
         **{f"h{h}_{d}": ["parallel.sites=2", f"parallel.outer_every={h}", f"parallel.outer_dtype={d}"]
            for h in (10, 50, 200) for d in ("fp32", "int8")}}
+# utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
+WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
+UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
+        "util_wan_tau5": RUNS["h50_int8"] + WAN + ["parallel.outer_overlap=5"]}
 GRADIENT_OPS = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_fn", "reduce")
 
 
@@ -37,14 +44,15 @@ def read(out: Path) -> list[dict]:
 def run(name: str, args: argparse.Namespace) -> None:
     out = Path(args.out) / name
     rec = read(out)
-    if rec and rec[-1]["step"] >= args.steps:
+    steps = args.util_steps if name in UTIL else args.steps
+    if rec and rec[-1]["step"] >= steps:
         return
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
-    extra = RUNS[name] + (["deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.prof_all=true"]
+    extra = {**RUNS, **UTIL}[name] + (["deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.prof_all=true"]
                           if name == "sync" else [])
     cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), str(ROOT / "train.py"),
-           "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={args.steps}",
+           "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={steps}",
            f"train.micro_batch_size={args.mbs}", f"data.seq_len={args.seq_len}", f"train.out_dir={out}",
            "train.eval_every=100", "train.save_every=100000", "logging.progress=false", *extra]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
@@ -71,7 +79,7 @@ def summary(name: str, rec: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n))}
+    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and "val_loss" in r[-1]}
     sync = rows.get("sync", {})
     print(f"\n{'run':<10} {'step':>5} {'val loss':>9} {'vs sync':>8} {'bytes/step':>12} {'vs sync grads':>14} "
           f"{'tok/s':>7}")
@@ -86,6 +94,25 @@ def report(args: argparse.Namespace) -> None:
         print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
               f"all-gathers {sync['gather_bytes_per_step']:,.0f} B/step, all ranks)")
     plot(args, rows)
+    util = {n: read(Path(args.out) / n) for n in UTIL}
+    if all(util.values()):
+        base = _steps_per_s(util["util_nolink"])
+        print(f"\nutilisation (H=50 int8, {args.util_steps} steps): no link {base:.3f} steps/s")
+        for n in ("util_wan", "util_wan_tau5"):
+            r, last = _steps_per_s(util[n]), util[n][-1]
+            print(f"  {n}: {r:.3f} steps/s ({r / base:.1%} of no link), blocked on the link "
+                  f"{last['wan_blocked_s_total']:.2f} s in {last['step']} steps")
+        if sync.get("grad_bytes_per_step"):
+            per_rank = sync["grad_bytes_per_step"] / 4   # each rank's gradient payload, at 1/2 of the site's uplink
+            link_s = 0.05 + per_rank * 8 / (0.1e9 / 2)
+            print(f"  synchronous DP over the same link (computed from its counted bytes, not run): >= "
+                  f"{link_s:.1f} s per step on the link alone vs {1 / base:.2f} s compute per step")
+
+
+def _steps_per_s(rec: list[dict]) -> float:
+    """Median steps/s past the first 10 steps, from the logged tokens/s (tokens per step is fixed)."""
+    tps = sorted(r["tokens_per_s"] for r in rec if r["step"] > 10)
+    return tps[len(tps) // 2] / (rec[0]["tokens"] / rec[0]["step"])
 
 
 def plot(args: argparse.Namespace, rows: dict) -> None:
@@ -118,9 +145,11 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--plot", default=str(ROOT / "docs/sites_loss.png"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--utilisation", action="store_true", help="also the short runs with the emulated link")
+    ap.add_argument("--util-steps", type=int, default=100)
     args = ap.parse_args()
     if not args.report_only:
-        for name in args.runs.split(","):
+        for name in args.runs.split(",") + (list(UTIL) if args.utilisation else []):
             run(name, args)
     report(args)
     return 0
