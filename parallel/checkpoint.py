@@ -344,7 +344,8 @@ def check_global_batch(engine, state: dict, path: Path) -> None:
     """ValueError naming the fields when this run's global batch differs from the checkpoint's:
     the sampler's data order (and the step's gradient) depend on it, not on the layout."""
     saved = state.get("sampler", {}).get("global_batch_size")
-    now = engine.train_batch_size()            # micro_batch_size x grad_accum x world size
+    # rows drawn per step by all ranks (with parallel.sites, DeepSpeed's own batch is one site's)
+    now = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * dist.get_world_size()
     if saved is None or int(saved) == now:
         return
     t = state.get("config", {}).get("train", {})
