@@ -79,7 +79,7 @@ def summary(name: str, rec: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and "val_loss" in r[-1]}
+    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= args.steps}
     sync = rows.get("sync", {})
     print(f"\n{'run':<10} {'step':>5} {'val loss':>9} {'vs sync':>8} {'bytes/step':>12} {'vs sync grads':>14} "
           f"{'tok/s':>7}")
