@@ -209,19 +209,7 @@ def test_outer_nesterov_int8_matches_reference(outer_runs):
 
 # ---------------------------------------------------------------- through the launcher
 
-def _checkpoint_ready() -> bool:
-    """parallel/checkpoint.py saves the outer state, and checks the global batch as the world's
-    (a site's DeepSpeed engine knows only its site's: engine.train_batch_size() is 1/S of it)."""
-    import inspect
-
-    from parallel import checkpoint
-    return ("outer" in inspect.signature(checkpoint.load).parameters
-            and "engine.train_batch_size()" not in inspect.getsource(checkpoint.check_global_batch))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _checkpoint_ready(), reason="TODO(issue 18): parallel/checkpoint.py check_global_batch "
-                    "compares the site's batch to the world's")
 def test_two_sites_train_and_resume_mid_round(tmp_path):
     """2 sites x 2 ranks (ep=2 inside each), 2 staggered fragments, 1 step of overlap, int8: the
     metrics count the rounds and the cross-site bytes; a NaN on rank 2 at step 3 skips that step in
