@@ -1,0 +1,154 @@
+"""The memory plan (parallel/memory_plan.py) against what torch and DeepSpeed really allocate:
+saved-for-backward tensors op by op on one device, and a real single-rank engine's state and
+activations (measured with scripts/measure_memory.py's own census); bad --plan strings."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from configs.schema import load_config
+from model.transformer import DeepseekV3
+from parallel.memory_plan import activation_plan, checkpoint_bytes, parse_plan, plan
+from tests.helpers import free_port
+from tests.train_helpers import TINY_MODEL
+
+# widths that are multiples of 4 (the CPU grouped GEMM's native path); a 128-wide model so FP8 tiles are whole
+SMALL = ["model.hidden_size=128", "model.intermediate_size=256", "model.moe_intermediate_size=64",
+         "model.num_hidden_layers=3", "model.n_routed_experts=8", "model.num_experts_per_tok=2",
+         "model.n_group=2", "model.topk_group=1", "model.vocab_size=512", "model.num_attention_heads=2",
+         "deepspeed.zero_optimization.reduce_bucket_size=300000"]
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd saves in a forward with labels, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["train.dtype=bf16"],
+    ["model.q_lora_rank=null", "model.num_nextn_predict_layers=0", "model.tie_word_embeddings=true"],
+    ["fp8"],
+    ["fp8", "train.dtype=bf16", "model.n_shared_experts=2"],
+])
+def test_saved_activations_match_autograd(extra):
+    fp8 = "fp8" in extra
+    cfg = load_config(None, SMALL + [e for e in extra if e != "fp8"])
+    lay = parse_plan("world=1,mbs=2,seq=32", cfg)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).to(torch.bfloat16 if lay.dtype == "bf16" else torch.float32).train()
+    if fp8:
+        from configs.schema import FP8Config
+        from model.fp8_swap import apply_fp8
+        apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+    x = torch.randint(0, cfg.model.vocab_size, (lay.mbs, lay.seq), generator=torch.Generator().manual_seed(1))
+    want = activation_plan(cfg.model, lay, fp8=fp8).saved
+    assert saved_bytes(model, x) == pytest.approx(want, rel=0.01)
+
+
+def _engine_worker(rank: int, port: int, layouts: list[str], out: str) -> None:
+    """One rank: build each layout's engine as train.py does and measure it (scripts/measure_memory.py)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_SIZE="1")
+    from parallel.engine import init_distributed
+    from scripts.measure_memory import layout_overrides, measure
+
+    init_distributed()
+    torch.set_num_threads(1)       # a tiny model: a second thread only spins on a shared 2-core machine
+    results = {}
+    for text in layouts:
+        lay = parse_plan(text, load_config(None, SMALL))
+        cfg = load_config(None, SMALL + layout_overrides(lay))
+        results[text] = measure(cfg, lay, torch.device("cpu"), variants=("plain", "checkpointed"))
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+def test_plan_matches_a_real_engine(tmp_path):
+    # fp32 only: bf16 GEMMs are ~30x slower on this CPU (bf16 state and activations: the hooks test
+    # above and scripts/measure_memory.py's multi-rank runs in docs/BENCHMARKS.md)
+    layouts = ["world=1,zero=0,dtype=fp32,mbs=16,seq=64", "world=1,zero=1,dtype=fp32,mbs=16,seq=64",
+               "world=1,zero=2,dtype=fp32,mbs=16,seq=64"]
+    out = tmp_path / "measured.json"
+    mp.spawn(_engine_worker, args=(free_port(), layouts, str(out)), nprocs=1, join=True)
+    measured = json.loads(out.read_text())
+    cfg = load_config(None, SMALL)
+    for text in layouts:
+        lay = parse_plan(text, cfg)
+        pl, got = plan(cfg.model, lay), measured[text]
+        for key in ("weights", "grads", "master", "moments", "buffers"):
+            assert got["state"].get(key, 0) == pytest.approx(getattr(pl.state, key), rel=0.02), (text, key)
+        assert got["state"].get("other", 0) < 0.01 * pl.state.device, text      # nothing unplanned of size
+        acts = {v: activation_plan(cfg.model, lay, fp8=v.startswith("fp8")) for v in got["activations"]}
+        for v, a in acts.items():
+            want = a.saved_checkpointed if v.endswith("checkpointed") else a.saved
+            assert got["activations"][v] == pytest.approx(want, rel=0.1), (text, v)
+
+
+def test_checkpoint_is_12_bytes_per_parameter():
+    cfg = load_config(None, TINY_MODEL)
+    model = DeepseekV3(cfg.model)
+    biases = sum(m.gate.e_score_correction_bias.numel() for m in model.moe_layers())
+    assert checkpoint_bytes(cfg.model) == 12 * sum(p.numel() for p in model.parameters()) + 4 * biases
+
+
+def test_zero_stages_and_offload_move_the_state_where_they_say():
+    cfg = load_config("configs/deepseek_v3_16b.yaml")
+    z1, z2, off = (plan(cfg.model, parse_plan(t, cfg)).state for t in
+                   ("world=32,ep=8,zero=1", "world=32,ep=8,zero=2", "world=32,ep=8,zero=2,offload=cpu"))
+    assert z1.master == z2.master and z1.moments == z2.moments and z2.grads < z1.grads / 2
+    assert off.master == off.moments == 0 and off.master_host == z2.master and off.moments_host == z2.moments
+    assert off.device < z2.device
+    # world = ep: no expert-data-parallel group to partition over, so the step's fp32 copy of the
+    # expert gradients (4 bytes each) is the peak whichever the stage
+    z1, z2 = (plan(cfg.model, parse_plan(f"world=8,ep=8,zero={z}", cfg)).state for z in (1, 2))
+    assert z1.grads == z2.grads == 4 * plan(cfg.model, parse_plan("world=8,ep=8", cfg)).params.experts // 8
+
+
+@pytest.mark.parametrize("text, named", [
+    ("world=3,ep=2", ["ep=2", "world=3"]),
+    ("world=6,ep=3", ["ep=3", "n_routed_experts=64"]),
+    ("ep=2", ["world"]),
+    ("world=2,ep=2,zero=3", ["zero=3"]),
+    ("world=2,ep=2,dtype=fp16", ["dtype='fp16'"]),
+    ("world=2,ep=2,zero=0,offload=cpu", ["offload", "zero=0"]),
+    ("world=2,ep=2,offload=nvme", ["offload='nvme'"]),
+    ("world=two", ["world='two'"]),
+    ("world=2,gpus=8", ["'gpus'", "known fields"]),
+    ("world=2,world=4", ["'world' given twice"]),
+    ("world=0", ["world=0"]),
+    ("world", ["'world' is not field=value"]),
+])
+def test_bad_plan_strings_name_the_field(text, named):
+    cfg = load_config("configs/deepseek_v3_16b.yaml")
+    with pytest.raises(ValueError) as e:
+        parse_plan(text, cfg)
+    for part in named:
+        assert part in str(e.value), (text, str(e.value))
+
+
+def test_model_summary_prints_the_plan(capsys):
+    from scripts.model_summary import main
+
+    out = main(["--config", "configs/deepseek_v3_16b.yaml", "--plan", "world=8,ep=8,zero=2,offload=cpu",
+                "--gpu-gib", "24", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
+    assert out["state"]["master"] == 0 and out["state"]["master_host"] > 0
+    # 24 GB cards: the 16B preset fits with activation checkpointing only
+    assert out["fits"] == {"plain": False, "checkpointed": True, "fp8": False, "fp8+checkpointed": True}
+    main(["--config", "configs/deepseek_v3_16b.yaml", "--plan", "world=8,ep=8,zero=2", "--gpu-gib", "24"])
+    text = capsys.readouterr().out
+    assert "does not fit" in text and "smallest world that fits" in text
