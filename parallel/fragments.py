@@ -158,8 +158,10 @@ def ensure_optimizer_state(engine, step: int = 0) -> None:
 
 def set_optimizer_step(engine, step: int) -> None:
     for st in engine.basic_optimizer.state.values():
-        if "step" in st:
+        if isinstance(st.get("step"), torch.Tensor):
             st["step"].fill_(float(step))
+        elif "step" in st:                     # DeepSpeedCPUAdam (offload) keeps a Python int once it stepped
+            st["step"] = int(step)
 
 
 def optimizer_step(engine) -> int:
