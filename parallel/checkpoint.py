@@ -413,15 +413,6 @@ INIT_FREE = TRAINING_ONLY | {"bos_token_id", "eos_token_id", "pad_token_id", "ma
 _TOKENIZER_SKIP = {"train_key.json"}
 
 
-def save_model(state_dict: dict[str, torch.Tensor], file: Path) -> None:
-    """The full state dict as one safetensors file (tied/shared tensors stored once each key)."""
-    from model.hf import _own_storage
-
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file(_own_storage(state_dict), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
-
-
 def tokenizer_source(config: dict[str, Any]) -> Path | None:
     """Where the run's tokenizer lives: data.tokenizer, else the BPE trained into data.cache_dir."""
     data = config.get("data", {})
