@@ -23,6 +23,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.yaml")
 MIN_BPE_VOCAB_SIZE = 256 + 1
 # Fields naming a file or directory: "" would silently mean the current directory
 OUTER_DTYPES = ("fp32", "bf16", "int8", "fp8")   # parallel.outer_dtype
+PLACEMENTS = ("even", "capacity", "load")         # parallel.expert_placement
 _PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("data", "cache_dir"), ("data", "text_field"),
                 ("train", "out_dir"), ("train", "init_from"))
 
@@ -101,6 +102,14 @@ class ParallelConfig:
     outer_dtype: str = "fp32"             # deltas sent as fp32 | bf16 | int8 | fp8 (scaled), summed in fp32
     wan_bandwidth_gbps: float | None = None   # emulated link between sites, a site's uplink (None: off)
     wan_latency_ms: float = 0.0
+    # mixed hardware (parallel/shares.py, parallel/placement.py): ranks of unequal speed get unequal
+    # shares of the same global batch (losses weighted so the update is the equal split's) and,
+    # under ep, unequal numbers of experts. Validated against the world size in parallel/shares.py.
+    rank_capacity: Any = None             # null: equal shares | [c0, c1, ...] one per rank | "auto": measured
+    capacity_probe_steps: int = 5         # auto: steps whose compute time fixes the shares (the first is skipped)
+    expert_placement: str = "even"        # even | capacity | load (experts per EP rank)
+    expert_load_from: str | None = None   # load: a metrics.jsonl or checkpoint dir with router counts
+    emulate_slowdown: Any = None          # tests/benchmarks: {rank: factor >= 1}, sleep (factor-1) x compute
 
 
 @dataclass
@@ -220,6 +229,30 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def _validate_capacity(p: ParallelConfig) -> None:
+    """The world-size-free checks of the mixed-hardware fields (lengths are checked against the
+    world in parallel/shares.py, once it is known)."""
+    c = p.rank_capacity
+    if c is not None and c != "auto":
+        if not isinstance(c, list) or not c:
+            raise ValueError(f"parallel.rank_capacity={c!r}: expected null, 'auto' or a list of numbers, one per rank")
+        for i, v in enumerate(c):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"parallel.rank_capacity[{i}]={v!r}: must be a finite number > 0")
+    if p.capacity_probe_steps < 2:
+        raise ValueError(f"parallel.capacity_probe_steps={p.capacity_probe_steps}: must be >= 2 (the first "
+                         "step is not timed)")
+    s = p.emulate_slowdown
+    if s is not None:
+        if not isinstance(s, dict):
+            raise ValueError(f"parallel.emulate_slowdown={s!r}: expected a mapping {{rank: factor}}")
+        for r, f in s.items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                raise ValueError(f"parallel.emulate_slowdown: rank {r!r} must be an integer >= 0")
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
+                raise ValueError(f"parallel.emulate_slowdown[{r}]={f!r}: the factor must be a finite number >= 1")
+
+
 def validate(cfg: Config) -> None:
     cfg.model.validate("model")
     d, t, p, f, lg = cfg.data, cfg.train, cfg.parallel, cfg.fp8, cfg.logging
@@ -277,11 +310,20 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.resume='': use null, 'auto' or a checkpoint path")
     if p.ep < 1:
         raise ValueError(f"parallel.ep={p.ep}: must be >= 1")
-    if cfg.model.n_routed_experts % p.ep:
+    if p.expert_placement not in PLACEMENTS:
+        raise ValueError(f"parallel.expert_placement={p.expert_placement!r}: must be one of {', '.join(PLACEMENTS)}")
+    if p.expert_placement != "even" and p.ep == 1:
+        raise ValueError(f"parallel.expert_placement={p.expert_placement!r}: needs parallel.ep > 1 (with one "
+                         "expert-parallel rank every expert is local)")
+    if p.ep > cfg.model.n_routed_experts:
+        raise ValueError(f"parallel.ep={p.ep}: more expert-parallel ranks than model.n_routed_experts="
+                         f"{cfg.model.n_routed_experts} (every rank needs an expert)")
+    _validate_capacity(p)
+    if p.expert_placement == "even" and cfg.model.n_routed_experts % p.ep:
         raise ValueError(f"parallel.ep={p.ep}: model.n_routed_experts={cfg.model.n_routed_experts} "
-                         "is not divisible by it")
+                         "is not divisible by it (or place experts by parallel.expert_placement=capacity)")
     ng = cfg.model.n_group
-    if p.ep > 1 and ng % p.ep and p.ep % ng:
+    if p.expert_placement == "even" and p.ep > 1 and ng % p.ep and p.ep % ng:
         # node-limited routing: experts sit on ranks in order, so a router group must cover whole
         # ranks (ep | n_group) or a whole node of ranks (n_group | ep) for a token that picks
         # topk_group groups to reach at most topk_group ranks/nodes
