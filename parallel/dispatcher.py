@@ -1,13 +1,18 @@
 """Expert-parallel dispatcher: dropless all-to-all dispatch and combine with uneven splits,
 differentiable, chunked so that communication overlaps computation in forward and backward.
 
-Shapes: T tokens on this rank, D model dim, E global experts, El = E / ep local experts,
-C token chunks, N rows (token copies) sent or received.
+Shapes: T tokens on this rank, D model dim, E global experts, n_r experts on EP rank r (El on this
+rank), C token chunks, N rows (token copies) sent or received.
 
-Rank r owns experts [r*El, (r+1)*El). A chunk's copies, sorted by global expert, are already
-grouped by destination rank, so one ``all_to_all_single`` with split sizes moves them. Received
-rows arrive grouped by (source rank, local expert); we regroup them to (local expert, source)
-for the grouped GEMM and back again before the combine.
+Placement (parallel/placement.py): rank r owns the experts ``placement[r]`` (global ids, in its
+local order; by default the even [r*E/ep, (r+1)*E/ep)). Each global id maps to a *slot*, its
+position in the concatenation placement[0] + placement[1] + ...; copies are sorted by slot, so
+they are grouped by destination rank (rank r's slots are one contiguous range of n_r) and, within
+it, by the destination's local expert. One ``all_to_all_single`` with split sizes moves them.
+The router, its bias and the token counts stay indexed by global id; under the even placement
+slot = global id and nothing is remapped. Received rows arrive grouped by (source rank, local
+expert); we regroup them to (local expert, source) for the grouped GEMM and back again before
+the combine.
 
 Overlap: every collective is split into a Start and a Wait autograd node. Forward order:
 start all chunks' dispatches -> shared experts -> for each chunk (wait dispatch, experts, start
@@ -120,39 +125,67 @@ def _regroup_index(recv_counts: torch.Tensor) -> torch.Tensor:
 
 
 class AllToAllDispatcher:
-    """Drop-in for ``model.moe.LocalDispatcher`` when the experts are spread over ``ep`` ranks."""
+    """Drop-in for ``model.moe.LocalDispatcher`` when the experts are spread over ``ep`` ranks.
+
+    ``placement``: one layer's placement (parallel/placement.py), ``placement[r]`` the global ids of
+    EP rank r's experts in its local order; None: the even placement."""
 
     def __init__(self, group, n_experts: int, overlap: bool = True, chunks: int = 2,
-                 link: EmulatedLink | None = None, fp8_dispatch: bool = False):
+                 link: EmulatedLink | None = None, fp8_dispatch: bool = False, placement=None):
+        from parallel.placement import check_layer, even_placement
+
         self.group = group
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if n_experts % self.ep:
-            raise ValueError(f"n_routed_experts={n_experts} is not divisible by ep={self.ep}")
-        self.n_experts, self.n_local = n_experts, n_experts // self.ep
+        if placement is None:
+            if n_experts % self.ep:
+                raise ValueError(f"n_routed_experts={n_experts} is not divisible by ep={self.ep}")
+            placement = even_placement(n_experts, self.ep)
+        self.placement = check_layer(placement, n_experts, self.ep)
+        self.n_per_rank = [len(ids) for ids in self.placement]                 # n_r
+        self.first_slot = [sum(self.n_per_rank[:r]) for r in range(self.ep)]
+        self.n_experts, self.n_local = n_experts, self.n_per_rank[self.rank]
+        order = [e for ids in self.placement for e in ids]                     # slot -> global id
+        slot_of = torch.empty(n_experts, dtype=torch.long)
+        slot_of[torch.tensor(order)] = torch.arange(n_experts)
+        rank_of = torch.tensor([r for r, ids in enumerate(self.placement) for _ in ids])[slot_of]
+        self._maps = {"slot_of": slot_of, "rank_of": rank_of}                  # by global id; moved lazily
+        self.remapped = order != list(range(n_experts))
         self.overlap, self.chunks = overlap, max(1, chunks)
         self.link = link or EmulatedLink()
         self.fp8_dispatch = fp8_dispatch   # dispatch as E4M3 + 1x128 scales; combine stays full width
         self.stats: dict[str, int] = {}
         self.ranks_per_token_max = 0   # node-limited routing check: distinct ranks a token reached
 
+    def _map(self, name: str, device: torch.device) -> torch.Tensor:
+        t = self._maps[name]
+        if t.device != device:
+            t = self._maps[name] = t.to(device)
+        return t
+
     def __call__(self, x, topk_idx, topk_weight, experts, shared):
         T = x.shape[0]
         C = self.chunks if self.overlap else 1
         bounds = [T * c // C for c in range(C + 1)]                          # contiguous token chunks
-        perms = [permute(topk_idx[bounds[c]:bounds[c + 1]], self.n_experts) for c in range(C)]
+        slots = self._map("slot_of", x.device)[topk_idx] if self.remapped else topk_idx   # (T, K)
+        perms = [permute(slots[bounds[c]:bounds[c + 1]], self.n_experts) for c in range(C)]
         with torch.no_grad():
-            dest = topk_idx // self.n_local                                  # (T, K) owning rank
+            dest = self._map("rank_of", x.device)[topk_idx]                  # (T, K) owning rank
             per_tok = torch.zeros(T, self.ep, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
             self.ranks_per_token_max = max(self.ranks_per_token_max, int(per_tok.sum(1).max()) if T else 0)
-            # one small exchange of every chunk's per-expert counts: (C, ep, El) -> (ep_src, C, El)
-            counts = torch.stack([p.counts for p in perms]).view(C, self.ep, self.n_local)
-            send_counts = counts.transpose(0, 1).contiguous()
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            # one small exchange of every chunk's per-slot counts: rank r gets its (C, n_r) block,
+            # this rank receives (ep_src, C, El)
+            counts = torch.stack([p.counts for p in perms])                  # (C, E) by slot
+            blocks = [counts[:, s:s + n] for s, n in zip(self.first_slot, self.n_per_rank)]
+            per_rank = torch.stack([b.sum(1) for b in blocks], dim=1)        # (C, ep) rows to each rank
+            send_counts = torch.cat([b.reshape(-1) for b in blocks])
+            recv_counts = send_counts.new_empty(self.ep * C * self.n_local)
+            dist.all_to_all_single(recv_counts, send_counts, [C * self.n_local] * self.ep,
+                                   [C * n for n in self.n_per_rank], group=self.group)
+            recv_counts = recv_counts.view(self.ep, C, self.n_local)
         transfers, bufs = [], []
         for c, p in enumerate(perms):
-            tr = _Transfer(self.group, counts[c].sum(1).tolist(), recv_counts[:, c].sum(1).tolist(),
+            tr = _Transfer(self.group, per_rank[c].tolist(), recv_counts[:, c].sum(1).tolist(),
                            self.link, self.rank, self.stats, "dispatch", fp8=self.fp8_dispatch)
             buf = _A2AStart.apply(x[bounds[c]:bounds[c + 1]].index_select(0, p.token_of), tr)
             if not self.overlap:
