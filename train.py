@@ -39,6 +39,8 @@ from parallel.faults import Faults
 from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
 from parallel.outer import OuterSync, check_outer_resume
+from parallel.rank_clock import RankClock
+from parallel.shares import check_capacity, initial_shares, measured_shares
 from parallel.sites import (SiteMPU, build_sites, check_sites, create_site_expert_groups, deepspeed_comm_bytes,
                             site_losses)
 from parallel.recompute import apply_activation_checkpointing
@@ -90,6 +92,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def gather_rank_times(times: torch.Tensor, device) -> list[list[float]]:
+    """(3,) this rank's seconds per step (wall, busy, wait) -> [[wall by rank], [busy..], [wait..]]."""
+    parts = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, times.to(device))
+    return [[round(float(p[i]), 6) for p in parts] for i in range(3)]
 
 
 def mean_over_ranks(values: list[float], device) -> list[float]:
@@ -156,6 +165,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     check_supported(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     check_sites(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    check_capacity(cfg, int(os.environ.get("WORLD_SIZE", 1)))   # shares of unequal ranks (parallel/shares.py)
     deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", 1)) // cfg.parallel.sites)  # conflicts fail here, early
     check_inputs(cfg)
     t = cfg.train
@@ -183,7 +193,7 @@ def main(argv=None) -> int:
                              expected_fingerprint=fingerprint)
     val_rows = (TokenShards(shard_dir, "val", expected_vocab_size=cfg.model.vocab_size)
                 if t.eval_batches > 0 and cfg.data.val_fraction > 0 else None)
-    rows_per_step = t.micro_batch_size * t.grad_accum      # per rank; split into grad_accum micro-batches
+    rows_per_step = t.micro_batch_size * t.grad_accum      # per rank (equal shares); grad_accum micro-batches
     sampler = ShardedSampler(len(train_rows), rows_per_step, rank, world, t.seed)
 
     # ---- resume target: checked for compatibility before anything heavy is built ----
@@ -194,6 +204,9 @@ def main(argv=None) -> int:
         state = checkpoint.read_state(ckpt)
         checkpoint.check_compatible(state, ckpt, cfg.model.to_dict(), fingerprint)
         check_outer_resume(state, cfg, ckpt)   # a changed parallel.sites fails here, naming it
+    # this rank's slice of the global batch: equal, configured by capacity, or auto's measured one
+    shares = initial_shares(cfg, world, (state or {}).get("shares"))
+    sampler.set_shares(shares.rows)
 
     # ---- model ----
     seed_everything(t.seed)
@@ -216,12 +229,20 @@ def main(argv=None) -> int:
     moes = model.moe_layers()
     outer = OuterSync(engine, sites, cfg.parallel, moes) if sites else None   # the shared start point
     saver = checkpoint.Checkpointer(async_save=t.async_save)   # its own gloo group: created on every rank
+    slowdown = (cfg.parallel.emulate_slowdown or {}).get(rank, 1.0)
+    clock = RankClock(engine, dispatchers, slowdown)            # compute vs waiting, per rank
+    if slowdown > 1.0:
+        print(f"rank {rank}: EMULATED SLOWDOWN x{slowdown} (parallel.emulate_slowdown): this rank sleeps "
+              f"{slowdown - 1:.2f} x its compute time every micro-step", file=sys.stderr, flush=True)
 
     step = 0
     if ckpt is not None:
         checkpoint.load(engine, ckpt, state, outer=outer)
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
+    start_step = step
+    expert_load = (torch.tensor(state["expert_load"], dtype=torch.float64) if state and state.get("expert_load")
+                   else torch.zeros(len(moes), cfg.model.n_routed_experts, dtype=torch.float64))
 
     # ---- logging ----
     seq_len = cfg.data.seq_len
@@ -243,10 +264,20 @@ def main(argv=None) -> int:
                   + (f", resuming from {ckpt} at step {step}" if ckpt else ""))
     if step >= stop:
         monitor.write(f"nothing to do: step {step} >= {stop}")
+    if cfg.parallel.rank_capacity is not None or world > 1 and len(set(shares.rows)) > 1:
+        monitor.write(f"rows per step by rank: {shares.rows} (micro-batches of {[n // t.grad_accum for n in shares.rows]}"
+                      f"{', measured' if shares.measured else ''})"
+                      + ("; auto: measuring compute time over the first "
+                         f"{cfg.parallel.capacity_probe_steps} steps" if cfg.parallel.rank_capacity == "auto"
+                         and not shares.measured else ""))
+    if cfg.parallel.emulate_slowdown:
+        monitor.write(f"WARNING: emulated slowdown on rank(s) {cfg.parallel.emulate_slowdown} (tests/benchmarks only)")
 
     # ---- training loop ----
     engine.train()
     interval_tokens, interval_time = 0, 0.0
+    rank_times, interval_load = torch.zeros(3, dtype=torch.float64), torch.zeros_like(expert_load)  # step/busy/wait s
+    probe_busy, times_from = 0.0, step
     comm_seen, comm_step = {}, step
     skipped_in_a_row = 0
     while step < stop:
@@ -255,16 +286,22 @@ def main(argv=None) -> int:
         lr = lr_at(step, t)
         set_lr(engine, lr)
         model.mtp_loss_weight = mtp_weight = mtp_weight_at(step, t, cfg.model.mtp_loss_weight)
-        rows = sampler.next_batch()                              # (micro_batch_size * grad_accum,)
+        rows = sampler.next_batch()                              # (this rank's share,) = grad_accum x mbs_r
+        mbs, weight = shares.micro(rank), shares.weight(rank)    # weight: the update is the equal split's
         parts = torch.zeros(4, dtype=torch.float64)              # loss, lm, aux, mtp summed over micro-steps
         for micro in range(t.grad_accum):
-            x, y = batch_from_rows(train_rows, rows[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
+            clock.micro_start()
+            x, y = batch_from_rows(train_rows, rows[micro * mbs:(micro + 1) * mbs])
             out = engine(x.to(device), y.to(device))
             loss = out.loss * faults.loss_scale(step + 1)        # tests may poison it (MOE_FAULTS)
-            engine.backward(loss)
+            engine.backward(loss * weight if weight != 1.0 else loss)
+            clock.micro_end()
             engine.step()                                        # optimizer step at the last micro-step
             parts += torch.stack([loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
         counts = gather_counts(moes, site_group)                 # (L, E) summed over the site's ranks and micro-steps
+        if counts.numel():
+            expert_load += counts.double().cpu()
+            interval_load += counts.double().cpu()
         # a NaN/inf gradient on any rank: DeepSpeed (or FiniteAdamW) left parameters and optimizer
         # untouched on every rank; the biases stay too, and the step (and its data) is passed over
         stop_now, skipped, skip_seen = agree_on_step(stop_signal.requested, not engine.was_step_applied(), device,
@@ -278,13 +315,25 @@ def main(argv=None) -> int:
         if outer is not None:                                    # every outer_every steps: across sites
             outer.after_inner_step(step)
         dt = time.perf_counter() - t0
+        busy, wait = clock.step_end(dt)
+        rank_times += torch.tensor([dt, busy, wait], dtype=torch.float64)
+        if cfg.parallel.rank_capacity == "auto" and not shares.measured:
+            # probe: compute seconds of this launch's steps 2..capacity_probe_steps (step 1 warms up)
+            probe_busy += busy if step - start_step > 1 else 0.0
+            if step - start_step == cfg.parallel.capacity_probe_steps:
+                shares, caps = measured_shares(shares.rows[rank] * (step - start_step - 1), probe_busy, shares,
+                                               device)
+                sampler.set_shares(shares.rows)
+                monitor.write(f"auto capacity after step {step}: relative speeds {[round(c, 3) for c in caps]} "
+                              f"-> rows per step by rank {shares.rows}")
         interval_tokens, interval_time = interval_tokens + tokens_per_step, interval_time + dt
         parts /= t.grad_accum
         monitor.step(float(parts[0]), tokens_per_step / dt, tokens_per_step / dt * flops_per_token / peak)
 
         do_eval = val_rows is not None and (step % t.eval_every == 0 or step == t.max_steps)
         if step == 1 or step % t.log_every == 0 or step == stop or do_eval or skip_seen or stop_now:
-            loss, lm, aux, mtp = mean_over_ranks(parts.tolist(), device)
+            # a rank's mean over its share, weighted by that share: the global batch's mean
+            loss, lm, aux, mtp = mean_over_ranks((parts * weight).tolist(), device)
             tok_s = interval_tokens / interval_time
             record = {"step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
                       "lr": lr, "mtp_weight": mtp_weight, "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -299,6 +348,16 @@ def main(argv=None) -> int:
             ds_sent = deepspeed_comm_bytes()   # DeepSpeed's own collectives (deepspeed.comms_logger.enabled)
             if ds_sent:
                 record["ds_comm_bytes"] = ds_sent
+            if world > 1:   # which rank holds the job back: per-rank seconds per step, and token shares
+                per_rank = gather_rank_times(rank_times / max(1, step - times_from), device)
+                record.update(rank_step_s=per_rank[0], rank_busy_s=per_rank[1], rank_wait_s=per_rank[2],
+                              rank_share=[round(f, 6) for f in shares.fractions()])
+            rank_times.zero_()
+            times_from = step
+            record["expert_load"] = interval_load.round().long().tolist()   # (L, E) routed tokens since the last record
+            interval_load.zero_()
+            if cfg.parallel.emulate_slowdown:
+                record["emulated_slowdown"] = {str(k): v for k, v in cfg.parallel.emulate_slowdown.items()}
             if outer is not None:   # cross-site bytes (all ranks) and seconds blocked (mean) per inner step
                 record.update(outer.metrics(step, device), site_loss=site_losses(float(parts[0]), sites, device))
             if do_eval:
@@ -316,7 +375,8 @@ def main(argv=None) -> int:
         if step % t.save_every == 0 or step == stop or stop_now or give_up:
             path = saver.save(engine, t.out_dir, step, {
                 "sampler": sampler.state_dict(), "config": cfg.to_dict(), "tokenizer_fingerprint": fingerprint,
-                "world_size": world, "shard_dir": shard_dir},
+                "world_size": world, "shard_dir": shard_dir, "shares": shares.state_dict(),
+                "expert_load": expert_load.round().long().tolist()},
                 t.keep_last, faults, outer=outer)
             monitor.write(f"{'saving' if t.async_save else 'saved'} {path} (training held up "
                           f"{saver.last_stall_s:.2f} s)")

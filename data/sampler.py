@@ -4,7 +4,9 @@ Every step draws one *global* batch of `batch_size_per_rank * world_size` row in
 from a per-epoch permutation seeded only by (seed, epoch); rank r takes the r-th
 contiguous slice. The global sequence therefore depends only on the global batch size,
 so 1 rank x 8 rows and 2 ranks x 4 rows train on exactly the same data, and a run can be
-resumed on a different number of ranks. Partial global batches at an epoch's end are
+resumed on a different number of ranks. Ranks of unequal speed may take unequal slices
+(``set_shares``, parallel/shares.py): the global batch, hence the data order and the once-per-epoch
+visit of every row, stays the same. Partial global batches at an epoch's end are
 dropped (every rank needs a full slice); the next epoch's permutation differs, so no row
 is systematically skipped.
 """
@@ -34,8 +36,17 @@ class ShardedSampler:
         self.steps_per_epoch = num_rows // self.global_batch_size
         self.epoch = 0
         self.position = 0  # rows of the current epoch's order already consumed (all ranks)
+        self.offset, self.rows = rank * batch_size_per_rank, batch_size_per_rank   # this rank's slice
         self._order: np.ndarray | None = None
         self._order_epoch = -1
+
+    def set_shares(self, rows_per_rank: list[int]) -> None:
+        """Unequal slices of the same global batch: rank r takes rows_per_rank[r] rows, after the
+        rows of ranks 0..r-1. Takes effect from the next batch on."""
+        if sum(rows_per_rank) != self.global_batch_size or min(rows_per_rank) < 1 or self.rank >= len(rows_per_rank):
+            raise ValueError(f"shares {rows_per_rank}: need one entry per rank, each >= 1 row, summing to the "
+                             f"global batch of {self.global_batch_size}")
+        self.offset, self.rows = sum(rows_per_rank[:self.rank]), rows_per_rank[self.rank]
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
@@ -49,12 +60,12 @@ class ShardedSampler:
         return self._order
 
     def next_batch(self) -> np.ndarray:
-        """This rank's row indices (int64, length batch_size_per_rank) for the next step."""
+        """This rank's row indices (int64; batch_size_per_rank of them, or its share) for the next step."""
         if self.position + self.global_batch_size > self.steps_per_epoch * self.global_batch_size:
             self.epoch += 1
             self.position = 0
-        start = self.position + self.rank * self.batch_size_per_rank
-        batch = self._epoch_order()[start:start + self.batch_size_per_rank].astype(np.int64)
+        start = self.position + self.offset
+        batch = self._epoch_order()[start:start + self.rows].astype(np.int64)
         self.position += self.global_batch_size
         return batch
 

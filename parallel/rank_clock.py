@@ -1,0 +1,64 @@
+"""Where each rank's step time goes: its own compute, or waiting for the others.
+
+    busy = forward + backward of every micro-step, minus the time blocked in the expert
+           all-to-all (the dispatchers' waits), up to the start of DeepSpeed's gradient reduction
+    wait = the step's wall time - busy   (all-to-all waits, gradient reduction, ZeRO's step)
+
+A rank that holds the job back has busy close to its step time; the ranks it holds back show the
+difference as wait. ``auto`` shares (parallel/shares.py) are set from busy time, and the metrics
+record both per rank.
+
+The split point is the engine's ``allreduce_gradients``: DeepSpeed calls it at the end of every
+backward (ZeRO-1 and stage 0 reduce there at the accumulation boundary). Under ZeRO-2 gradient
+buckets are also reduced from hooks during the backward, so a wait inside those counts as busy.
+
+Slowdown emulation (``parallel.emulate_slowdown: {rank: factor}``, tests and benchmarks only):
+at that split point the rank sleeps (factor - 1) x the micro-step's busy time, as a device that
+many times slower would still be computing; the sleep counts as busy.
+"""
+from __future__ import annotations
+
+import time
+
+
+def dispatcher_wait_s(dispatchers) -> float:
+    """Seconds this rank spent blocked in the expert all-to-alls so far."""
+    return sum(getattr(d, "wait_s", 0.0) for d in dispatchers)
+
+
+class RankClock:
+    def __init__(self, engine, dispatchers, slowdown: float = 1.0):
+        self.dispatchers, self.slowdown = dispatchers, slowdown
+        self._reduce_gradients = engine.allreduce_gradients
+        engine.allreduce_gradients = self._at_reduction         # instance attribute: engine.backward calls it
+        self.busy_s = self.slept_s = 0.0                          # this step so far
+        self._open = False
+
+    def micro_start(self) -> None:
+        self._t0, self._w0, self._open = time.perf_counter(), dispatcher_wait_s(self.dispatchers), True
+
+    def _close_micro(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        busy = time.perf_counter() - self._t0 - (dispatcher_wait_s(self.dispatchers) - self._w0)
+        if self.slowdown > 1.0:
+            nap = (self.slowdown - 1.0) * busy
+            time.sleep(nap)
+            self.slept_s += nap
+            busy += nap
+        self.busy_s += busy
+
+    def _at_reduction(self, *args, **kwargs):
+        self._close_micro()          # the backward's own compute ends here; the reduction is waiting
+        return self._reduce_gradients(*args, **kwargs)
+
+    def micro_end(self) -> None:
+        """After engine.backward: closes the micro-step if the engine did not reduce in it."""
+        self._close_micro()
+
+    def step_end(self, step_s: float) -> tuple[float, float]:
+        """-> (busy, wait) seconds of the step that took ``step_s`` on this rank; resets."""
+        busy = self.busy_s
+        self.busy_s = self.slept_s = 0.0
+        return busy, max(0.0, step_s - busy)
