@@ -61,3 +61,62 @@ class WanLink(EmulatedLink):
             real_wait()
         self.wait_until(t)
         self.blocked_s += time.perf_counter() - t0
+
+
+def emulate_wan_on_deepspeed(bandwidth_gbps: float, latency_ms: float, site_size: int) -> WanLink:
+    """Benchmark only: put DeepSpeed's reductions (``deepspeed.comm`` all_reduce / reduce: ZeRO-0/1's
+    gradient all-reduce, and the small overflow / norm reductions) of a run
+    with no sites over the emulated wide-area link, as if ranks [s*site_size, (s+1)*site_size)
+    were site s. Each call whose group spans S > 1 sites (m of its ranks in each) is booked as a
+    hierarchical all-reduce: reduced inside the site, then each rank sends its 1/m share across,
+    a ring's 2(S-1)/S of it, at 1/site_size of the site's uplink, plus the latency once; the call
+    returns (or its handle's ``wait`` does) no sooner than the link allows. Parameter all-gathers
+    are left off the link (a lower bound on synchronous data parallelism's time on it). Call
+    before the engine steps (it patches the ``deepspeed.comm`` module); returns the link
+    (counters: ``sent_bytes``, ``blocked_s``)."""
+    import deepspeed.comm as ds_comm
+    import torch.distributed as tdist
+
+    link = WanLink(bandwidth_gbps, latency_ms, share=site_size)
+
+    def crossing_bytes(tensor, group) -> int:
+        ranks = tdist.get_process_group_ranks(group) if group is not None else range(tdist.get_world_size())
+        per_site = {}
+        for r in ranks:
+            per_site[r // site_size] = per_site.get(r // site_size, 0) + 1
+        S = len(per_site)
+        if S < 2:
+            return 0
+        m = max(per_site.values())
+        return 2 * (S - 1) * tensor.numel() * tensor.element_size() // (S * m)
+
+    class _Delayed:
+        def __init__(self, work, done_at):
+            self.work, self.done_at = work, done_at
+
+        def wait(self, *a, **k):
+            link.block_until(self.done_at, lambda: self.work.wait(*a, **k) if self.work is not None else None)
+            return True
+
+        def __getattr__(self, name):
+            return getattr(self.work, name)
+
+    def wrap(fn, params):
+        # deepspeed.comm's timed_op wrapper hides the signature (*args, **kwargs): name them here
+        def wrapped(*args, **kwargs):
+            a = {**dict(zip(params, args)), **kwargs}
+            nbytes = crossing_bytes(a["tensor"], a.get("group"))
+            done_at = link.send(nbytes) if nbytes else 0.0
+            work = fn(*args, **kwargs)
+            if not nbytes:
+                return work
+            if a.get("async_op"):
+                return _Delayed(work, done_at)
+            link.block_until(done_at)
+            return work
+        return wrapped
+
+    for name, params in (("all_reduce", ("tensor", "op", "group", "async_op")),     # ZeRO-0/1's gradient
+                         ("reduce", ("tensor", "dst", "op", "group", "async_op"))):  # paths (not ZeRO-2's
+        setattr(ds_comm, name, wrap(getattr(ds_comm, name), params))                  # reduce-scatter)
+    return link

@@ -20,6 +20,12 @@ f syncs at inner steps t with t % H == (f+1)*H/P % H, so the P syncs of a round 
                 then replicated chunks are re-assembled inside the site and the module weights
                 refreshed (ZeRO all-gathers inside the site)
 
+Warm-up (``outer_start_step`` = K > 0): after each of inner steps 1..K every fragment is exchanged
+as above (no overlap) and the anchor set to the sites' mean, anchor -= avg, the outer momentum left
+at zero: the sites stay together while the weights move fastest, as DiLoCo starts from a
+synchronously trained model. The rounds above run from step K on (sends at t > K only); the
+warm-up's bytes are counted like any exchange's, and ``outer_steps`` counts its exchanges.
+
 Router correction biases travel with the round's last fragment (the one that syncs at t % H == 0)
 and are plainly averaged, never put through the outer optimizer: see the README (multi-site).
 
@@ -105,6 +111,7 @@ class OuterSync:
         self.engine, self.sites, self.moes = engine, sites, list(moes)
         self.H, self.P, self.tau = p.outer_every, p.outer_fragments, p.outer_overlap
         self.lr, self.mu, self.dtype = p.outer_lr, p.outer_momentum, p.outer_dtype
+        self.start = getattr(p, "outer_start_step", 0)   # warm-up: plain averages every step until then
         self.link = WanLink(p.wan_bandwidth_gbps, p.wan_latency_ms, share=sites.size)
         self.outer_steps = 0                          # fragment exchanges applied
         self.units = self._build_units()              # [fragment] -> [Unit]
@@ -168,6 +175,11 @@ class OuterSync:
     def after_inner_step(self, t: int) -> bool:
         """Finish the exchanges due at inner step t, start those scheduled at t. True if the
         weights changed (an exchange was applied)."""
+        if t <= self.start:                         # warm-up: every fragment, every step, a plain mean
+            for f in range(self.P):
+                self._finish(self._send(f, t, now=True), plain=True)
+            update_module_weights(self.engine)
+            return True
         changed = False
         for f in sorted(self.pending):
             if self.pending[f].finish_step == t:
@@ -189,11 +201,13 @@ class OuterSync:
         return torch.stack([m.gate.e_score_correction_bias.detach().float() for m in self.moes])   # (L, E)
 
     @torch.no_grad()
-    def _send(self, f: int, t: int) -> Pending:
+    def _send(self, f: int, t: int, now: bool = False) -> Pending:
+        """Start fragment f's exchange; ``now``: finished at once (no in-flight buffers)."""
         S, cross = self.sites.count, self.sites.cross
+        tau = 0 if now else self.tau
         master = torch.cat([u.master for u in self.units[f]]) if self.units[f] else torch.zeros(0)
         delta = self.anchor[f] - master.to(self.anchor[f].device)
-        pend = Pending(f, t + self.tau, self.inflight_sent[f].copy_(master) if self.tau else master)
+        pend = Pending(f, t + tau, self.inflight_sent[f].copy_(master) if tau else master)
         if self.dtype == "fp32":
             buf = delta.clone()
             work = dist.all_reduce(buf, group=cross, async_op=True)
@@ -209,7 +223,7 @@ class OuterSync:
         works = [work]
         if self.moes and self._send_offset(f) == 0:               # the round's last fragment: biases too
             pend.bias_sent = self._biases()
-            if self.tau:
+            if tau:
                 pend.bias_sum, pend.bias_sent = self.inflight_bias[0], self.inflight_bias[1].copy_(pend.bias_sent)
                 pend.bias_sum.copy_(pend.bias_sent)
             else:
@@ -230,14 +244,19 @@ class OuterSync:
             pend.wait = pend.result = None
 
     @torch.no_grad()
-    def _finish(self, pend: Pending) -> None:
+    def _finish(self, pend: Pending, plain: bool = False) -> None:
+        """Apply an exchange: the outer Nesterov step, or (``plain``, warm-up) the anchor set to
+        the sites' mean, the outer momentum left alone."""
         f = pend.fragment
         self._collect(pend)
         a, b = self.anchor[f], self.momentum[f]
-        b.mul_(self.mu).add_(pend.avg)                           # Nesterov, as torch.optim.SGD does it
-        a.sub_(pend.avg + self.mu * b, alpha=self.lr)
+        if plain:
+            a.sub_(pend.avg)
+        else:
+            b.mul_(self.mu).add_(pend.avg)                       # Nesterov, as torch.optim.SGD does it
+            a.sub_(pend.avg + self.mu * b, alpha=self.lr)
         new = a
-        if self.tau:                                             # keep the local steps taken meanwhile
+        if self.tau and not plain:                               # keep the local steps taken meanwhile
             now = torch.cat([u.master for u in self.units[f]]) if self.units[f] else torch.zeros(0)
             new = a + (now - pend.sent)
         self._write_masters(f, new)

@@ -29,10 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"sync": [],
         **{f"h{h}_{d}": ["parallel.sites=2", f"parallel.outer_every={h}", f"parallel.outer_dtype={d}"]
            for h in (10, 50, 200) for d in ("fp32", "int8")}}
+# the outer optimizer and a synchronous warm-up at H=50 int8 (2026-12-04)
+AVG = ["parallel.outer_lr=1.0", "parallel.outer_momentum=0"]           # plain averaging
+RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
+             "h50_int8_m05": RUNS["h50_int8"] + ["parallel.outer_lr=1.0", "parallel.outer_momentum=0.5"],
+             "h50_int8_warm20": RUNS["h50_int8"] + ["parallel.outer_start_step=20"],
+             "h50_int8_avg_warm20": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=20"]})
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
-        "util_wan_tau5": RUNS["h50_int8"] + WAN + ["parallel.outer_overlap=5"]}
+        "util_wan_tau5": RUNS["h50_int8"] + WAN + ["parallel.outer_overlap=5"],
+        "util_sync": [], "util_sync_wan": []}
+# synchronous 4-rank DP with DeepSpeed's gradient reductions over the same emulated link, as if
+# ranks 0-1 and 2-3 were two sites (parallel.link.emulate_wan_on_deepspeed; through --train-over-wan)
+SYNC_WAN = ("0.1", "50", "2")
 GRADIENT_OPS = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_fn", "reduce")
 
 
@@ -51,7 +61,9 @@ def run(name: str, args: argparse.Namespace) -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     extra = {**RUNS, **UTIL}[name] + (["deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.prof_all=true"]
                           if name == "sync" else [])
-    cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), str(ROOT / "train.py"),
+    entry = ([str(Path(__file__).resolve()), "--train-over-wan", *SYNC_WAN] if name == "util_sync_wan"
+             else [str(ROOT / "train.py")])
+    cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), *entry,
            "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={steps}",
            f"train.micro_batch_size={args.mbs}", f"data.seq_len={args.seq_len}", f"train.out_dir={out}",
            "train.eval_every=100", "train.save_every=100000", "logging.progress=false", *extra]
@@ -94,25 +106,58 @@ def report(args: argparse.Namespace) -> None:
         print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
               f"all-gathers {sync['gather_bytes_per_step']:,.0f} B/step, all ranks)")
     plot(args, rows)
-    util = {n: read(Path(args.out) / n) for n in UTIL}
-    if all(util.values()):
+    util = {n: rec for n in UTIL if (rec := read(Path(args.out) / n))}
+    if "util_nolink" in util:
         base = _steps_per_s(util["util_nolink"])
-        print(f"\nutilisation (H=50 int8, {args.util_steps} steps): no link {base:.3f} steps/s")
-        for n in ("util_wan", "util_wan_tau5"):
+        print(f"\nutilisation ({util['util_nolink'][-1]['step']} steps; steps/s over the summed step times past "
+              f"step 10): H=50 int8, no link emulation: {base:.3f} steps/s")
+        for n in ("util_wan", "util_wan_tau5", "util_sync", "util_sync_wan"):
+            if n not in util:
+                continue
             r, last = _steps_per_s(util[n]), util[n][-1]
-            print(f"  {n}: {r:.3f} steps/s ({r / base:.1%} of no link), blocked on the link "
-                  f"{last['wan_blocked_s_total']:.2f} s in {last['step']} steps")
+            blocked = last.get("wan_blocked_s_total")
+            wan = [json.loads(f.read_text()) for f in sorted((Path(args.out) / n).glob("wan_rank*.json"))]
+            if wan:
+                blocked = sum(w["blocked_s"] for w in wan) / len(wan)
+            print(f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link)"
+                  + (f", blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks)"
+                     if blocked is not None else ""))
         if sync.get("grad_bytes_per_step"):
-            per_rank = sync["grad_bytes_per_step"] / 4   # each rank's gradient payload, at 1/2 of the site's uplink
-            link_s = 0.05 + per_rank * 8 / (0.1e9 / 2)
-            print(f"  synchronous DP over the same link (computed from its counted bytes, not run): >= "
-                  f"{link_s:.1f} s per step on the link alone vs {1 / base:.2f} s compute per step")
+            per_rank = sync["grad_bytes_per_step"] / 4 / 2   # hierarchical: each rank sends 1/2 of its payload across
+            link_s = 0.05 + 2 * per_rank * 8 / 0.1e9         # the two ranks of a site share the 100 Mbit/s uplink
+            print(f"  synchronous DP's gradients alone need >= {link_s:.2f} s per step on that link "
+                  f"(computed from its counted bytes)")
 
 
 def _steps_per_s(rec: list[dict]) -> float:
-    """Median steps/s past the first 10 steps, from the logged tokens/s (tokens per step is fixed)."""
-    tps = sorted(r["tokens_per_s"] for r in rec if r["step"] > 10)
-    return tps[len(tps) // 2] / (rec[0]["tokens"] / rec[0]["step"])
+    """Steps/s past the first 10 steps: steps over the summed step times (each logged interval's
+    time is its tokens over its tokens/s; evaluation is outside the step time), so the intervals
+    holding an outer step's wait count in full."""
+    per_step = rec[0]["tokens"] / rec[0]["step"]
+    steps = secs = 0.0
+    for prev, r in zip(rec, rec[1:]):
+        if prev["step"] >= 10 and r["step"] > prev["step"]:
+            steps += r["step"] - prev["step"]
+            secs += (r["step"] - prev["step"]) * per_step / r["tokens_per_s"]
+    return steps / secs
+
+
+def train_over_wan(argv: list[str]) -> int:
+    """A rank of ``deepspeed ... bench_sites.py --train-over-wan GBPS MS SITE_SIZE <train.py args>``:
+    train.py with DeepSpeed's reductions over the emulated link; writes the link's counters."""
+    sys.path.insert(0, str(ROOT))
+    from parallel.link import emulate_wan_on_deepspeed
+
+    gbps, ms, site_size = argv[:3]
+    link = emulate_wan_on_deepspeed(float(gbps), float(ms), int(site_size))
+    import train
+
+    rc = train.main(argv[3:])
+    out = next(a.split("=", 1)[1] for a in argv if a.startswith("train.out_dir="))
+    rank = int(os.environ.get("RANK", 0))
+    (Path(out) / f"wan_rank{rank}.json").write_text(json.dumps({"sent_bytes": link.sent_bytes,
+                                                                 "blocked_s": link.blocked_s}))
+    return rc
 
 
 def plot(args: argparse.Namespace, rows: dict) -> None:
@@ -137,6 +182,9 @@ def plot(args: argparse.Namespace, rows: dict) -> None:
 
 
 def main() -> int:
+    if "--train-over-wan" in sys.argv:
+        i = sys.argv.index("--train-over-wan")
+        return train_over_wan(sys.argv[i + 1:] + sys.argv[1:i])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sites")
     ap.add_argument("--steps", type=int, default=600)
@@ -147,11 +195,13 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--utilisation", action="store_true", help="also the short runs with the emulated link")
     ap.add_argument("--util-steps", type=int, default=100)
+    ap.add_argument("--no-report", action="store_true", help="only run")
     args = ap.parse_args()
     if not args.report_only:
-        for name in args.runs.split(",") + (list(UTIL) if args.utilisation else []):
+        for name in [n for n in args.runs.split(",") if n] + (list(UTIL) if args.utilisation else []):
             run(name, args)
-    report(args)
+    if not args.no_report:
+        report(args)
     return 0
 
 

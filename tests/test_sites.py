@@ -21,6 +21,7 @@ from tests.helpers import free_port
     (["parallel.outer_dtype=int4"], 4, r"parallel.outer_dtype='int4'"),
     (["parallel.outer_every=5", "parallel.outer_overlap=5"], 4, r"parallel.outer_overlap=5"),
     (["parallel.outer_every=4", "parallel.outer_fragments=5"], 4, r"parallel.outer_fragments=5"),
+    (["parallel.outer_start_step=-1"], 4, r"parallel.outer_start_step=-1"),
 ])
 def test_bad_inputs(overrides, world, match):
     with pytest.raises(ValueError, match=match):
@@ -94,10 +95,12 @@ def _halves(model) -> list[list[int]]:
     return out
 
 
-def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int = 2, size: int = 2):
+def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int = 2, size: int = 2,
+               start: int = 0):
     """DiLoCo on whole parameter vectors in one process: each site SGDs on its ranks' mean gradient
     for H steps; each rank's half of the site's delta is encoded and decoded; the mean delta drives
-    outer Nesterov on the anchor, which every site then starts from."""
+    outer Nesterov on the anchor, which every site then starts from. For the first ``start`` steps
+    (warm-up) the anchor becomes the sites' mean after every step, the momentum untouched."""
     models = [_model() for _ in range(sites)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
     anchor = _flat(models[0])
@@ -113,14 +116,17 @@ def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int 
             for p, *gs in zip(m.parameters(), *grads):
                 p.grad = sum(gs) / size
             o.step()
-        if step % H == 0:
+        if step <= start or step % H == 0:
             avg = torch.zeros_like(anchor)
             for m in models:
                 d = anchor - _flat(m)
                 for idx in halves:
                     avg[idx] += decode(encode(d[idx], dtype), dtype, len(idx)) / sites
-            buf = mu * buf + avg
-            anchor = anchor - lr * (avg + mu * buf)
+            if step <= start:
+                anchor = anchor - avg
+            else:
+                buf = mu * buf + avg
+                anchor = anchor - lr * (avg + mu * buf)
             for m in models:
                 torch.nn.utils.vector_to_parameters(anchor.clone(), m.parameters())
     return anchor
@@ -145,11 +151,17 @@ def _worker(rank: int, world: int, port: int, q) -> None:
         out["sync"] = [_grad_step(model, opt, rank, s, None, world) for s in range(1, STEPS + 1)]
         # (b) 2 sites, H=1, outer lr 1, momentum 0, fp32: the same trajectory (SGD is linear)
         # (c) H=3, DiLoCo's lr 0.7 / momentum 0.9, int8: as the whole-vector reference
-        for name, H, lr, mu, dtype, steps in (("h1", 1, 1.0, 0.0, "fp32", STEPS), ("h3", 3, 0.7, 0.9, "int8", 9)):
+        # (d) warm-up over all 10 steps, H=50, Nesterov: plain means every step, synchronous DP again
+        # (e) warm-up for 4 steps, then H=3 Nesterov int8 rounds at steps 6 and 9: as the reference
+        for name, H, lr, mu, dtype, steps, start in (("h1", 1, 1.0, 0.0, "fp32", STEPS, 0),
+                                                     ("h3", 3, 0.7, 0.9, "int8", 9, 0),
+                                                     ("warm_all", 50, 0.7, 0.9, "fp32", STEPS, STEPS),
+                                                     ("warm4_h3", 3, 0.7, 0.9, "int8", 9, 4)):
             model = _model()
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
             p = SimpleNamespace(outer_every=H, outer_fragments=1, outer_overlap=0, outer_lr=lr,
-                                outer_momentum=mu, outer_dtype=dtype, wan_bandwidth_gbps=None, wan_latency_ms=0.0)
+                                outer_momentum=mu, outer_dtype=dtype, wan_bandwidth_gbps=None, wan_latency_ms=0.0,
+                                outer_start_step=start)
             outer = OuterSync(_Engine(model, opt), sites, p)
             losses = []
             for s in range(1, steps + 1):
@@ -205,6 +217,73 @@ def test_outer_nesterov_int8_matches_reference(outer_runs):
     for r in range(4):
         n = len(halves[r % 2])
         assert outer_runs[r]["h3_bytes"] == 3 * (-(-n // 256) * (256 + 4)), r   # 3 rounds of one payload
+
+
+@pytest.mark.slow
+def test_warmup_averages_every_step(outer_runs):
+    """parallel.outer_start_step: a plain mean of the sites' weights after each of the first steps
+    (the outer momentum left at zero), then the usual rounds. Over all 10 steps with SGD it is
+    synchronous DP again; 4 warm-up steps then H=3 Nesterov int8 (rounds at steps 6 and 9) match the
+    whole-vector reference, and every warm-up step sends one payload."""
+    sync = torch.tensor([outer_runs[r]["sync"] for r in range(4)])
+    warm = torch.tensor([outer_runs[r]["warm_all"] for r in range(4)])
+    assert torch.allclose(warm, sync, rtol=1e-5, atol=0), (warm - sync).abs().max()
+    ref = _reference(steps=9, H=3, lr=0.7, mu=0.9, dtype="int8", start=4)
+    halves = _halves(_model())
+    for r in range(4):
+        assert torch.allclose(outer_runs[r]["warm4_h3_params"], ref, rtol=0, atol=1e-6), \
+            (outer_runs[r]["warm4_h3_params"] - ref).abs().max()
+        n = len(halves[r % 2])
+        assert outer_runs[r]["warm4_h3_bytes"] == (4 + 2) * (-(-n // 256) * (256 + 4)), r
+
+
+def _wan_worker(rank: int, world: int, port: int, q) -> None:
+    import time
+
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    from parallel.link import emulate_wan_on_deepspeed
+    from parallel.sites import build_sites
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        sites = build_sites(2)
+        deepspeed.init_distributed(dist_backend="gloo")
+        link = emulate_wan_on_deepspeed(0.1, 50.0, site_size=2)
+        x, y = torch.ones(1000), torch.ones(1000)
+        t0 = time.perf_counter()
+        ds_comm.all_reduce(x)                                    # world: crosses the sites
+        dt = time.perf_counter() - t0
+        ds_comm.all_reduce(y, group=sites.group)                 # inside a site: free
+        q.put((rank, (link.sent_bytes, dt, float(x[0]), float(y[0]))))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_deepspeed_reductions_over_emulated_wan():
+    """bench_sites' synchronous run over the link: a world all-reduce of 4,000 bytes per rank is
+    booked as a hierarchical one (each rank sends its half's ring share, 2,000 bytes) and returns
+    no sooner than the 50 ms latency; a reduction inside a site is not booked."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q, world, port = ctx.Queue(), 4, free_port()
+    procs = [ctx.Process(target=_wan_worker, args=(r, world, port, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for r in range(4):
+        sent, dt, x, y = results[r]
+        assert (sent, x, y) == (2000, 4.0, 2.0), results[r]
+        assert dt >= 0.05
 
 
 # ---------------------------------------------------------------- through the launcher
