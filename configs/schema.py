@@ -102,8 +102,8 @@ class ParallelConfig:
     outer_dtype: str = "fp32"             # deltas sent as fp32 | bf16 | int8 | fp8 (scaled), summed in fp32
     wan_bandwidth_gbps: float | None = None   # emulated link between sites, a site's uplink (None: off)
     wan_latency_ms: float = 0.0
-    outer_start_step: int = 0             # warm-up: the sites average their weights after each of the first
-                                          # outer_start_step inner steps (bytes counted); rounds only after
+    outer_start_step: int = 0             # warm-up: until this inner step the sites' weights are averaged
+    outer_start_every: int = 1            # every this many steps (plain mean, bytes counted); rounds after
     # mixed hardware (parallel/shares.py, parallel/placement.py): ranks of unequal speed get unequal
     # shares of the same global batch (losses weighted so the update is the equal split's) and,
     # under ep, unequal numbers of experts. Validated against the world size in parallel/shares.py.
@@ -350,6 +350,8 @@ def validate(cfg: Config) -> None:
                          "need lr > 0 and momentum in [0, 1)")
     if p.outer_start_step < 0:
         raise ValueError(f"parallel.outer_start_step={p.outer_start_step}: must be >= 0 (0: no warm-up)")
+    if p.outer_start_every < 1:
+        raise ValueError(f"parallel.outer_start_every={p.outer_start_every}: must be >= 1")
     if p.wan_bandwidth_gbps is not None and p.wan_bandwidth_gbps <= 0 or p.wan_latency_ms < 0:
         raise ValueError(f"parallel.wan_bandwidth_gbps={p.wan_bandwidth_gbps}, parallel.wan_latency_ms="
                          f"{p.wan_latency_ms}: bandwidth must be positive (or null), latency >= 0")

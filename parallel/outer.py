@@ -20,11 +20,12 @@ f syncs at inner steps t with t % H == (f+1)*H/P % H, so the P syncs of a round 
                 then replicated chunks are re-assembled inside the site and the module weights
                 refreshed (ZeRO all-gathers inside the site)
 
-Warm-up (``outer_start_step`` = K > 0): after each of inner steps 1..K every fragment is exchanged
-as above (no overlap) and the anchor set to the sites' mean, anchor -= avg, the outer momentum left
-at zero: the sites stay together while the weights move fastest, as DiLoCo starts from a
-synchronously trained model. The rounds above run from step K on (sends at t > K only); the
-warm-up's bytes are counted like any exchange's, and ``outer_steps`` counts its exchanges.
+Warm-up (``outer_start_step`` = K > 0, ``outer_start_every`` = E): after inner steps t <= K with
+t % E == 0 every fragment is exchanged as above (no overlap) and the anchor set to the sites' mean,
+anchor -= avg, the outer momentum left at zero: the sites stay (nearly) together while the weights
+move fastest, as DiLoCo starts from a synchronously trained model (E = 1: a mean after every step).
+The rounds above run after step K (sends at t > K only); the warm-up's bytes are counted like any
+exchange's, and ``outer_steps`` counts its exchanges.
 
 Router correction biases travel with the round's last fragment (the one that syncs at t % H == 0)
 and are plainly averaged, never put through the outer optimizer: see the README (multi-site).
@@ -111,7 +112,8 @@ class OuterSync:
         self.engine, self.sites, self.moes = engine, sites, list(moes)
         self.H, self.P, self.tau = p.outer_every, p.outer_fragments, p.outer_overlap
         self.lr, self.mu, self.dtype = p.outer_lr, p.outer_momentum, p.outer_dtype
-        self.start = getattr(p, "outer_start_step", 0)   # warm-up: plain averages every step until then
+        self.start = getattr(p, "outer_start_step", 0)   # warm-up: plain averages until then,
+        self.start_every = getattr(p, "outer_start_every", 1)   # every this many steps
         self.link = WanLink(p.wan_bandwidth_gbps, p.wan_latency_ms, share=sites.size)
         self.outer_steps = 0                          # fragment exchanges applied
         self.units = self._build_units()              # [fragment] -> [Unit]
@@ -175,7 +177,9 @@ class OuterSync:
     def after_inner_step(self, t: int) -> bool:
         """Finish the exchanges due at inner step t, start those scheduled at t. True if the
         weights changed (an exchange was applied)."""
-        if t <= self.start:                         # warm-up: every fragment, every step, a plain mean
+        if t <= self.start:                         # warm-up: every fragment at once, a plain mean
+            if t % self.start_every:
+                return False
             for f in range(self.P):
                 self._finish(self._send(f, t, now=True), plain=True)
             update_module_weights(self.engine)

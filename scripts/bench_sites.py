@@ -34,7 +34,10 @@ AVG = ["parallel.outer_lr=1.0", "parallel.outer_momentum=0"]           # plain a
 RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
              "h50_int8_m05": RUNS["h50_int8"] + ["parallel.outer_lr=1.0", "parallel.outer_momentum=0.5"],
              "h50_int8_warm20": RUNS["h50_int8"] + ["parallel.outer_start_step=20"],
-             "h50_int8_avg_warm20": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=20"]})
+             "h50_int8_avg_warm20": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=20"],
+             # warm-up: a plain mean every 5 steps up to step 100 (20 exchanges), then H=50 rounds
+             "h50_int8_avg_warm100e5": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=100",
+                                                                  "parallel.outer_start_every=5"]})
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
@@ -119,9 +122,12 @@ def report(args: argparse.Namespace) -> None:
             wan = [json.loads(f.read_text()) for f in sorted((Path(args.out) / n).glob("wan_rank*.json"))]
             if wan:
                 blocked = sum(w["blocked_s"] for w in wan) / len(wan)
-            print(f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link)"
-                  + (f", blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks)"
-                     if blocked is not None else ""))
+            line = f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link, another run)"
+            if blocked is not None:   # the in-run ratio: the same steps without the time spent blocked
+                share = blocked / last["step"] * r            # blocked per step x steps/s
+                line += (f"; blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks), "
+                         f"{share:.1%} of the step time: {1 - share:.1%} of the same run's steps/s without it")
+            print(line)
         if sync.get("grad_bytes_per_step"):
             per_rank = sync["grad_bytes_per_step"] / 4 / 2   # hierarchical: each rank sends 1/2 of its payload across
             link_s = 0.05 + 2 * per_rank * 8 / 0.1e9         # the two ranks of a site share the 100 Mbit/s uplink

@@ -22,6 +22,7 @@ from tests.helpers import free_port
     (["parallel.outer_every=5", "parallel.outer_overlap=5"], 4, r"parallel.outer_overlap=5"),
     (["parallel.outer_every=4", "parallel.outer_fragments=5"], 4, r"parallel.outer_fragments=5"),
     (["parallel.outer_start_step=-1"], 4, r"parallel.outer_start_step=-1"),
+    (["parallel.outer_start_every=0"], 4, r"parallel.outer_start_every=0"),
 ])
 def test_bad_inputs(overrides, world, match):
     with pytest.raises(ValueError, match=match):
@@ -96,11 +97,11 @@ def _halves(model) -> list[list[int]]:
 
 
 def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int = 2, size: int = 2,
-               start: int = 0):
+               start: int = 0, every: int = 1):
     """DiLoCo on whole parameter vectors in one process: each site SGDs on its ranks' mean gradient
     for H steps; each rank's half of the site's delta is encoded and decoded; the mean delta drives
     outer Nesterov on the anchor, which every site then starts from. For the first ``start`` steps
-    (warm-up) the anchor becomes the sites' mean after every step, the momentum untouched."""
+    (warm-up) the anchor becomes the sites' mean every ``every`` steps, the momentum untouched."""
     models = [_model() for _ in range(sites)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
     anchor = _flat(models[0])
@@ -116,7 +117,7 @@ def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int 
             for p, *gs in zip(m.parameters(), *grads):
                 p.grad = sum(gs) / size
             o.step()
-        if step <= start or step % H == 0:
+        if (step % every == 0) if step <= start else (step % H == 0):
             avg = torch.zeros_like(anchor)
             for m in models:
                 d = anchor - _flat(m)
@@ -152,16 +153,16 @@ def _worker(rank: int, world: int, port: int, q) -> None:
         # (b) 2 sites, H=1, outer lr 1, momentum 0, fp32: the same trajectory (SGD is linear)
         # (c) H=3, DiLoCo's lr 0.7 / momentum 0.9, int8: as the whole-vector reference
         # (d) warm-up over all 10 steps, H=50, Nesterov: plain means every step, synchronous DP again
-        # (e) warm-up for 4 steps, then H=3 Nesterov int8 rounds at steps 6 and 9: as the reference
-        for name, H, lr, mu, dtype, steps, start in (("h1", 1, 1.0, 0.0, "fp32", STEPS, 0),
-                                                     ("h3", 3, 0.7, 0.9, "int8", 9, 0),
-                                                     ("warm_all", 50, 0.7, 0.9, "fp32", STEPS, STEPS),
-                                                     ("warm4_h3", 3, 0.7, 0.9, "int8", 9, 4)):
+        # (e) warm-up to step 4, a mean every 2 steps, then H=3 Nesterov int8 rounds at steps 6 and 9
+        for name, H, lr, mu, dtype, steps, start, every in (("h1", 1, 1.0, 0.0, "fp32", STEPS, 0, 1),
+                                                            ("h3", 3, 0.7, 0.9, "int8", 9, 0, 1),
+                                                            ("warm_all", 50, 0.7, 0.9, "fp32", STEPS, STEPS, 1),
+                                                            ("warm4_h3", 3, 0.7, 0.9, "int8", 9, 4, 2)):
             model = _model()
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
             p = SimpleNamespace(outer_every=H, outer_fragments=1, outer_overlap=0, outer_lr=lr,
                                 outer_momentum=mu, outer_dtype=dtype, wan_bandwidth_gbps=None, wan_latency_ms=0.0,
-                                outer_start_step=start)
+                                outer_start_step=start, outer_start_every=every)
             outer = OuterSync(_Engine(model, opt), sites, p)
             losses = []
             for s in range(1, steps + 1):
@@ -221,20 +222,20 @@ def test_outer_nesterov_int8_matches_reference(outer_runs):
 
 @pytest.mark.slow
 def test_warmup_averages_every_step(outer_runs):
-    """parallel.outer_start_step: a plain mean of the sites' weights after each of the first steps
-    (the outer momentum left at zero), then the usual rounds. Over all 10 steps with SGD it is
-    synchronous DP again; 4 warm-up steps then H=3 Nesterov int8 (rounds at steps 6 and 9) match the
-    whole-vector reference, and every warm-up step sends one payload."""
+    """parallel.outer_start_step / outer_start_every: a plain mean of the sites' weights every few
+    steps of the warm-up (the outer momentum left at zero), then the usual rounds. Every step over
+    all 10 steps with SGD is synchronous DP again; a mean at steps 2 and 4, then H=3 Nesterov int8
+    (rounds at steps 6 and 9) matches the whole-vector reference, each exchange one payload."""
     sync = torch.tensor([outer_runs[r]["sync"] for r in range(4)])
     warm = torch.tensor([outer_runs[r]["warm_all"] for r in range(4)])
     assert torch.allclose(warm, sync, rtol=1e-5, atol=0), (warm - sync).abs().max()
-    ref = _reference(steps=9, H=3, lr=0.7, mu=0.9, dtype="int8", start=4)
+    ref = _reference(steps=9, H=3, lr=0.7, mu=0.9, dtype="int8", start=4, every=2)
     halves = _halves(_model())
     for r in range(4):
         assert torch.allclose(outer_runs[r]["warm4_h3_params"], ref, rtol=0, atol=1e-6), \
             (outer_runs[r]["warm4_h3_params"] - ref).abs().max()
         n = len(halves[r % 2])
-        assert outer_runs[r]["warm4_h3_bytes"] == (4 + 2) * (-(-n // 256) * (256 + 4)), r
+        assert outer_runs[r]["warm4_h3_bytes"] == (2 + 2) * (-(-n // 256) * (256 + 4)), r
 
 
 def _wan_worker(rank: int, world: int, port: int, q) -> None:
