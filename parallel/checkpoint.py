@@ -45,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, safe_open, save_file
 
 from parallel import dcp_storage, fragments
-from parallel.dcp_storage import FlatSlice, LoadPlanner, SavePlanner, ShardReader, ShardWriter
+from parallel.dcp_storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
 from parallel.integrity import MANIFEST, verify, write_manifest
 
 MARKER = "COMPLETE"
@@ -169,14 +169,15 @@ def state_entries(engine, prefix: str = "", stage=None) -> dict[str, Any]:
     ``stage(key, tensor)`` returns a copy to write instead (an async save writes copies while
     training goes on); None: the live tensors."""
     own = (lambda key, t: t.detach()) if stage is None else stage
-    sd: dict[str, Any] = {}
+    slices: dict[str, list[FlatSlice]] = {}
     for fr in fragments.owned_fragments(engine):
         n = fr.full_numel
-        key = _fqn("param", fr.name, prefix)
-        sd[key] = FlatSlice(own(key, fr.master), fr.offset, n)
-        for kind, value in fr.states.items():
+        for kind, value in (("param", fr.master), *fr.states.items()):
             key = _fqn(kind, fr.name, prefix)
-            sd[key] = FlatSlice(own(key, value), fr.offset, n)
+            # a rank may own several separate slices of one tensor (experts placed by load)
+            staged = own(key if fr.offset == 0 else f"{key}@{fr.offset}", value)
+            slices.setdefault(key, []).append(FlatSlice(staged, fr.offset, n))
+    sd: dict[str, Any] = {key: flat_entry(parts) for key, parts in slices.items()}
     for name, b in _bias_names(engine.module):
         key = _fqn("buffer", name, prefix)
         sd[key] = own(key, b.float().cpu() if b.device.type != "cpu" else b)
@@ -252,6 +253,7 @@ class Checkpointer:
             _atomic_write(path / STATE, json.dumps(dict(
                 trainer_state, step=step, format=FORMAT, tensors=full_shapes(engine.module),
                 optimizer_step=fragments.optimizer_step(engine), engine_counters=_engine_counters(engine),
+                expert_placement=fragments.model_placement(engine.module),
                 **({"outer": outer.state_meta()} if outer is not None else {})), indent=1))
         if self.async_save:
             self._thread = threading.Thread(target=self._write_guarded, args=(sd, path, out_dir, step, keep_last,
@@ -381,7 +383,7 @@ def load(engine, path: Path, state: dict[str, Any], outer=None) -> None:
     fragments.ensure_optimizer_state(engine, step)
     prefix = outer.key_prefix if outer is not None else ""
     sd = state_entries(engine, prefix)                 # views into the optimizer's and module's own buffers
-    biases = {k: v for k, v in sd.items() if not isinstance(v, FlatSlice)}
+    biases = {k: v for k, v in sd.items() if not isinstance(v, (FlatSlice, FlatSlices))}
     for k, v in biases.items():                        # fill copies; a bf16 module's bias buffers stay as they are
         sd[k] = v.clone()
     if outer is not None:

@@ -17,6 +17,10 @@ those (resharding for free). What DCP cannot take as it is:
   2x the rank's share of state), and writes the coordinator's global index as JSON
   (``index.json``); ``ShardReader`` checks the files' headers against it before any read, so a
   missing shard, a stale index or two files claiming one slice is an error naming the path.
+- A rank may own several separate slices of one tensor (experts placed by load: ids that are not
+  consecutive; ``FlatSlices``). A safetensors file holds one tensor per name, so such slices are
+  stored under ``<fqn>@<offset>`` in the file (the index records that name as the chunk's ``key``);
+  a tensor's only slice in a file keeps the plain name, so single-slice files are unchanged.
 """
 from __future__ import annotations
 
@@ -67,13 +71,55 @@ class FlatSlice:
         return self.tensor
 
 
+@dataclass
+class FlatSlices:
+    """Several separate slices of one flattened tensor of ``numel`` elements held by this rank."""
+    parts: list[FlatSlice]
+    numel: int
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        return [w for p in self.parts for w in p.__create_write_items__(fqn, p)]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [p._chunk() for p in self.parts]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.part(index).tensor
+
+    def part(self, index: MetadataIndex) -> FlatSlice:
+        off = index.offset[0] if index.offset is not None else None
+        for p in self.parts:
+            if off is None or p.offset == off:
+                return p
+        raise ValueError(f"{index.fqn}: this rank holds no slice at offset {off}")
+
+
+def flat_entry(slices: list[FlatSlice]) -> FlatSlice | FlatSlices:
+    """One state-dict entry for this rank's slices of one tensor (sorted by offset)."""
+    slices = sorted(slices, key=lambda p: p.offset)
+    return slices[0] if len(slices) == 1 else FlatSlices(slices, slices[0].numel)
+
+
+def _tensor_of(obj, index: MetadataIndex):
+    if isinstance(obj, FlatSlice):
+        return obj.tensor
+    if isinstance(obj, FlatSlices):
+        return obj.part(index).tensor
+    return None
+
+
+def file_key(fqn: str, offset: int, several: bool) -> str:
+    """The tensor name of a chunk inside a shard file (see the module docstring)."""
+    return f"{fqn}@{offset}" if several else fqn
+
+
 class SavePlanner(DefaultSavePlanner):
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
     def lookup_object(self, index: MetadataIndex):
-        obj = self.state_dict[index.fqn]
-        return obj.tensor if isinstance(obj, FlatSlice) else super().lookup_object(index)
+        t = _tensor_of(self.state_dict[index.fqn], index)
+        return t if t is not None else super().lookup_object(index)
 
 
 class LoadPlanner(DefaultLoadPlanner):
@@ -87,8 +133,8 @@ class LoadPlanner(DefaultLoadPlanner):
         self.metadata, self.is_coordinator = metadata, is_coordinator
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        obj = self.state_dict[index.fqn]
-        return obj.tensor if isinstance(obj, FlatSlice) else super().lookup_tensor(index)
+        t = _tensor_of(self.state_dict[index.fqn], index)
+        return t if t is not None else super().lookup_tensor(index)
 
 
 # ---------------------------------------------------------------- writing
@@ -126,8 +172,13 @@ class ShardWriter(HuggingFaceStorageWriter):
             fut.set_result([])
             return fut
         name = f"shard-{self.rank:05d}.safetensors"
-        entries = [(w.index.fqn, w.tensor_data.properties.dtype, list(w.tensor_data.chunk.sizes)) for w in items]
-        sharding = {w.index.fqn: {SAVED_OFFSETS_KEY: list(w.tensor_data.chunk.offsets)} for w in items}
+        per_fqn: dict[str, int] = {}
+        for w in items:
+            per_fqn[w.index.fqn] = per_fqn.get(w.index.fqn, 0) + 1
+        keys = [file_key(w.index.fqn, w.tensor_data.chunk.offsets[0], per_fqn[w.index.fqn] > 1) for w in items]
+        entries = [(k, w.tensor_data.properties.dtype, list(w.tensor_data.chunk.sizes)) for k, w in zip(keys, items)]
+        sharding = {k: {SAVED_OFFSETS_KEY: list(w.tensor_data.chunk.offsets), "fqn": w.index.fqn}
+                    for k, w in zip(keys, items)}
         head, offsets = _header(entries, {CUSTOM_METADATA_KEY: json.dumps(sharding), "format": "pt"})
         results = []
         with open(Path(self.path) / name, "wb") as f:
@@ -149,11 +200,20 @@ class ShardWriter(HuggingFaceStorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator only: the global index of every chunk, JSON, written atomically."""
         files = {(r.index.fqn, tuple(r.index.offset)): r.storage_data.relative_path for rs in results for r in rs}
+        in_file: dict[tuple[str, str], int] = {}
+        for (fqn, _), file in files.items():
+            in_file[(fqn, file)] = in_file.get((fqn, file), 0) + 1
         index = {}
         for fqn, md in metadata.state_dict_metadata.items():
+            chunks = []
+            for c in md.chunks:
+                file = files[(fqn, tuple(c.offsets))]
+                entry = {"offset": list(c.offsets), "size": list(c.sizes), "file": file}
+                if in_file[(fqn, file)] > 1:
+                    entry["key"] = file_key(fqn, c.offsets[0], True)
+                chunks.append(entry)
             index[fqn] = {"dtype": str(md.properties.dtype).replace("torch.", ""), "size": list(md.size),
-                          "chunks": [{"offset": list(c.offsets), "size": list(c.sizes),
-                                      "file": files[(fqn, tuple(c.offsets))]} for c in md.chunks]}
+                          "chunks": chunks}
         tmp = Path(self.path) / f".{INDEX}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"version": 1, "tensors": index}, f, indent=0, sort_keys=True)
@@ -218,10 +278,11 @@ def scan_shards(path: str | os.PathLike) -> dict[tuple[str, int], tuple[str, int
                 sharding = json.loads((f.metadata() or {}).get(CUSTOM_METADATA_KEY, "{}"))
                 for key in f.keys():
                     off = sharding.get(key, {}).get(SAVED_OFFSETS_KEY, [0])[0]
-                    if (key, off) in found:
-                        raise ValueError(f"sharded checkpoint {path}: {file} and {found[(key, off)][0]} both "
-                                         f"hold {key}[{off}:]")
-                    found[(key, off)] = (file.name, f.get_slice(key).get_shape()[0])
+                    fqn = sharding.get(key, {}).get("fqn", key)
+                    if (fqn, off) in found:
+                        raise ValueError(f"sharded checkpoint {path}: {file} and {found[(fqn, off)][0]} both "
+                                         f"hold {fqn}[{off}:]")
+                    found[(fqn, off)] = (file.name, f.get_slice(key).get_shape()[0])
         except ValueError:
             raise
         except Exception as e:                          # safetensors' own error for a damaged header
@@ -237,15 +298,41 @@ def check_shards(path: str | os.PathLike) -> dict[str, dict]:
 
 
 class ShardReader(HuggingFaceStorageReader):
-    """DCP's safetensors reader, after checking the shards against the global index."""
+    """DCP's safetensors reader, after checking the shards against the global index; the metadata
+    comes from that index (chunks, full sizes, and the in-file name of each chunk)."""
 
     def read_metadata(self) -> Metadata:
+        from torch.distributed.checkpoint._hf_utils import _HFStorageInfo
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
         index = check_shards(self.path)
-        md = super().read_metadata()
-        for fqn, entry in md.state_dict_metadata.items():     # the full size from the index, not the
-            if isinstance(entry, TensorStorageMetadata):       # largest chunk end seen
-                entry.size = torch.Size(index[fqn]["size"])
-        return md
+        sd_md, storage, self._keys = {}, {}, {}
+        for fqn, md in index.items():
+            dtype = getattr(torch, md["dtype"])
+            chunks = []
+            for c in md["chunks"]:
+                off, size = torch.Size(c["offset"]), torch.Size(c["size"])
+                chunks.append(ChunkStorageMetadata(offsets=off, sizes=size))
+                storage[MetadataIndex(fqn=fqn, offset=off)] = _HFStorageInfo(
+                    relative_path=str(Path(self.path) / c["file"]), shape=size, dtype=dtype)
+                self._keys[(fqn, tuple(off))] = c.get("key", fqn)
+            sd_md[fqn] = TensorStorageMetadata(properties=TensorProperties(dtype=dtype),
+                                               size=torch.Size(md["size"]), chunks=chunks)
+        metadata = Metadata(state_dict_metadata=sd_md, storage_data=storage)
+        metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _process_read_request(self, f, req, planner) -> None:
+        key = self._keys[(req.storage_index.fqn, tuple(req.storage_index.offset))]
+        slices = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))
+        tensor = f.get_slice(key)[slices]
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise ValueError(f"sharded checkpoint {self.path}: {req.storage_index.fqn} read {tuple(tensor.size())} "
+                             f"elements for a slice of {tuple(target.size())}")
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
 
 
 def read_flat(path: str | os.PathLike, index: dict[str, dict], fqn: str, start: int = 0,
@@ -262,5 +349,5 @@ def read_flat(path: str | os.PathLike, index: dict[str, dict], fqn: str, start: 
         lo, hi = max(start, off), min(stop, off + size)
         if lo < hi:
             with safe_open(str(Path(path) / c["file"]), framework="pt") as f:
-                out[lo - start:hi - start] = f.get_slice(fqn)[lo - off:hi - off]
+                out[lo - start:hi - start] = f.get_slice(c.get("key", fqn))[lo - off:hi - off]
     return out

@@ -78,6 +78,17 @@ def expert_layouts(model: nn.Module) -> dict[str, ExpertLayout]:
     return out
 
 
+def model_placement(model: nn.Module) -> list[list[list[int]]] | None:
+    """The expert placement a sharded model runs under: per MoE layer, per EP rank, the global
+    expert ids it holds (parallel/placement.py; plain JSON). None when no MoE layer is sharded."""
+    out = []
+    for name, module in model.named_modules():
+        placement = getattr(getattr(module, "dispatcher", None), "placement", None)
+        if placement is not None:
+            out.append([list(ids) for ids in placement])
+    return out or None
+
+
 def expert_runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Consecutive runs of global ids -> [(local index, global id, length)]."""
     runs: list[list[int]] = []
