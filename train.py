@@ -39,6 +39,7 @@ from parallel.faults import Faults
 from parallel.integrity import verify
 from parallel.monitor import Monitor, machine_peak_flops
 from parallel.outer import OuterSync, check_outer_resume
+from parallel.placement import build_placement, describe, ep_capacities, read_expert_loads
 from parallel.rank_clock import RankClock
 from parallel.shares import check_capacity, initial_shares, measured_shares
 from parallel.sites import (SiteMPU, build_sites, check_sites, create_site_expert_groups, deepspeed_comm_bytes,
@@ -120,6 +121,33 @@ def evaluate(engine, val_rows, cfg, rank: int, world: int, device) -> float:
         total += float(engine(x.to(device), y.to(device)).lm_loss)
     engine.train()
     return mean_over_ranks([total / max(1, cfg.train.eval_batches)], device)[0]
+
+
+def expert_placement(cfg, shares, state, n_layers: int):
+    """parallel.expert_placement -> (placement or None for the even one, a line for the log).
+
+    capacity: the configured rank capacities, or auto's measured shares (known from the resume
+    after the probe; a fresh auto run starts even). load: the router counts of
+    parallel.expert_load_from, else those of the checkpoint being resumed."""
+    p = cfg.parallel
+    mode, caps = p.expert_placement, None
+    if mode == "even":
+        return None, ""
+    if isinstance(p.rank_capacity, list):
+        caps = ep_capacities(p.rank_capacity, p.ep)
+    elif p.rank_capacity == "auto" and shares.measured:
+        caps = ep_capacities(shares.rows, p.ep)            # rows per step are proportional to measured speed
+    elif mode == "capacity":
+        return None, ("expert_placement=capacity: no capacities yet (auto measures them in this run); experts stay "
+                      "even until a resume")
+    loads = None
+    if mode == "load":
+        if p.expert_load_from:
+            loads = read_expert_loads(p.expert_load_from)
+        elif state and state.get("expert_load") and any(any(row) for row in state["expert_load"]):
+            loads = state["expert_load"]
+    placement = build_placement(mode, n_layers, cfg.model.n_routed_experts, p.ep, caps, loads)
+    return placement, f"expert placement {mode}: {describe(placement)}"
 
 
 class TrainingStopped(RuntimeError):
@@ -212,13 +240,14 @@ def main(argv=None) -> int:
     seed_everything(t.seed)
     model = DeepseekV3(cfg.model)
     fp8_report = apply_fp8(model, cfg.fp8) if cfg.fp8.enabled else None   # a module swap, after the build
-    dispatchers = []
+    dispatchers, placement, placement_note = [], None, ""
     if cfg.parallel.ep > 1:                                  # keep n_routed_experts / ep experts per rank
         p = cfg.parallel
         ep_group, _ = create_site_expert_groups(p.ep, sites) if sites else create_groups(p.ep)
         link = EmulatedLink(p.link_bandwidth_gbps, p.link_latency_us)
+        placement, placement_note = expert_placement(cfg, shares, state, len(model.moe_layers()))
         dispatchers = shard_experts(model, ep_group, p.ep, overlap=p.overlap, chunks=p.chunks, link=link,
-                                    fp8_dispatch=p.fp8_dispatch)
+                                    fp8_dispatch=p.fp8_dispatch, placement=placement)
         declare_to_deepspeed(model, p.ep)
     if t.init_from and ckpt is None:                         # a resume takes precedence over the init
         checkpoint.load_init_weights(model, t.init_from)     # every rank, its own expert slice
@@ -270,6 +299,8 @@ def main(argv=None) -> int:
                       + ("; auto: measuring compute time over the first "
                          f"{cfg.parallel.capacity_probe_steps} steps" if cfg.parallel.rank_capacity == "auto"
                          and not shares.measured else ""))
+    if placement_note:
+        monitor.write(placement_note)
     if cfg.parallel.emulate_slowdown:
         monitor.write(f"WARNING: emulated slowdown on rank(s) {cfg.parallel.emulate_slowdown} (tests/benchmarks only)")
 

@@ -11,6 +11,7 @@ import pytest
 from configs.schema import load_config
 from data import ShardedSampler
 from parallel import checkpoint
+from parallel.placement import capacity_counts
 from parallel.shares import Shares, apportion, check_capacity, initial_shares
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
@@ -90,7 +91,8 @@ def test_sampler_unequal_shares_cover_the_same_global_batches():
 # ---------------------------------------------------------------- real runs
 
 STEPS = 10
-COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=3", "train.grad_clip=0.05", "parallel.ep=2"]
+COMMON = [f"train.max_steps={STEPS}", "train.micro_batch_size=3", "train.grad_clip=0.05", "parallel.ep=2",
+          "train.keep_last=3"]
 
 
 def _rel(a: float, b: float) -> float:
@@ -108,46 +110,60 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_thirds_one_third_equals_equal_split(runs):
-    """2 EP ranks, shares 4 and 2 rows of a 6-row global batch (loss weights 4/3 and 2/3) against
-    3 and 3: the same losses within 1e-5 relative over 10 steps, clipping active throughout."""
+def test_shares_and_placement_keep_the_equal_split_update_through_reshards(runs):
+    """One chain of runs on 2 EP ranks, each against the equal split with the even placement (the
+    oracle), clipping active throughout:
+    A. shares 4 and 2 rows of a 6-row global batch (loss weights 4/3, 2/3) and experts 10 and 6 of
+       16 (rank_capacity=[10, 6], expert_placement=capacity): losses within 1e-5 over 10 steps;
+    B. resume A's step 4 with rank_capacity=auto, rank 1 emulated at half speed and
+       expert_placement=capacity: a reshard from 10/6 to even experts (no measurement yet), the
+       probe fixes the shares after step 7; within 1e-5 of the oracle;
+    C. resume B's step 8 with the same shares and placement: steps 9-10 bit-exact with B's;
+    D. resume B's step 8 with capacity placement, now by auto's measured shares (a second reshard):
+       within 1e-5."""
     root, corpus, ref = runs
-    launch(2, run_args(root, corpus, "shares", COMMON + ["train.save_every=100", "parallel.rank_capacity=[2, 1]"]))
-    got = metrics(root / "shares")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert all(r["grad_norm"] > 0.05 for r in ref)
-    for a, b in zip(got, ref):
-        assert _rel(a["loss"], b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
-        assert _rel(a["grad_norm"], b["grad_norm"]) < 1e-4, (a["step"], a["grad_norm"], b["grad_norm"])
-        assert a["rank_share"] == [pytest.approx(2 / 3, abs=1e-6), pytest.approx(1 / 3, abs=1e-6)]
-        assert len(a["rank_step_s"]) == len(a["rank_busy_s"]) == len(a["rank_wait_s"]) == 2
-    # the routed-token counts are the same tokens, whatever the split
+
+    def close(got, first):
+        assert [r["step"] for r in got] == list(range(first, STEPS + 1))
+        for a in got:
+            b = ref[a["step"] - 1]
+            assert _rel(a["loss"], b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+            assert _rel(a["grad_norm"], b["grad_norm"]) < 1e-4, (a["step"], a["grad_norm"], b["grad_norm"])
+
+    a = COMMON + ["train.save_every=4", "parallel.rank_capacity=[10, 6]", "parallel.expert_placement=capacity"]
+    launch(2, run_args(root, corpus, "A", a))
+    got = metrics(root / "A")
+    close(got, 1)
+    assert all(r["rank_share"] == [pytest.approx(2 / 3, abs=1e-6), pytest.approx(1 / 3, abs=1e-6)] for r in got)
+    assert all(len(r["rank_step_s"]) == len(r["rank_busy_s"]) == len(r["rank_wait_s"]) == 2 for r in got)
+    # the routed-token counts are the same tokens, whatever the split and the placement
     assert [r["expert_load"] for r in got] == [r["expert_load"] for r in ref]
+    a4 = checkpoint.complete_checkpoints(str(root / "A"))[0]
+    assert checkpoint.read_state(a4)["expert_placement"][0] == [list(range(10)), list(range(10, 16))]
 
-
-@pytest.mark.slow
-def test_auto_shares_with_slow_rank_keep_the_update_and_resume_exactly(runs):
-    """auto + an emulated half-speed rank: the shares are fixed after the probe (whatever they are,
-    the losses stay the equal split's), saved in the checkpoint, and a resume from step 5
-    continues bit-exactly with them."""
-    root, corpus, ref = runs
-    extra = ["parallel.rank_capacity=auto", "parallel.capacity_probe_steps=3", "parallel.emulate_slowdown={1: 2.0}",
-             "train.save_every=5"]
-    p = launch(2, run_args(root, corpus, "auto", COMMON + extra))
+    auto = COMMON + ["train.save_every=4", "parallel.rank_capacity=auto", "parallel.capacity_probe_steps=3",
+                     "parallel.emulate_slowdown={1: 2.0}"]
+    p = launch(2, run_args(root, corpus, "B", auto + ["parallel.expert_placement=capacity", f"train.resume={a4}"]))
     assert "EMULATED SLOWDOWN x2.0" in p.stdout + p.stderr
-    got = metrics(root / "auto")
-    for a, b in zip(got, ref):
-        assert _rel(a["loss"], b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
-        assert a["emulated_slowdown"] == {"1": 2.0}
-    ck5 = checkpoint.complete_checkpoints(str(root / "auto"))[0]          # step 5
-    saved = checkpoint.read_state(ck5)["shares"]
+    b_run = metrics(root / "B")
+    close(b_run, 5)
+    assert all(r["emulated_slowdown"] == {"1": 2.0} for r in b_run)
+    b8 = [c for c in checkpoint.complete_checkpoints(str(root / "B")) if c.name.endswith("8")][0]
+    state = checkpoint.read_state(b8)
+    assert state["expert_placement"][0] == [list(range(8)), list(range(8, 16))]      # even until measured
+    saved = state["shares"]
     assert saved["measured"] and sum(saved["rows"]) == 6 and min(saved["rows"]) >= 1
-    assert got[-1]["rank_share"] == [pytest.approx(n / 6, abs=1e-6) for n in saved["rows"]]
-    # resume from step 5 into a new directory: the same shares, the same steps 6-10 to the bit
-    launch(2, run_args(root, corpus, "auto_resumed", COMMON + extra + [f"train.resume={ck5}"]))
-    again = metrics(root / "auto_resumed")
-    assert [r["step"] for r in again] == list(range(6, STEPS + 1))
-    assert [r["loss"] for r in again] == [r["loss"] for r in got[5:]]
+    assert b_run[-1]["rank_share"] == [pytest.approx(n / 6, abs=1e-6) for n in saved["rows"]]
+
+    launch(2, run_args(root, corpus, "C", auto + [f"train.resume={b8}"]))
+    assert [r["loss"] for r in metrics(root / "C")] == [r["loss"] for r in b_run[4:]]
+
+    launch(2, run_args(root, corpus, "D", auto + ["parallel.expert_placement=capacity", f"train.resume={b8}"]))
+    close(metrics(root / "D"), 9)
+    counts = [len(ids) for ids in checkpoint.read_state(checkpoint.complete_checkpoints(str(root / "D"))[-1])
+              ["expert_placement"][0]]
+    assert counts == capacity_counts(16, saved["rows"])      # experts in proportion to the measured shares
 
 
 def test_wrong_capacity_length_fails_before_any_process_group(tmp_path):

@@ -1,0 +1,165 @@
+"""Mixed hardware: 2 ranks, one emulated at half speed, against the ideal (the sum of the two ranks'
+solo speeds), with equal shares and with capacity-weighted shares and experts.
+
+    python scripts/bench_mixed.py [--out runs/mixed] [--rounds 2] [--steps 14] [--plot docs/mixed_rank_times.png]
+
+Every process runs with one CPU thread (OMP_NUM_THREADS=1), so a rank alone and a rank of the pair
+have the same resources. configs/tiny.yaml on the embedded corpus, ``--mbs`` rows of ``--seq``
+tokens per rank per step (the global batch is 2 x mbs rows in every run), parallel.ep=2 for the
+pairs, rank 1 slowed by ``parallel.emulate_slowdown={1: 2.0}`` (it sleeps as long again as it
+computes). Runs, alternating in each round so drift hits them alike:
+
+    solo_fast   1 process (ep 1, all experts), the whole global batch
+    solo_slow   the same, slowed x2                         ideal = solo_fast + solo_slow tokens/s
+    equal       the pair, equal shares, even experts        (expected near 0.67 of the ideal)
+    true        the pair, rank_capacity=[2, 1], expert_placement=capacity (the true ratio, given)
+    auto        the pair, rank_capacity=auto: a first launch measures the shares over
+                capacity_probe_steps steps and saves; the resume places experts by them
+                (expert_placement=capacity) and is the one timed
+
+Tokens/s is the median of the logged per-step values after the first two steps of the timed launch.
+Printed last: each run's tokens/s over the ideal, auto's shares against the true 2:1, and each
+rank's step / compute / wait seconds; the per-rank times of equal and auto go to ``--plot``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOW = 2.0
+
+
+def metrics(out: Path) -> list[dict]:
+    f = out / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def launch(n: int, args: list[str], log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = ([sys.executable, str(ROOT / "train.py")] if n == 1 else
+           ["deepspeed", "--num_gpus", str(n), str(ROOT / "train.py")]) + args
+    with open(log, "a") as f:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed ({p.returncode}); see {log}")
+
+
+def common(a, out: Path, rows: int) -> list[str]:
+    return [f"train.out_dir={out}", f"train.micro_batch_size={rows}", f"data.seq_len={a.seq}",
+            "train.log_every=1", "train.eval_every=100000", "train.eval_batches=0", "train.save_every=100000",
+            "logging.progress=false", f"data.cache_dir={a.cache}", "deepspeed.zero_optimization.stage=1"]
+
+
+def run(name: str, a, rnd: int) -> dict:
+    out = Path(a.out) / f"{name}_{rnd}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = out / "log.txt"
+    steps = [f"train.max_steps={a.steps}"]
+    pair = ["parallel.ep=2", f"parallel.emulate_slowdown={{1: {SLOW}}}"]
+    first = 0
+    if name == "solo_fast":
+        launch(1, common(a, out, 2 * a.mbs) + steps, log)
+    elif name == "solo_slow":
+        launch(1, common(a, out, 2 * a.mbs) + steps + [f"parallel.emulate_slowdown={{0: {SLOW}}}"], log)
+    elif name == "equal":
+        launch(2, common(a, out, a.mbs) + steps + pair, log)
+    elif name == "true":
+        launch(2, common(a, out, a.mbs) + steps + pair + ["parallel.rank_capacity=[2, 1]",
+                                                          "parallel.expert_placement=capacity"], log)
+    elif name == "auto":
+        probe = ["parallel.rank_capacity=auto", f"parallel.capacity_probe_steps={a.probe}"]
+        first = a.probe + 1          # the probe's launch stops (and saves) one step after the shares are fixed
+        launch(2, common(a, out, a.mbs) + steps + pair + probe + [f"train.stop_at={first}"], log)
+        launch(2, common(a, out, a.mbs) + steps + pair + probe + ["train.resume=auto",
+                                                                  "parallel.expert_placement=capacity"], log)
+    rec = [r for r in metrics(out) if r["step"] > first + 2]
+    res = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rec), "steps": len(rec)}
+    if "rank_step_s" in rec[-1]:
+        for key in ("rank_step_s", "rank_busy_s", "rank_wait_s"):
+            res[key] = [statistics.median(r[key][i] for r in rec) for i in range(2)]
+        res["rank_share"] = rec[-1]["rank_share"]
+    return res
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("equal", "true", "auto") if n in results]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, n in enumerate(names):
+        r = results[n]
+        for rank in range(2):
+            x = i * 3 + rank
+            ax.bar(x, r["rank_busy_s"][rank], color="tab:blue", label="compute" if x == 0 else None)
+            ax.bar(x, r["rank_wait_s"][rank], bottom=r["rank_busy_s"][rank], color="tab:orange",
+                   label="waiting" if x == 0 else None)
+            ax.text(x, 0, f"r{rank}\n{r['rank_share'][rank]:.2f}", ha="center", va="bottom", fontsize=7, color="w")
+    ax.set_xticks([i * 3 + 0.5 for i in range(len(names))],
+                  [{"equal": "equal shares", "true": "capacity [2,1]", "auto": "auto + capacity"}[n] for n in names])
+    ax.set_ylabel("seconds per step (median)")
+    ax.set_title("rank 1 emulated at half speed: per-rank step time (labels: token share)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/mixed")
+    p.add_argument("--cache", default=".cache/data")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=14)
+    p.add_argument("--probe", type=int, default=4)
+    p.add_argument("--mbs", type=int, default=6)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--runs", default="solo_fast,solo_slow,equal,true,auto")
+    p.add_argument("--plot", default=None)
+    a = p.parse_args()
+    names = a.runs.split(",")
+    per_round: dict[str, list[dict]] = {n: [] for n in names}
+    for rnd in range(a.rounds):
+        for n in names:
+            per_round[n].append(run(n, a, rnd))
+            print(f"round {rnd} {n}: {per_round[n][-1]}", flush=True)
+    results = {}
+    for n, rs in per_round.items():
+        results[n] = dict(rs[-1], tokens_per_s=statistics.median(r["tokens_per_s"] for r in rs),
+                          rounds=[round(r["tokens_per_s"], 1) for r in rs])
+    print("\nmachine: 2-core CPU, 1 thread per process, fp32; rank 1 slowed x2; "
+          f"global batch {2 * a.mbs} x {a.seq} tokens")
+    ideal = None
+    if "solo_fast" in results and "solo_slow" in results:
+        ideal = results["solo_fast"]["tokens_per_s"] + results["solo_slow"]["tokens_per_s"]
+        print(f"ideal (solo fast + solo slow) {ideal:,.1f} tok/s "
+              f"(solo {results['solo_fast']['tokens_per_s']:,.1f} + {results['solo_slow']['tokens_per_s']:,.1f})")
+    print(f"{'run':<10} {'tok/s':>9} {'x ideal':>8}  rounds        shares          step s (r0, r1)   compute s        wait s")
+    for n, r in results.items():
+        ratio = f"{r['tokens_per_s'] / ideal:.3f}" if ideal else "-"
+        extra = ""
+        if "rank_share" in r:
+            extra = (f"{[round(x, 3) for x in r['rank_share']]!s:<15} {[round(x, 3) for x in r['rank_step_s']]!s:<17}"
+                     f" {[round(x, 3) for x in r['rank_busy_s']]!s:<16} {[round(x, 3) for x in r['rank_wait_s']]}")
+        print(f"{n:<10} {r['tokens_per_s']:>9,.1f} {ratio:>8}  {r['rounds']!s:<13} {extra}")
+    if "auto" in results:
+        s = results["auto"]["rank_share"]
+        print(f"auto's shares {s[0]:.3f} : {s[1]:.3f} = {s[0] / s[1]:.2f} : 1 (true 2 : 1)")
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1))
+    if a.plot:
+        plot(results, a.plot)
+
+
+if __name__ == "__main__":
+    main()
