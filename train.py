@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     outer = OuterSync(engine, sites, cfg.parallel, moes) if sites else None   # the shared start point
     saver = checkpoint.Checkpointer(async_save=t.async_save)   # its own gloo group: created on every rank
     slowdown = (cfg.parallel.emulate_slowdown or {}).get(rank, 1.0)
-    clock = RankClock(engine, dispatchers, slowdown)            # compute vs waiting, per rank
+    clock = RankClock(engine, dispatchers, slowdown, device)            # compute vs waiting, per rank
     if slowdown > 1.0:
         print(f"rank {rank}: EMULATED SLOWDOWN x{slowdown} (parallel.emulate_slowdown): this rank sleeps "
               f"{slowdown - 1:.2f} x its compute time every micro-step", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ c+1 runs: the same pipeline, mirrored. On CPU the collectives run on gloo's own 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,10 @@ class _Transfer:
     """One all-to-all and its backward twin: split sizes, async handles, emulated completion."""
 
     def __init__(self, group, send_splits: list[int], recv_splits: list[int], link: EmulatedLink,
-                 rank: int, stats: dict, kind: str, fp8: bool = False):
+                 rank: int, stats: dict, kind: str, fp8: bool = False, owner=None):
         self.group, self.send, self.recv, self.link = group, send_splits, recv_splits, link
         self.rank, self.stats, self.kind, self.fp8 = rank, stats, kind, fp8
+        self.owner = owner                      # the dispatcher: its wait_s counts the time blocked here
         self.handle = self.done_at = self.grad_out = None
 
     def launch(self, x: torch.Tensor, send: list[int], recv: list[int], key: str) -> torch.Tensor:
@@ -51,9 +53,12 @@ class _Transfer:
         return out
 
     def wait(self) -> None:
+        t0 = time.perf_counter()
         self.handle.wait()
         self.link.wait_until(self.done_at)
         self.handle = None
+        if self.owner is not None:
+            self.owner.wait_s += time.perf_counter() - t0
 
 
 def pack_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +160,7 @@ class AllToAllDispatcher:
         self.link = link or EmulatedLink()
         self.fp8_dispatch = fp8_dispatch   # dispatch as E4M3 + 1x128 scales; combine stays full width
         self.stats: dict[str, int] = {}
+        self.wait_s = 0.0              # seconds blocked in this layer's all-to-alls (parallel/rank_clock.py)
         self.ranks_per_token_max = 0   # node-limited routing check: distinct ranks a token reached
 
     def _map(self, name: str, device: torch.device) -> torch.Tensor:
@@ -180,13 +186,15 @@ class AllToAllDispatcher:
             per_rank = torch.stack([b.sum(1) for b in blocks], dim=1)        # (C, ep) rows to each rank
             send_counts = torch.cat([b.reshape(-1) for b in blocks])
             recv_counts = send_counts.new_empty(self.ep * C * self.n_local)
+            t0 = time.perf_counter()                                         # blocking: a slow peer shows here
             dist.all_to_all_single(recv_counts, send_counts, [C * self.n_local] * self.ep,
                                    [C * n for n in self.n_per_rank], group=self.group)
+            self.wait_s += time.perf_counter() - t0
             recv_counts = recv_counts.view(self.ep, C, self.n_local)
         transfers, bufs = [], []
         for c, p in enumerate(perms):
             tr = _Transfer(self.group, per_rank[c].tolist(), recv_counts[:, c].sum(1).tolist(),
-                           self.link, self.rank, self.stats, "dispatch", fp8=self.fp8_dispatch)
+                           self.link, self.rank, self.stats, "dispatch", fp8=self.fp8_dispatch, owner=self)
             buf = _A2AStart.apply(x[bounds[c]:bounds[c + 1]].index_select(0, p.token_of), tr)
             if not self.overlap:
                 buf = _A2AWait.apply(buf, tr)
@@ -200,7 +208,7 @@ class AllToAllDispatcher:
             y = experts(recv.index_select(0, order), recv_counts[:, c].sum(0))             # (N_recv, D) expert-major
             y_src = torch.empty_like(y).index_copy(0, order, y) if y.shape[0] else y   # back to (src, e)
             tr = _Transfer(self.group, transfers[c].recv, transfers[c].send, self.link, self.rank,
-                           self.stats, "combine")
+                           self.stats, "combine", owner=self)
             out = _A2AStart.apply(y_src, tr)
             back.append((_A2AWait.apply(out, tr) if not self.overlap else out, tr))
         outs = []

@@ -12,6 +12,10 @@ The split point is the engine's ``allreduce_gradients``: DeepSpeed calls it at t
 backward (ZeRO-1 and stage 0 reduce there at the accumulation boundary). Under ZeRO-2 gradient
 buckets are also reduced from hooks during the backward, so a wait inside those counts as busy.
 
+On CUDA the clock synchronises the device at its two points (the start of a micro-step and the
+reduction), so kernel time is counted where it runs; NCCL's all-to-all waits are then device-side
+and count as compute (a known limit: ``auto`` on GPUs with EP sees a waiting rank as slower).
+
 Slowdown emulation (``parallel.emulate_slowdown: {rank: factor}``, tests and benchmarks only):
 at that split point the rank sleeps (factor - 1) x the micro-step's busy time, as a device that
 many times slower would still be computing; the sleep counts as busy.
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 
 def dispatcher_wait_s(dispatchers) -> float:
     """Seconds this rank spent blocked in the expert all-to-alls so far."""
@@ -27,20 +33,23 @@ def dispatcher_wait_s(dispatchers) -> float:
 
 
 class RankClock:
-    def __init__(self, engine, dispatchers, slowdown: float = 1.0):
+    def __init__(self, engine, dispatchers, slowdown: float = 1.0, device: torch.device | None = None):
         self.dispatchers, self.slowdown = dispatchers, slowdown
+        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
         self._reduce_gradients = engine.allreduce_gradients
         engine.allreduce_gradients = self._at_reduction         # instance attribute: engine.backward calls it
         self.busy_s = self.slept_s = 0.0                          # this step so far
         self._open = False
 
     def micro_start(self) -> None:
+        self._sync()
         self._t0, self._w0, self._open = time.perf_counter(), dispatcher_wait_s(self.dispatchers), True
 
     def _close_micro(self) -> None:
         if not self._open:
             return
         self._open = False
+        self._sync()
         busy = time.perf_counter() - self._t0 - (dispatcher_wait_s(self.dispatchers) - self._w0)
         if self.slowdown > 1.0:
             nap = (self.slowdown - 1.0) * busy
