@@ -379,6 +379,8 @@ def main(argv=None) -> int:
             ds_sent = deepspeed_comm_bytes()   # DeepSpeed's own collectives (deepspeed.comms_logger.enabled)
             if ds_sent:
                 record["ds_comm_bytes"] = ds_sent
+            if device.type == "cuda":   # the allocator's high-water mark on this rank (rank 0 logs)
+                record["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if world > 1:   # which rank holds the job back: per-rank seconds per step, and token shares
                 per_rank = gather_rank_times(rank_times / max(1, step - times_from), device)
                 record.update(rank_step_s=per_rank[0], rank_busy_s=per_rank[1], rank_wait_s=per_rank[2],
