@@ -6,7 +6,9 @@ Layout, one directory per save:
                                      (parallel/dcp_storage.py): shard-RRRRR.safetensors per writing
                                      rank + index.json, the global (name, offset, size) index
         trainer_state.json           step, sampler position, config, tokenizer fingerprint, format,
-                                     full tensor shapes, AdamW step, DeepSpeed's counters
+                                     full tensor shapes, AdamW step, DeepSpeed's counters, the
+                                     expert placement saved under (parallel/placement.py; null
+                                     without EP)
         tokenizer/                   a copy of the tokenizer the data was prepared with
         rng_rank{r}.safetensors      torch RNG state (tensor) + python/numpy RNG (JSON metadata)
         MANIFEST.json                size + SHA-256 of every file above (parallel/integrity.py)
@@ -17,7 +19,8 @@ parameter, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` its AdamW moments, all f
 and written as the slices their owners hold (parallel/fragments.py: a ZeRO partition, an EP rank's
 experts; replicas are written once), and ``buffer/<name>`` the router biases. Nothing is gathered
 on any rank. A bf16 run's module weights are bf16(master), so they are not stored again. A resume
-on any world size, ``parallel.ep`` or ZeRO stage asks DCP for the slices it owns now.
+on any world size, ``parallel.ep``, ZeRO stage or expert placement asks DCP for the slices it owns
+now: experts are addressed by global id, so re-placing them is a reshard.
 
 A directory without COMPLETE (a save that crashed halfway) is never resumed from, and
 keep_last pruning only counts complete ones. Every file is checked against the manifest
