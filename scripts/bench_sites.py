@@ -2,6 +2,7 @@
 (ep=2 inside each) with the DiLoCo-style outer step, same global batch and token count.
 
     python scripts/bench_sites.py [--out runs/sites] [--steps 600] [--runs sync,h50_int8,...]
+    python scripts/bench_sites.py --runs sync,h50_int8_lr14_warm100e5 --utilisation   # 2026-12-04's
     python scripts/bench_sites.py --report-only            # table + plot from finished runs
 
 Each run is ``deepspeed --num_gpus 4 train.py`` on configs/tiny.yaml (the embedded corpus) with
@@ -10,10 +11,18 @@ run whose metrics already reach the last step is not repeated. Printed: final va
 and its ratio to synchronous; bytes sent across sites per inner step (the outer step's counters,
 all ranks) against synchronous data parallelism's gradient reductions (DeepSpeed's comms logger:
 all_reduce / reduce_scatter payloads, all ranks) and its parameter all-gathers; steps/s. The
-curves go to docs/sites_loss.png. ``--utilisation`` adds three short runs (``--util-steps``, H=50
-int8): without link emulation, over an emulated 100 Mbit/s / 50 ms wide-area link, and the same
-with outer_overlap=5; steps/s of each, and synchronous data parallelism's time on that link per
-step computed from its counted gradient bytes (it is not run over the link).
+curves go to docs/sites_loss.png. RUNS: H in {10, 50, 200} x {fp32, int8} with DiLoCo's outer
+Nesterov (lr 0.7, momentum 0.9), and at H=50 int8 the outer-optimizer / warm-up variants
+(``_avg``: plain averaging; ``_lr14``: outer lr 1.4 = sqrt(2), no momentum; ``_warm100e5``:
+``parallel.outer_start_step=100 outer_start_every=5``, a plain mean every 5 steps up to step 100).
+
+``--utilisation`` adds short runs (``--util-steps``, 100 by default: only steps/s matters) over
+an emulated 100 Mbit/s / 50 ms wide-area link: H=50 int8 without and with it (and with
+outer_overlap=5), and synchronous 4-rank data parallelism with and without its DeepSpeed
+reductions on that link (``--train-over-wan``: parallel.link.emulate_wan_on_deepspeed, ranks 0-1
+and 2-3 as the two sites). Steps/s is steps over the summed step times past step 10; beside the
+ratio between runs (which the shared machine's load moves by 10-20%), each run with the link
+gives the in-run ratio: its time blocked on the link against its step time.
 """
 from __future__ import annotations
 
@@ -37,7 +46,16 @@ RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
              "h50_int8_avg_warm20": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=20"],
              # warm-up: a plain mean every 5 steps up to step 100 (20 exchanges), then H=50 rounds
              "h50_int8_avg_warm100e5": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=100",
-                                                                  "parallel.outer_start_every=5"]})
+                                                                  "parallel.outer_start_every=5"],
+             # outer lr sqrt(2), no momentum: each site's AdamW divides by its own (half-batch, noisier)
+             # second moment, so the sites' mean moves up to 1/sqrt(2) as far as one synchronous step
+             "h50_int8_lr14": RUNS["h50_int8"] + ["parallel.outer_lr=1.4", "parallel.outer_momentum=0"],
+             "h50_int8_lr14_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=1.4", "parallel.outer_momentum=0",
+                                                            "parallel.outer_start_step=100",
+                                                            "parallel.outer_start_every=5"],
+             "h50_int8_lr20_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=2.0", "parallel.outer_momentum=0",
+                                                            "parallel.outer_start_step=100",
+                                                            "parallel.outer_start_every=5"]})
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
@@ -46,6 +64,10 @@ UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
 # synchronous 4-rank DP with DeepSpeed's gradient reductions over the same emulated link, as if
 # ranks 0-1 and 2-3 were two sites (parallel.link.emulate_wan_on_deepspeed; through --train-over-wan)
 SYNC_WAN = ("0.1", "50", "2")
+# the synchronous run of 2026-12-02 (same command; the runs are deterministic): used when "sync" has
+# not been run in --out, and said so
+SYNC_2026_12_02 = {"name": "sync (2026-12-02)", "step": 600, "val_loss": 4.1505, "tokens_per_s": float("nan"),
+                   "grad_bytes_per_step": 112_204_868}
 GRADIENT_OPS = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_fn", "reduce")
 
 
@@ -95,15 +117,19 @@ def summary(name: str, rec: list[dict]) -> dict:
 
 def report(args: argparse.Namespace) -> None:
     rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= args.steps}
-    sync = rows.get("sync", {})
-    print(f"\n{'run':<10} {'step':>5} {'val loss':>9} {'vs sync':>8} {'bytes/step':>12} {'vs sync grads':>14} "
+    sync = rows.get("sync")
+    if sync is None:
+        sync = SYNC_2026_12_02
+        print(f"(synchronous: not in {args.out}; the 2026-12-02 run's val loss {sync['val_loss']} and "
+              f"{sync['grad_bytes_per_step']:,} gradient bytes per step)")
+    print(f"\n{'run':<24} {'step':>5} {'val loss':>9} {'vs sync':>8} {'bytes/step':>12} {'vs sync grads':>14} "
           f"{'tok/s':>7}")
     for n, r in rows.items():
         rel = (f"{r['val_loss'] / sync['val_loss'] - 1:+.2%}" if sync.get("val_loss") and r["val_loss"] else "")
         b = r.get("cross_bytes_per_step", r.get("grad_bytes_per_step"))
         ratio = (f"1/{sync['grad_bytes_per_step'] / b:,.0f}" if "cross_bytes_per_step" in r
                  and sync.get("grad_bytes_per_step") else "")
-        print(f"{n:<10} {r['step']:>5} {r['val_loss'] or float('nan'):>9.4f} {rel:>8} {b or 0:>12,.0f} {ratio:>14} "
+        print(f"{n:<24} {r['step']:>5} {r['val_loss'] or float('nan'):>9.4f} {rel:>8} {b or 0:>12,.0f} {ratio:>14} "
               f"{r['tokens_per_s']:>7,.0f}")
     if "gather_bytes_per_step" in sync:
         print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
@@ -128,11 +154,6 @@ def report(args: argparse.Namespace) -> None:
                 line += (f"; blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks), "
                          f"{share:.1%} of the step time: {1 - share:.1%} of the same run's steps/s without it")
             print(line)
-        if sync.get("grad_bytes_per_step"):
-            per_rank = sync["grad_bytes_per_step"] / 4 / 2   # hierarchical: each rank sends 1/2 of its payload across
-            link_s = 0.05 + 2 * per_rank * 8 / 0.1e9         # the two ranks of a site share the 100 Mbit/s uplink
-            print(f"  synchronous DP's gradients alone need >= {link_s:.2f} s per step on that link "
-                  f"(computed from its counted bytes)")
 
 
 def _steps_per_s(rec: list[dict]) -> float:
@@ -179,6 +200,8 @@ def plot(args: argparse.Namespace, rows: dict) -> None:
         val = [r for r in rec if "val_loss" in r]
         b.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=n, **style)
     a.set(xlabel="inner step", ylabel="train LM loss (mean of ranks)", title="training", ylim=(3, 8))
+    if "sync" not in rows:
+        b.axhline(SYNC_2026_12_02["val_loss"], color="k", lw=2, label="sync, step 600 (2026-12-02)")
     b.set(xlabel="inner step", ylabel="validation loss", title="validation")
     b.legend()
     fig.suptitle("2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml")
