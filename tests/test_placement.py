@@ -314,8 +314,9 @@ def _close(a, b, what, rel=1e-5):
 
 
 def _train_worker(rank, world, port, ep, stage, tmp, full):
-    """Even vs 10/6 (and, ``full``, a scattered load-style placement) over STEPS AdamW steps through
-    DeepSpeed; saves at SAVE_AT under one placement and resumes under another.
+    """Even vs 10/6 over STEPS AdamW steps through DeepSpeed; saves at SAVE_AT under one placement
+    and resumes under another. ``full``: 10/6 contiguous and 10/6 scattered (MIXED), resumes in a
+    cycle, init_from; else MIXED only (uneven sizes and scattered ids in one), resumes both ways.
 
     The reduce bucket (8000 elements) lies between the two ranks' sizes of a stacked expert tensor
     (10 x 1024 and 6 x 1024 for w_gate_up), so without parallel.expert_parallel.align_zero_buckets
@@ -330,26 +331,28 @@ def _train_worker(rank, world, port, ep, stage, tmp, full):
     torch.manual_seed(0)
     cfg = _cfg()
     base = DeepseekV3(cfg).train()
-    batches = _batches(cfg, world, rank, STEPS)
+    steps, save_at = (STEPS, SAVE_AT) if full else (6, 3)             # world 4: fewer steps, same checks
+    batches = _batches(cfg, world, rank, steps)
     bucket = 8000
     meta = {"config": {"model": cfg.to_dict(), "train": {"dtype": "fp32"}}}
     runs, paths = {}, {}
-    for name, placement in (("even", None), ("uneven", UNEVEN), ("mixed", MIXED))[:3 if full else 2]:
+    second = UNEVEN if full else MIXED
+    for name, placement in (("even", None), ("uneven", second), ("mixed", MIXED))[:3 if full else 2]:
         engine = _engine(base, cfg, world, ep, stage, placement, bucket)
-        first = _train(engine, batches, 0, SAVE_AT)
-        paths[name] = checkpoint.save(engine, str(tmp / name), SAVE_AT, meta, keep_last=1)
-        runs[name] = first + _train(engine, batches, SAVE_AT, STEPS)
+        first = _train(engine, batches, 0, save_at)
+        paths[name] = checkpoint.save(engine, str(tmp / name), save_at, meta, keep_last=1)
+        runs[name] = first + _train(engine, batches, save_at, steps)
     _close(runs["even"], runs["uneven"], "10/6 vs even")
     state = checkpoint.read_state(paths["uneven"])
-    assert state["expert_placement"] == [UNEVEN] * 3                   # 2 MoE layers + MTP's
-    moves = [("uneven", "even", None), ("even", "uneven", UNEVEN)]
+    assert state["expert_placement"] == [second] * 3                   # 2 MoE layers + MTP's
+    moves = [("uneven", "even", None), ("even", "uneven", second)]
     if full:
         _close(runs["even"], runs["mixed"], "scattered 10/6 vs even")
         moves = [("uneven", "even", None), ("even", "mixed", MIXED), ("mixed", "uneven", UNEVEN)]
     for src, dst, placement in moves:                                 # resume across placements
         engine = _engine(base, cfg, world, ep, stage, placement, bucket)
         checkpoint.load(engine, paths[src], checkpoint.read_state(paths[src]))
-        _close(runs[src][SAVE_AT:], _train(engine, batches, SAVE_AT, STEPS), f"{src} -> {dst}")
+        _close(runs[src][save_at:], _train(engine, batches, save_at, steps), f"{src} -> {dst}")
     # one copy of every expert on disk, whatever the placement; the weights read back by global id
     if not full:
         dist.barrier()
@@ -392,6 +395,6 @@ def test_uneven_placement_trains_and_resumes_like_even(tmp_path):
 
 @pytest.mark.slow
 def test_uneven_placement_with_expert_data_parallel_zero2(tmp_path):
-    """world 4 / ep 2 (expert-data-parallel pairs {0,2}, {1,3}) under ZeRO-2: 10/6 vs even, and the
-    resumes 10/6 -> even and even -> 10/6."""
+    """world 4 / ep 2 (expert-data-parallel pairs {0,2}, {1,3}) under ZeRO-2, whose partitions cut the
+    scattered experts' runs: 10/6 scattered vs even over 6 steps, and resumes at 3 both ways."""
     mp.spawn(_train_worker, args=(4, free_port(), 2, 2, tmp_path, False), nprocs=4, join=True)
