@@ -53,6 +53,8 @@ class _Transfer:
         return out
 
     def wait(self) -> None:
+        if self.owner is not None and self.owner.on_sync is not None:
+            self.owner.on_sync()                # parallel/rank_clock.py: this rank's compute up to here
         t0 = time.perf_counter()
         self.handle.wait()
         self.link.wait_until(self.done_at)
@@ -161,7 +163,12 @@ class AllToAllDispatcher:
         self.fp8_dispatch = fp8_dispatch   # dispatch as E4M3 + 1x128 scales; combine stays full width
         self.stats: dict[str, int] = {}
         self.wait_s = 0.0              # seconds blocked in this layer's all-to-alls (parallel/rank_clock.py)
-        self.ranks_per_token_max = 0   # node-limited routing check: distinct ranks a token reached
+        self.on_sync = None            # called before each blocking exchange (parallel/rank_clock.py)
+        self._ranks_per_token = None   # node-limited routing check: most distinct ranks one token reached
+
+    @property
+    def ranks_per_token_max(self) -> int:
+        return 0 if self._ranks_per_token is None else int(self._ranks_per_token)
 
     def _map(self, name: str, device: torch.device) -> torch.Tensor:
         t = self._maps[name]
@@ -178,7 +185,10 @@ class AllToAllDispatcher:
         with torch.no_grad():
             dest = self._map("rank_of", x.device)[topk_idx]                  # (T, K) owning rank
             per_tok = torch.zeros(T, self.ep, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
-            self.ranks_per_token_max = max(self.ranks_per_token_max, int(per_tok.sum(1).max()) if T else 0)
+            if T:   # kept on the device (no host sync in the forward); read through ranks_per_token_max
+                most = per_tok.sum(1).max()
+                prev = self._ranks_per_token
+                self._ranks_per_token = most if prev is None else torch.maximum(prev, most)
             # one small exchange of every chunk's per-slot counts: rank r gets its (C, n_r) block,
             # this rank receives (ep_src, C, El)
             counts = torch.stack([p.counts for p in perms])                  # (C, E) by slot
@@ -186,6 +196,8 @@ class AllToAllDispatcher:
             per_rank = torch.stack([b.sum(1) for b in blocks], dim=1)        # (C, ep) rows to each rank
             send_counts = torch.cat([b.reshape(-1) for b in blocks])
             recv_counts = send_counts.new_empty(self.ep * C * self.n_local)
+            if self.on_sync is not None:
+                self.on_sync()
             t0 = time.perf_counter()                                         # blocking: a slow peer shows here
             dist.all_to_all_single(recv_counts, send_counts, [C * self.n_local] * self.ep,
                                    [C * n for n in self.n_per_rank], group=self.group)

@@ -1,24 +1,28 @@
 """Where each rank's step time goes: its own compute, or waiting for the others.
 
     busy = forward + backward of every micro-step, minus the time blocked in the expert
-           all-to-all (the dispatchers' waits), up to the start of DeepSpeed's gradient reduction
+           all-to-alls (the dispatchers' waits), up to the start of DeepSpeed's gradient reduction
     wait = the step's wall time - busy   (all-to-all waits, gradient reduction, ZeRO's step)
 
 A rank that holds the job back has busy close to its step time; the ranks it holds back show the
 difference as wait. ``auto`` shares (parallel/shares.py) are set from busy time, and the metrics
 record both per rank.
 
-The split point is the engine's ``allreduce_gradients``: DeepSpeed calls it at the end of every
-backward (ZeRO-1 and stage 0 reduce there at the accumulation boundary). Under ZeRO-2 gradient
-buckets are also reduced from hooks during the backward, so a wait inside those counts as busy.
+The clock is read at every point where this rank may start waiting for the others: before each
+blocking exchange of the expert dispatchers (their ``on_sync`` hook) and at the engine's
+``allreduce_gradients``, which DeepSpeed calls at the end of every backward (ZeRO-1 and stage 0
+reduce there at the accumulation boundary). Under ZeRO-2 gradient buckets are also reduced from
+hooks during the backward, so a wait inside those counts as busy. On CUDA the clock synchronises
+the device at these points, so kernel time is counted where it runs; NCCL's all-to-all waits are
+then device-side and count as compute (a known limit: ``auto`` on GPUs with EP sees a waiting rank
+as slower).
 
-On CUDA the clock synchronises the device at its two points (the start of a micro-step and the
-reduction), so kernel time is counted where it runs; NCCL's all-to-all waits are then device-side
-and count as compute (a known limit: ``auto`` on GPUs with EP sees a waiting rank as slower).
-
-Slowdown emulation (``parallel.emulate_slowdown: {rank: factor}``, tests and benchmarks only):
-at that split point the rank sleeps (factor - 1) x the micro-step's busy time, as a device that
-many times slower would still be computing; the sleep counts as busy.
+Slowdown emulation (``parallel.emulate_slowdown: {rank: factor}``, tests and benchmarks only): at
+each of those points the rank sleeps (factor - 1) x the compute since the previous one, as a device
+that many times slower would still be computing. Spreading the sleep over the sync points matters:
+ranks meet at every MoE layer's all-to-all, so a rank that slept once at the end of the step would
+let the others wait layer by layer for nothing it computes. The sleep counts as busy; per
+micro-step it totals (factor - 1) x the micro-step's compute.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ class RankClock:
         self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
         self._reduce_gradients = engine.allreduce_gradients
         engine.allreduce_gradients = self._at_reduction         # instance attribute: engine.backward calls it
+        for d in dispatchers:
+            d.on_sync = self.sync_point
         self.busy_s = self.slept_s = 0.0                          # this step so far
         self._open = False
 
@@ -45,10 +51,10 @@ class RankClock:
         self._sync()
         self._t0, self._w0, self._open = time.perf_counter(), dispatcher_wait_s(self.dispatchers), True
 
-    def _close_micro(self) -> None:
+    def sync_point(self) -> None:
+        """This rank may wait from here: book its compute since the last point (and sleep, if slowed)."""
         if not self._open:
             return
-        self._open = False
         self._sync()
         busy = time.perf_counter() - self._t0 - (dispatcher_wait_s(self.dispatchers) - self._w0)
         if self.slowdown > 1.0:
@@ -57,14 +63,16 @@ class RankClock:
             self.slept_s += nap
             busy += nap
         self.busy_s += busy
+        self._t0, self._w0 = time.perf_counter(), dispatcher_wait_s(self.dispatchers)
 
     def _at_reduction(self, *args, **kwargs):
-        self._close_micro()          # the backward's own compute ends here; the reduction is waiting
+        self.micro_end()             # the backward's own compute ends here; the reduction is waiting
         return self._reduce_gradients(*args, **kwargs)
 
     def micro_end(self) -> None:
-        """After engine.backward: closes the micro-step if the engine did not reduce in it."""
-        self._close_micro()
+        """After engine.backward (or at its reduction): closes the micro-step."""
+        self.sync_point()
+        self._open = False
 
     def step_end(self, step_s: float) -> tuple[float, float]:
         """-> (busy, wait) seconds of the step that took ``step_s`` on this rank; resets."""

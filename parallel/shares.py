@@ -44,6 +44,10 @@ def check_capacity(cfg, world_size: int) -> None:
     if caps is not None and p.sites > 1:
         raise ValueError(f"parallel.rank_capacity={caps!r} with parallel.sites={p.sites}: unequal shares are "
                          "not supported across sites yet (sites must stay identical for the outer step)")
+    if p.expert_placement == "load" and p.sites > 1:
+        raise ValueError(f"parallel.expert_placement=load with parallel.sites={p.sites}: a load placement can give a "
+                         "rank several separate pieces of one expert tensor, which the outer step does not "
+                         "exchange yet; use even or capacity across sites")
     for r in (p.emulate_slowdown or {}):
         if r >= world_size:
             raise ValueError(f"parallel.emulate_slowdown: rank {r} does not exist (world size {world_size})")

@@ -53,6 +53,9 @@ def test_capacity_checks_against_the_world():
     cfg = load_config(None, ["parallel.rank_capacity=[1, 0.001]", "train.micro_batch_size=2"])
     with pytest.raises(ValueError, match=r"parallel.rank_capacity\[1\]=0.001"):
         check_capacity(cfg, 2)
+    cfg = load_config(None, ["parallel.sites=2", "parallel.ep=2", "parallel.expert_placement=load"])
+    with pytest.raises(ValueError, match="expert_placement=load with parallel.sites=2"):
+        check_capacity(cfg, 4)
     cfg = load_config(None, ["parallel.emulate_slowdown={3: 2.0}"])
     with pytest.raises(ValueError, match="emulate_slowdown: rank 3 does not exist"):
         check_capacity(cfg, 2)
