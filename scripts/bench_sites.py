@@ -53,6 +53,11 @@ RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
              "h50_int8_lr14_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=1.4", "parallel.outer_momentum=0",
                                                             "parallel.outer_start_step=100",
                                                             "parallel.outer_start_every=5"],
+             # diagnostic, not a candidate (about 1/4 of synchronous DP's bytes): a plain fp32 mean after
+             # every step for the whole run, so no drift between sites; what is left is each site's
+             # AdamW normalising its own half of the batch
+             "every_step_fp32": ["parallel.sites=2", "parallel.outer_every=50", "parallel.outer_dtype=fp32",
+                                 "parallel.outer_start_step=600"],
              "h50_int8_lr20_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=2.0", "parallel.outer_momentum=0",
                                                             "parallel.outer_start_step=100",
                                                             "parallel.outer_start_every=5"]})
