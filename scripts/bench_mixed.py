@@ -4,13 +4,16 @@ solo speeds), with equal shares and with capacity-weighted shares and experts.
     python scripts/bench_mixed.py [--out runs/mixed] [--rounds 2] [--steps 14] [--plot docs/mixed_rank_times.png]
 
 Every process runs with one CPU thread (OMP_NUM_THREADS=1), so a rank alone and a rank of the pair
-have the same resources. configs/tiny.yaml on the embedded corpus, ``--mbs`` rows of ``--seq``
+have the same resources; the two solo runs run at the same time, one process per core, so each
+solo speed is measured beside a busy neighbour core, as a rank of the pair is (alone on the
+machine a process runs up to a third faster here: shared caches and memory bandwidth). configs/tiny.yaml on the embedded corpus, ``--mbs`` rows of ``--seq``
 tokens per rank per step (the global batch is 2 x mbs rows in every run), parallel.ep=2 for the
 pairs, rank 1 slowed by ``parallel.emulate_slowdown={1: 2.0}`` (it sleeps as long again as it
 computes). Runs, alternating in each round so drift hits them alike:
 
-    solo_fast   1 process (ep 1, all experts), the whole global batch
-    solo_slow   the same, slowed x2                         ideal = solo_fast + solo_slow tokens/s
+    solo        two single processes at once (ep 1, all experts, the whole global batch each):
+                solo_fast, and solo_slow slowed x2 (2x fewer steps, so both run about as long)
+                                                            ideal = solo_fast + solo_slow tokens/s
     equal       the pair, equal shares, even experts        (expected near 0.67 of the ideal)
     true        the pair, rank_capacity=[2, 1], expert_placement=capacity (the true ratio, given)
     auto        the pair, rank_capacity=auto: a first launch measures the shares over
@@ -41,16 +44,26 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 
 
-def launch(n: int, args: list[str], log: Path) -> None:
+def start(n: int, args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = ([sys.executable, str(ROOT / "train.py")] if n == 1 else
            ["deepspeed", "--num_gpus", str(n), str(ROOT / "train.py")]) + args
-    with open(log, "a") as f:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} ... failed ({p.returncode}); see {log}")
+    f = open(log, "a")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    p.log = log
+    return p
+
+
+def finish(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.wait():
+            sys.exit(f"{' '.join(map(str, p.args[:4]))} ... failed ({p.returncode}); see {p.log}")
+
+
+def launch(n: int, args: list[str], log: Path) -> None:
+    finish(start(n, args, log))
 
 
 def common(a, out: Path, rows: int) -> list[str]:
@@ -59,19 +72,40 @@ def common(a, out: Path, rows: int) -> list[str]:
             "logging.progress=false", f"data.cache_dir={a.cache}", "deepspeed.zero_optimization.stage=1"]
 
 
-def run(name: str, a, rnd: int) -> dict:
+def fresh(a, name: str, rnd: int) -> Path:
     out = Path(a.out) / f"{name}_{rnd}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    return out
+
+
+def summary(out: Path, first: int) -> dict:
+    rec = [r for r in metrics(out) if r["step"] > first + 2]
+    res = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rec), "steps": len(rec)}
+    if "rank_step_s" in rec[-1]:
+        for key in ("rank_step_s", "rank_busy_s", "rank_wait_s"):
+            res[key] = [statistics.median(r[key][i] for r in rec) for i in range(2)]
+        res["rank_share"] = rec[-1]["rank_share"]
+    return res
+
+
+def run_solo(a, rnd: int) -> tuple[dict, dict]:
+    """Both solo runs at once, one per core (the fast one twice as many steps, so they overlap)."""
+    fast, slow = fresh(a, "solo_fast", rnd), fresh(a, "solo_slow", rnd)
+    p = start(1, common(a, fast, 2 * a.mbs) + [f"train.max_steps={2 * a.steps}"], fast / "log.txt")
+    q = start(1, common(a, slow, 2 * a.mbs) + [f"train.max_steps={a.steps}",
+                                               f"parallel.emulate_slowdown={{0: {SLOW}}}"], slow / "log.txt")
+    finish(p, q)
+    return summary(fast, 0), summary(slow, 0)
+
+
+def run(name: str, a, rnd: int) -> dict:
+    out = fresh(a, name, rnd)
     log = out / "log.txt"
     steps = [f"train.max_steps={a.steps}"]
     pair = ["parallel.ep=2", f"parallel.emulate_slowdown={{1: {SLOW}}}"]
     first = 0
-    if name == "solo_fast":
-        launch(1, common(a, out, 2 * a.mbs) + steps, log)
-    elif name == "solo_slow":
-        launch(1, common(a, out, 2 * a.mbs) + steps + [f"parallel.emulate_slowdown={{0: {SLOW}}}"], log)
-    elif name == "equal":
+    if name == "equal":
         launch(2, common(a, out, a.mbs) + steps + pair, log)
     elif name == "true":
         launch(2, common(a, out, a.mbs) + steps + pair + ["parallel.rank_capacity=[2, 1]",
@@ -82,13 +116,7 @@ def run(name: str, a, rnd: int) -> dict:
         launch(2, common(a, out, a.mbs) + steps + pair + probe + [f"train.stop_at={first}"], log)
         launch(2, common(a, out, a.mbs) + steps + pair + probe + ["train.resume=auto",
                                                                   "parallel.expert_placement=capacity"], log)
-    rec = [r for r in metrics(out) if r["step"] > first + 2]
-    res = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rec), "steps": len(rec)}
-    if "rank_step_s" in rec[-1]:
-        for key in ("rank_step_s", "rank_busy_s", "rank_wait_s"):
-            res[key] = [statistics.median(r[key][i] for r in rec) for i in range(2)]
-        res["rank_share"] = rec[-1]["rank_share"]
-    return res
+    return summary(out, first)
 
 
 def plot(results: dict, path: str) -> None:
@@ -124,20 +152,22 @@ def main() -> None:
     p.add_argument("--probe", type=int, default=4)
     p.add_argument("--mbs", type=int, default=6)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--runs", default="solo_fast,solo_slow,equal,true,auto")
+    p.add_argument("--runs", default="solo,equal,true,auto")
     p.add_argument("--plot", default=None)
     a = p.parse_args()
     names = a.runs.split(",")
-    per_round: dict[str, list[dict]] = {n: [] for n in names}
+    per_round: dict[str, list[dict]] = {}
     for rnd in range(a.rounds):
         for n in names:
-            per_round[n].append(run(n, a, rnd))
-            print(f"round {rnd} {n}: {per_round[n][-1]}", flush=True)
+            got = dict(zip(("solo_fast", "solo_slow"), run_solo(a, rnd))) if n == "solo" else {n: run(n, a, rnd)}
+            for k, v in got.items():
+                per_round.setdefault(k, []).append(v)
+                print(f"round {rnd} {k}: {v}", flush=True)
     results = {}
     for n, rs in per_round.items():
         results[n] = dict(rs[-1], tokens_per_s=statistics.median(r["tokens_per_s"] for r in rs),
                           rounds=[round(r["tokens_per_s"], 1) for r in rs])
-    print("\nmachine: 2-core CPU, 1 thread per process, fp32; rank 1 slowed x2; "
+    print("\nmachine: 2-core CPU, 1 thread per process (solo runs side by side), fp32; rank 1 slowed x2; "
           f"global batch {2 * a.mbs} x {a.seq} tokens")
     ideal = None
     if "solo_fast" in results and "solo_slow" in results:
