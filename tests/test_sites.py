@@ -171,7 +171,9 @@ def _worker(rank: int, world: int, port: int, q) -> None:
             out[name] = losses
             out[name + "_params"] = _flat(model)
             out[name + "_bytes"] = outer.link.sent_bytes
-        q.put((rank, out))
+        # plain lists: a tensor in the queue is fetched from this process's shared memory, which is
+        # gone if it exits before the parent reads (a race on a loaded machine)
+        q.put((rank, {k: v.tolist() if torch.is_tensor(v) else v for k, v in out.items()}))
     finally:
         dist.destroy_process_group()
 
@@ -189,7 +191,8 @@ def outer_runs():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    return results
+    return {r: {k: torch.tensor(v) if k.endswith("_params") else v for k, v in out.items()}
+            for r, out in results.items()}
 
 
 @pytest.mark.slow
