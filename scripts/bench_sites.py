@@ -132,14 +132,14 @@ def report(args: argparse.Namespace) -> None:
     for n, r in rows.items():
         rel = (f"{r['val_loss'] / sync['val_loss'] - 1:+.2%}" if sync.get("val_loss") and r["val_loss"] else "")
         b = r.get("cross_bytes_per_step", r.get("grad_bytes_per_step"))
-        ratio = (f"1/{sync['grad_bytes_per_step'] / b:,.0f}" if "cross_bytes_per_step" in r
-                 and sync.get("grad_bytes_per_step") else "")
+        x = sync.get("grad_bytes_per_step", 0) / b if b else 0
+        ratio = ((f"1/{x:,.0f}" if x >= 10 else f"1/{x:.2f}") if "cross_bytes_per_step" in r and x else "")
         print(f"{n:<24} {r['step']:>5} {r['val_loss'] or float('nan'):>9.4f} {rel:>8} {b or 0:>12,.0f} {ratio:>14} "
               f"{r['tokens_per_s']:>7,.0f}")
     if "gather_bytes_per_step" in sync:
         print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
               f"all-gathers {sync['gather_bytes_per_step']:,.0f} B/step, all ranks)")
-    plot(args, rows)
+    plot(args, [n for n in RUNS if read(Path(args.out) / n)])   # unfinished runs too, labelled so
     util = {n: rec for n in UTIL if (rec := read(Path(args.out) / n))}
     if "util_nolink" in util:
         base = _steps_per_s(util["util_nolink"])
@@ -192,7 +192,7 @@ def train_over_wan(argv: list[str]) -> int:
     return rc
 
 
-def plot(args: argparse.Namespace, rows: dict) -> None:
+def plot(args: argparse.Namespace, rows: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -201,6 +201,8 @@ def plot(args: argparse.Namespace, rows: dict) -> None:
     for n in rows:
         rec = read(Path(args.out) / n)
         style = dict(lw=2, color="k") if n == "sync" else dict(lw=1, ls="--" if "int8" in n else "-")
+        if rec[-1]["step"] < args.steps:
+            n = f"{n} (stopped at {rec[-1]['step']})"
         a.plot([r["step"] for r in rec], [r["lm_loss"] for r in rec], label=n, **style)
         val = [r for r in rec if "val_loss" in r]
         b.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=n, **style)
@@ -209,7 +211,7 @@ def plot(args: argparse.Namespace, rows: dict) -> None:
         b.axhline(SYNC_2026_12_02["val_loss"], color="k", lw=2, label="sync, step 600 (2026-12-02)")
     b.set(xlabel="inner step", ylabel="validation loss", title="validation")
     b.legend()
-    fig.suptitle("2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml")
+    fig.suptitle("2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml, 600 steps")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
     print(f"wrote {args.plot}")
