@@ -16,6 +16,8 @@ computes). Runs, alternating in each round so drift hits them alike:
                                                             ideal = solo_fast + solo_slow tokens/s
     equal       the pair, equal shares, even experts        (expected near 0.67 of the ideal)
     true        the pair, rank_capacity=[2, 1], expert_placement=capacity (the true ratio, given)
+    true_resumed  (diagnostic, not in the default list) the same, stopped after probe+1 steps and
+                resumed, timed after the resume as auto is
     auto        the pair, rank_capacity=auto: a first launch measures the shares over
                 capacity_probe_steps steps and saves; the resume places experts by them
                 (expert_placement=capacity) and is the one timed
@@ -110,6 +112,11 @@ def run(name: str, a, rnd: int) -> dict:
     elif name == "true":
         launch(2, common(a, out, a.mbs) + steps + pair + ["parallel.rank_capacity=[2, 1]",
                                                           "parallel.expert_placement=capacity"], log)
+    elif name == "true_resumed":   # diagnostic: the [2, 1] run timed after a resume, as auto's is
+        cap = pair + ["parallel.rank_capacity=[2, 1]", "parallel.expert_placement=capacity"]
+        first = a.probe + 1
+        launch(2, common(a, out, a.mbs) + steps + cap + [f"train.stop_at={first}"], log)
+        launch(2, common(a, out, a.mbs) + steps + cap + ["train.resume=auto"], log)
     elif name == "auto":
         probe = ["parallel.rank_capacity=auto", f"parallel.capacity_probe_steps={a.probe}"]
         first = a.probe + 1          # the probe's launch stops (and saves) one step after the shares are fixed
