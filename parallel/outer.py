@@ -112,8 +112,7 @@ class OuterSync:
         self.engine, self.sites, self.moes = engine, sites, list(moes)
         self.H, self.P, self.tau = p.outer_every, p.outer_fragments, p.outer_overlap
         self.lr, self.mu, self.dtype = p.outer_lr, p.outer_momentum, p.outer_dtype
-        self.start = getattr(p, "outer_start_step", 0)   # warm-up: plain averages until then,
-        self.start_every = getattr(p, "outer_start_every", 1)   # every this many steps
+        self.start, self.start_every = p.outer_start_step, p.outer_start_every   # warm-up: plain averages
         self.link = WanLink(p.wan_bandwidth_gbps, p.wan_latency_ms, share=sites.size)
         self.outer_steps = 0                          # fragment exchanges applied
         self.units = self._build_units()              # [fragment] -> [Unit]

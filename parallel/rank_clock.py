@@ -44,7 +44,7 @@ class RankClock:
         engine.allreduce_gradients = self._at_reduction         # instance attribute: engine.backward calls it
         for d in dispatchers:
             d.on_sync = self.sync_point
-        self.busy_s = self.slept_s = 0.0                          # this step so far
+        self.busy_s = 0.0                                         # this step so far
         self._open = False
 
     def micro_start(self) -> None:
@@ -60,7 +60,6 @@ class RankClock:
         if self.slowdown > 1.0:
             nap = (self.slowdown - 1.0) * busy
             time.sleep(nap)
-            self.slept_s += nap
             busy += nap
         self.busy_s += busy
         self._t0, self._w0 = time.perf_counter(), dispatcher_wait_s(self.dispatchers)
@@ -77,5 +76,5 @@ class RankClock:
     def step_end(self, step_s: float) -> tuple[float, float]:
         """-> (busy, wait) seconds of the step that took ``step_s`` on this rank; resets."""
         busy = self.busy_s
-        self.busy_s = self.slept_s = 0.0
+        self.busy_s = 0.0
         return busy, max(0.0, step_s - busy)
