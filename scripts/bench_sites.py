@@ -22,13 +22,16 @@ outer_overlap=5), and synchronous 4-rank data parallelism with and without its D
 reductions on that link (``--train-over-wan``: parallel.link.emulate_wan_on_deepspeed, ranks 0-1
 and 2-3 as the two sites). Steps/s is steps over the summed step times past step 10; beside the
 ratio between runs (which the shared machine's load moves by 10-20%), each run with the link
-gives the in-run ratio: its time blocked on the link against its step time.
+gives the in-run ratio: its time blocked on the link against its step time. ``--util-rounds N``
+runs util_nolink and util_wan alternating N times (the order flipped each round) and prints each
+round's ratio and the median: the cross-run ratio with the machine's drift spread over both.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -83,6 +86,7 @@ def read(out: Path) -> list[dict]:
 
 def run(name: str, args: argparse.Namespace) -> None:
     out = Path(args.out) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     rec = read(out)
     steps = args.util_steps if name in UTIL else args.steps
     if rec and rec[-1]["step"] >= steps:
@@ -139,26 +143,51 @@ def report(args: argparse.Namespace) -> None:
     if "gather_bytes_per_step" in sync:
         print(f"(synchronous: gradient reductions {sync['grad_bytes_per_step']:,.0f} B/step, ZeRO parameter "
               f"all-gathers {sync['gather_bytes_per_step']:,.0f} B/step, all ranks)")
-    plot(args, [n for n in RUNS if read(Path(args.out) / n)])   # unfinished runs too, labelled so
-    util = {n: rec for n in UTIL if (rec := read(Path(args.out) / n))}
+    if rows:
+        plot(args, [n for n in RUNS if read(Path(args.out) / n)])   # unfinished runs too, labelled so
+    report_util(Path(args.out))
+
+
+def report_util(out: Path) -> float | None:
+    """Prints the utilisation runs found in ``out``; -> util_wan's steps/s over util_nolink's."""
+    util = {n: rec for n in UTIL if (rec := read(out / n))}
+    ratio = None
     if "util_nolink" in util:
         base = _steps_per_s(util["util_nolink"])
-        print(f"\nutilisation ({util['util_nolink'][-1]['step']} steps; steps/s over the summed step times past "
-              f"step 10): H=50 int8, no link emulation: {base:.3f} steps/s")
+        print(f"\nutilisation in {out} ({util['util_nolink'][-1]['step']} steps; steps/s over the summed step "
+              f"times past step 10): H=50 int8, no link emulation: {base:.3f} steps/s")
         for n in ("util_wan", "util_wan_tau5", "util_sync", "util_sync_wan"):
             if n not in util:
                 continue
             r, last = _steps_per_s(util[n]), util[n][-1]
             blocked = last.get("wan_blocked_s_total")
-            wan = [json.loads(f.read_text()) for f in sorted((Path(args.out) / n).glob("wan_rank*.json"))]
+            wan = [json.loads(f.read_text()) for f in sorted((out / n).glob("wan_rank*.json"))]
             if wan:
                 blocked = sum(w["blocked_s"] for w in wan) / len(wan)
             line = f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link, another run)"
+            ratio = r / base if n == "util_wan" else ratio
             if blocked is not None:   # the in-run ratio: the same steps without the time spent blocked
                 share = blocked / last["step"] * r            # blocked per step x steps/s
                 line += (f"; blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks), "
                          f"{share:.1%} of the step time: {1 - share:.1%} of the same run's steps/s without it")
             print(line)
+    return ratio
+
+
+def utilisation_rounds(args: argparse.Namespace) -> None:
+    """util_nolink and util_wan alternating, ``--util-rounds`` times (nolink first in even rounds,
+    the link first in odd ones), each pair in ``<out>/util_round<i>``: load drift on a shared
+    machine hits both alike; prints each round's ratio and their median."""
+    ratios = []
+    for i in range(args.util_rounds):
+        sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / f"util_round{i}")})
+        for name in (["util_nolink", "util_wan"] if i % 2 == 0 else ["util_wan", "util_nolink"]):
+            run(name, sub)
+        ratios.append(report_util(Path(sub.out)))
+    got = sorted(r for r in ratios if r is not None)
+    if got:
+        print(f"\nutil_wan / util_nolink by round: {', '.join(f'{r:.1%}' for r in ratios if r is not None)}; "
+              f"median {statistics.median(got):.1%}")
 
 
 def _steps_per_s(rec: list[dict]) -> float:
@@ -231,11 +260,15 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--utilisation", action="store_true", help="also the short runs with the emulated link")
     ap.add_argument("--util-steps", type=int, default=100)
+    ap.add_argument("--util-rounds", type=int, default=0,
+                    help="util_nolink / util_wan alternating this many times, in <out>/util_round<i>")
     ap.add_argument("--no-report", action="store_true", help="only run")
     args = ap.parse_args()
     if not args.report_only:
         for name in [n for n in args.runs.split(",") if n] + (list(UTIL) if args.utilisation else []):
             run(name, args)
+    if args.util_rounds:
+        utilisation_rounds(args)
     if not args.no_report:
         report(args)
     return 0
