@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     engine.train()
     interval_tokens, interval_time = 0, 0.0
     rank_times, interval_load = torch.zeros(3, dtype=torch.float64), torch.zeros_like(expert_load)  # step/busy/wait s
-    probe_busy, times_from = 0.0, step
+    probe_busy, times_from = [], step                       # auto's probe: compute s of each step
     comm_seen, comm_step = {}, step
     skipped_in_a_row = 0
     while step < stop:
@@ -349,11 +350,13 @@ def main(argv=None) -> int:
         busy, wait = clock.step_end(dt)
         rank_times += torch.tensor([dt, busy, wait], dtype=torch.float64)
         if cfg.parallel.rank_capacity == "auto" and not shares.measured:
-            # probe: compute seconds of this launch's steps 2..capacity_probe_steps (step 1 warms up)
-            probe_busy += busy if step - start_step > 1 else 0.0
+            # probe: compute seconds of this launch's steps 2..capacity_probe_steps (step 1 warms up);
+            # their median, so one step still warming up (the second after a resume often is) or a
+            # hiccup does not move the shares
+            if step - start_step > 1:
+                probe_busy.append(busy)
             if step - start_step == cfg.parallel.capacity_probe_steps:
-                shares, caps = measured_shares(shares.rows[rank] * (step - start_step - 1), probe_busy, shares,
-                                               device)
+                shares, caps = measured_shares(shares.rows[rank], statistics.median(probe_busy), shares, device)
                 sampler.set_shares(shares.rows)
                 monitor.write(f"auto capacity after step {step}: relative speeds {[round(c, 3) for c in caps]} "
                               f"-> rows per step by rank {shares.rows}")

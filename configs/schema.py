@@ -108,7 +108,7 @@ class ParallelConfig:
     # shares of the same global batch (losses weighted so the update is the equal split's) and,
     # under ep, unequal numbers of experts. Validated against the world size in parallel/shares.py.
     rank_capacity: Any = None             # null: equal shares | [c0, c1, ...] one per rank | "auto": measured
-    capacity_probe_steps: int = 5         # auto: steps whose compute time fixes the shares (the first is skipped)
+    capacity_probe_steps: int = 5         # auto: steps whose median compute time fixes the shares (the first is skipped)
     expert_placement: str = "even"        # even | capacity | load (experts per EP rank)
     expert_load_from: str | None = None   # load: a metrics.jsonl or checkpoint dir with router counts
     emulate_slowdown: Any = None          # tests/benchmarks: {rank: factor >= 1}, sleep (factor-1) x compute
