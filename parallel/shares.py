@@ -20,9 +20,9 @@ and ZeRO's equal averaging stays correct. The router's token counts do not depen
 ``auto``: the shares start equal; each rank's compute time per step (parallel/rank_clock.py) is
 measured over ``parallel.capacity_probe_steps`` steps (the first, with its warm-up, is dropped), the
 capacities are set to rows per compute-second of the median step (a step still warming up, as the
-second after a resume often is, or a hiccup does not move them), and the shares are fixed from then on. They go into
-the checkpoint, so a resume continues with the same shares (and ``expert_placement=capacity`` can
-place experts by them at that resume).
+second after a resume often is, or a hiccup does not move them), and the shares are fixed from then
+on. They go into the checkpoint, so a resume continues with the same shares (and
+``expert_placement=capacity`` can place experts by them at that resume).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ expert-load imbalance, and with it the ranks' all-to-all waits, grows over the f
 ``--init CKPT`` starts every run from a checkpoint (a resume, resharded to each run's layout), so
 the timed steps can be past that transient.
 Printed last: each run's tokens/s over the ideal, auto's shares against the true 2:1, and each
-rank's step / compute / wait seconds; the per-rank times of equal and auto go to ``--plot``.
+rank's step / compute / wait seconds; the per-rank times of the pair runs go to ``--plot``.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def from_init(a) -> list[str]:
 def run_solo(a, rnd: int) -> tuple[dict, dict]:
     """Both solo runs at once, one per core (the fast one twice as many steps, so they overlap)."""
     fast, slow = fresh(a, "solo_fast", rnd), fresh(a, "solo_slow", rnd)
-    base = init_step(a)
+    base = a.base
     p = start(1, common(a, fast, 2 * a.mbs) + from_init(a) + [f"train.max_steps={base + 2 * a.steps}"],
               fast / "log.txt")
     q = start(1, common(a, slow, 2 * a.mbs) + from_init(a) + [f"train.max_steps={base + a.steps}",
@@ -126,7 +126,7 @@ def run_solo(a, rnd: int) -> tuple[dict, dict]:
 def run(name: str, a, rnd: int) -> dict:
     out = fresh(a, name, rnd)
     log = out / "log.txt"
-    base = init_step(a)
+    base = a.base
     steps = [f"train.max_steps={base + a.steps}", *from_init(a)]
     pair = ["parallel.ep=2", f"parallel.emulate_slowdown={{1: {SLOW}}}", *a.pair_args]
     first = base + a.skip            # the same timed steps in every run (--skip, default: auto's)
@@ -197,6 +197,7 @@ def main() -> None:
                    "(default probe + 3: auto's probe launch, its first step and two more after the resume)")
     a = p.parse_args()
     a.skip = a.probe + 3 if a.skip is None else a.skip
+    a.base = init_step(a)
     names = a.runs.split(",")
     per_round: dict[str, list[dict]] = {}
     for rnd in range(a.rounds):

@@ -151,27 +151,26 @@ def report(args: argparse.Namespace) -> None:
 def report_util(out: Path) -> float | None:
     """Prints the utilisation runs found in ``out``; -> util_wan's steps/s over util_nolink's."""
     util = {n: rec for n in UTIL if (rec := read(out / n))}
-    ratio = None
-    if "util_nolink" in util:
-        base = _steps_per_s(util["util_nolink"])
-        print(f"\nutilisation in {out} ({util['util_nolink'][-1]['step']} steps; steps/s over the summed step "
-              f"times past step 10): H=50 int8, no link emulation: {base:.3f} steps/s")
-        for n in ("util_wan", "util_wan_tau5", "util_sync", "util_sync_wan"):
-            if n not in util:
-                continue
-            r, last = _steps_per_s(util[n]), util[n][-1]
-            blocked = last.get("wan_blocked_s_total")
-            wan = [json.loads(f.read_text()) for f in sorted((out / n).glob("wan_rank*.json"))]
-            if wan:
-                blocked = sum(w["blocked_s"] for w in wan) / len(wan)
-            line = f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link, another run)"
-            ratio = r / base if n == "util_wan" else ratio
-            if blocked is not None:   # the in-run ratio: the same steps without the time spent blocked
-                share = blocked / last["step"] * r            # blocked per step x steps/s
-                line += (f"; blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks), "
-                         f"{share:.1%} of the step time: {1 - share:.1%} of the same run's steps/s without it")
-            print(line)
-    return ratio
+    if "util_nolink" not in util:
+        return None
+    base = _steps_per_s(util["util_nolink"])
+    print(f"\nutilisation in {out} ({util['util_nolink'][-1]['step']} steps; steps/s over the summed step "
+          f"times past step 10): H=50 int8, no link emulation: {base:.3f} steps/s")
+    for n in ("util_wan", "util_wan_tau5", "util_sync", "util_sync_wan"):
+        if n not in util:
+            continue
+        r, last = _steps_per_s(util[n]), util[n][-1]
+        blocked = last.get("wan_blocked_s_total")
+        wan = [json.loads(f.read_text()) for f in sorted((out / n).glob("wan_rank*.json"))]
+        if wan:
+            blocked = sum(w["blocked_s"] for w in wan) / len(wan)
+        line = f"  {n}: {r:.3f} steps/s ({r / base:.1%} of H=50 int8 with no link, another run)"
+        if blocked is not None:   # the in-run ratio: the same steps without the time spent blocked
+            share = blocked / last["step"] * r            # blocked per step x steps/s
+            line += (f"; blocked on the link {blocked:.2f} s in {last['step']} steps (mean of ranks), "
+                     f"{share:.1%} of the step time: {1 - share:.1%} of the same run's steps/s without it")
+        print(line)
+    return _steps_per_s(util["util_wan"]) / base if "util_wan" in util else None
 
 
 def utilisation_rounds(args: argparse.Namespace) -> None:
@@ -183,11 +182,11 @@ def utilisation_rounds(args: argparse.Namespace) -> None:
         sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / f"util_round{i}")})
         for name in (["util_nolink", "util_wan"] if i % 2 == 0 else ["util_wan", "util_nolink"]):
             run(name, sub)
-        ratios.append(report_util(Path(sub.out)))
-    got = sorted(r for r in ratios if r is not None)
-    if got:
-        print(f"\nutil_wan / util_nolink by round: {', '.join(f'{r:.1%}' for r in ratios if r is not None)}; "
-              f"median {statistics.median(got):.1%}")
+        if (ratio := report_util(Path(sub.out))) is not None:
+            ratios.append(ratio)
+    if ratios:
+        print(f"\nutil_wan / util_nolink by round: {', '.join(f'{r:.1%}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.1%}")
 
 
 def _steps_per_s(rec: list[dict]) -> float:
