@@ -4,6 +4,7 @@
     python scripts/bench_sites.py [--out runs/sites] [--steps 600] [--runs sync,h50_int8,...]
     python scripts/bench_sites.py --runs sync,h50_int8_lr14_warm100e5 --utilisation   # 2026-12-04's
     python scripts/bench_sites.py --report-only            # table + plot from finished runs
+    python scripts/bench_sites.py --out /tmp/probe --stop-at 100 --runs sync,every_step_fp32,every_step_fp32_noclip
 
 Each run is ``deepspeed --num_gpus 4 train.py`` on configs/tiny.yaml (the embedded corpus) with
 ``train.micro_batch_size`` x ``data.seq_len`` per rank (2 x 256 by default: the CPU is small). A
@@ -63,7 +64,25 @@ RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
                                  "parallel.outer_start_step=600"],
              "h50_int8_lr20_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=2.0", "parallel.outer_momentum=0",
                                                             "parallel.outer_start_step=100",
-                                                            "parallel.outer_start_every=5"]})
+                                                            "parallel.outer_start_every=5"],
+             # inner lr x sqrt(2) (2.83e-3 -> 2.83e-4) with a plain mean: the sqrt(2) put back inside each
+             # site's AdamW, on every step, instead of extrapolated by the outer step
+             "h50_int8_in14_warm100e5": RUNS["h50_int8"] + AVG + ["train.lr=2.83e-3", "train.min_lr=2.83e-4",
+                                                                  "parallel.outer_start_step=100",
+                                                                  "parallel.outer_start_every=5"]})
+# where the every-step diagnostic's gap comes from (2026-12-05; short probes with --stop-at 100): gradient
+# clipping per site (a half batch's norm is larger, so it is clipped harder) and the inner lr, each with the
+# synchronous control
+NOCLIP, IN14 = ["train.grad_clip=0"], ["train.lr=2.83e-3", "train.min_lr=2.83e-4"]
+RUNS.update({"sync_noclip": NOCLIP, "sync_in14": IN14,
+             "every_step_fp32_noclip": RUNS["every_step_fp32"] + NOCLIP,
+             "every_step_fp32_in14": RUNS["every_step_fp32"] + IN14,
+             "h50_int8_lr14_warm100e5_noclip": RUNS["h50_int8_lr14_warm100e5"] + NOCLIP,
+             # Nesterov 0.7 / 0.5: the outer multiplier ramps from 1.05 (first round after the warm-up,
+             # momentum still 0) towards lr / (1 - mu) = 1.4 as the rounds agree
+             "h50_int8_m05_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5",
+                                                           "parallel.outer_start_step=100",
+                                                           "parallel.outer_start_every=5"]})
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
@@ -88,7 +107,7 @@ def run(name: str, args: argparse.Namespace) -> None:
     out = Path(args.out) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = read(out)
-    steps = args.util_steps if name in UTIL else args.steps
+    steps = args.util_steps if name in UTIL else (args.stop_at or args.steps)
     if rec and rec[-1]["step"] >= steps:
         return
     if out.exists():
@@ -100,7 +119,8 @@ def run(name: str, args: argparse.Namespace) -> None:
     cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), *entry,
            "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={steps}",
            f"train.micro_batch_size={args.mbs}", f"data.seq_len={args.seq_len}", f"train.out_dir={out}",
-           "train.eval_every=100", "train.save_every=100000", "logging.progress=false", *extra]
+           "train.eval_every=100", "train.save_every=100000", "logging.progress=false",
+           *([f"train.stop_at={args.stop_at}"] if args.stop_at and name not in UTIL else []), *extra]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     t0 = time.time()
@@ -125,9 +145,13 @@ def summary(name: str, rec: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= args.steps}
+    end = args.stop_at or args.steps
+    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= end}
     sync = rows.get("sync")
-    if sync is None:
+    if sync is None and end != 600:
+        sync = {}
+        print(f"(synchronous: not in {args.out}; no ratios)")
+    elif sync is None:
         sync = SYNC_2026_12_02
         print(f"(synchronous: not in {args.out}; the 2026-12-02 run's val loss {sync['val_loss']} and "
               f"{sync['grad_bytes_per_step']:,} gradient bytes per step)")
@@ -229,17 +253,17 @@ def plot(args: argparse.Namespace, rows: list[str]) -> None:
     for n in rows:
         rec = read(Path(args.out) / n)
         style = dict(lw=2, color="k") if n == "sync" else dict(lw=1, ls="--" if "int8" in n else "-")
-        if rec[-1]["step"] < args.steps:
+        if rec[-1]["step"] < (args.stop_at or args.steps):
             n = f"{n} (stopped at {rec[-1]['step']})"
         a.plot([r["step"] for r in rec], [r["lm_loss"] for r in rec], label=n, **style)
         val = [r for r in rec if "val_loss" in r]
         b.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=n, **style)
     a.set(xlabel="inner step", ylabel="train LM loss (mean of ranks)", title="training", ylim=(3, 8))
-    if "sync" not in rows:
+    if "sync" not in rows and args.steps == 600:
         b.axhline(SYNC_2026_12_02["val_loss"], color="k", lw=2, label="sync, step 600 (2026-12-02)")
     b.set(xlabel="inner step", ylabel="validation loss", title="validation")
     b.legend()
-    fig.suptitle("2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml, 600 steps")
+    fig.suptitle(f"2 sites x 2 ranks (ep=2) vs synchronous 4-rank DP, configs/tiny.yaml, {args.steps} steps")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
     print(f"wrote {args.plot}")
@@ -252,6 +276,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sites")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="end each run after this step (train.stop_at: the LR schedule still spans --steps)")
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--runs", default=",".join(RUNS))
