@@ -127,27 +127,29 @@ def run(name: str, a, rnd: int) -> dict:
     out = fresh(a, name, rnd)
     log = out / "log.txt"
     base = a.base
-    steps = [f"train.max_steps={base + a.steps}", *from_init(a)]
+    steps = [f"train.max_steps={base + a.steps}"]
+    start_args = steps + from_init(a)    # a launch from the start (or --init); resumes add train.resume=auto
     pair = ["parallel.ep=2", f"parallel.emulate_slowdown={{1: {SLOW}}}", *a.pair_args]
     first = base + a.skip            # the same timed steps in every run (--skip, default: auto's)
     if name == "equal":
-        launch(2, common(a, out, a.mbs) + steps + pair, log)
+        launch(2, common(a, out, a.mbs) + start_args + pair, log)
     elif name == "homog":          # reference: the pair with no slowed rank (equal shares, even experts)
-        launch(2, common(a, out, a.mbs) + steps + ["parallel.ep=2", *a.pair_args], log)
+        launch(2, common(a, out, a.mbs) + start_args + ["parallel.ep=2", *a.pair_args], log)
     elif name == "true":
-        launch(2, common(a, out, a.mbs) + steps + pair + ["parallel.rank_capacity=[2, 1]",
-                                                          "parallel.expert_placement=capacity"], log)
+        launch(2, common(a, out, a.mbs) + start_args + pair + ["parallel.rank_capacity=[2, 1]",
+                                                               "parallel.expert_placement=capacity"], log)
     elif name == "true_resumed":   # diagnostic: the [2, 1] run timed after a resume, as auto's is
         cap = pair + ["parallel.rank_capacity=[2, 1]", "parallel.expert_placement=capacity"]
-        launch(2, common(a, out, a.mbs) + steps + cap + [f"train.stop_at={base + a.probe + 1}"], log)
-        launch(2, common(a, out, a.mbs) + steps[:1] + cap + ["train.resume=auto"], log)
+        launch(2, common(a, out, a.mbs) + start_args + cap + [f"train.stop_at={base + a.probe + 1}"], log)
+        launch(2, common(a, out, a.mbs) + steps + cap + ["train.resume=auto"], log)
     elif name in ("auto", "auto_load"):
         probe = ["parallel.rank_capacity=auto", f"parallel.capacity_probe_steps={a.probe}"]
         # the probe's launch stops (and saves) one step after the shares are fixed
-        launch(2, common(a, out, a.mbs) + steps + pair + probe + [f"train.stop_at={base + a.probe + 1}"], log)
+        launch(2, common(a, out, a.mbs) + start_args + pair + probe + [f"train.stop_at={base + a.probe + 1}"],
+               log)
         place = "capacity" if name == "auto" else "load"
-        launch(2, common(a, out, a.mbs) + steps[:1] + pair + probe + ["train.resume=auto",
-                                                                  f"parallel.expert_placement={place}"], log)
+        launch(2, common(a, out, a.mbs) + steps + pair + probe + ["train.resume=auto",
+                                                               f"parallel.expert_placement={place}"], log)
     return summary(out, first)
 
 

@@ -44,45 +44,40 @@ RUNS = {"sync": [],
            for h in (10, 50, 200) for d in ("fp32", "int8")}}
 # the outer optimizer and a synchronous warm-up at H=50 int8 (2026-12-04)
 AVG = ["parallel.outer_lr=1.0", "parallel.outer_momentum=0"]           # plain averaging
-RUNS.update({"h50_int8_avg": RUNS["h50_int8"] + AVG,
-             "h50_int8_m05": RUNS["h50_int8"] + ["parallel.outer_lr=1.0", "parallel.outer_momentum=0.5"],
-             "h50_int8_warm20": RUNS["h50_int8"] + ["parallel.outer_start_step=20"],
-             "h50_int8_avg_warm20": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=20"],
+LR14 = ["parallel.outer_lr=1.4", "parallel.outer_momentum=0"]
+WARM = ["parallel.outer_start_step=100", "parallel.outer_start_every=5"]   # a mean every 5 steps to step 100
+# 2026-12-05: gradient clipping off, inner lr x sqrt(2) (2.83e-3 -> 2.83e-4)
+NOCLIP, IN14 = ["train.grad_clip=0"], ["train.lr=2.83e-3", "train.min_lr=2.83e-4"]
+H50 = RUNS["h50_int8"]
+RUNS.update({"h50_int8_avg": H50 + AVG,
+             "h50_int8_m05": H50 + ["parallel.outer_lr=1.0", "parallel.outer_momentum=0.5"],
+             "h50_int8_warm20": H50 + ["parallel.outer_start_step=20"],
+             "h50_int8_avg_warm20": H50 + AVG + ["parallel.outer_start_step=20"],
              # warm-up: a plain mean every 5 steps up to step 100 (20 exchanges), then H=50 rounds
-             "h50_int8_avg_warm100e5": RUNS["h50_int8"] + AVG + ["parallel.outer_start_step=100",
-                                                                  "parallel.outer_start_every=5"],
-             # outer lr sqrt(2), no momentum: each site's AdamW divides by its own (half-batch, noisier)
-             # second moment, so the sites' mean moves up to 1/sqrt(2) as far as one synchronous step
-             "h50_int8_lr14": RUNS["h50_int8"] + ["parallel.outer_lr=1.4", "parallel.outer_momentum=0"],
-             "h50_int8_lr14_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=1.4", "parallel.outer_momentum=0",
-                                                            "parallel.outer_start_step=100",
-                                                            "parallel.outer_start_every=5"],
+             "h50_int8_avg_warm100e5": H50 + AVG + WARM,
+             # outer lr sqrt(2), no momentum: extrapolates along the sites' mean change (2026-12-05: not
+             # a fix for per-site AdamW normalisation, which an inner lr x sqrt(2) would be, and is not)
+             "h50_int8_lr14": H50 + LR14,
+             "h50_int8_lr14_warm100e5": H50 + LR14 + WARM,
              # diagnostic, not a candidate (about 1/4 of synchronous DP's bytes): a plain fp32 mean after
              # every step for the whole run, so no drift between sites; what is left is each site's
-             # AdamW normalising its own half of the batch
+             # AdamW normalising its own half of the batch, and its own gradient clipping
              "every_step_fp32": ["parallel.sites=2", "parallel.outer_every=50", "parallel.outer_dtype=fp32",
                                  "parallel.outer_start_step=600"],
-             "h50_int8_lr20_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=2.0", "parallel.outer_momentum=0",
-                                                            "parallel.outer_start_step=100",
-                                                            "parallel.outer_start_every=5"],
-             # inner lr x sqrt(2) (2.83e-3 -> 2.83e-4) with a plain mean: the sqrt(2) put back inside each
-             # site's AdamW, on every step, instead of extrapolated by the outer step
-             "h50_int8_in14_warm100e5": RUNS["h50_int8"] + AVG + ["train.lr=2.83e-3", "train.min_lr=2.83e-4",
-                                                                  "parallel.outer_start_step=100",
-                                                                  "parallel.outer_start_every=5"]})
+             "h50_int8_lr20_warm100e5": H50 + ["parallel.outer_lr=2.0", "parallel.outer_momentum=0"] + WARM,
+             # inner lr x sqrt(2) with a plain mean: the sqrt(2) inside each site's AdamW, on every step,
+             # instead of extrapolated by the outer step
+             "h50_int8_in14_warm100e5": H50 + AVG + IN14 + WARM})
 # where the every-step diagnostic's gap comes from (2026-12-05; short probes with --stop-at 100): gradient
 # clipping per site (a half batch's norm is larger, so it is clipped harder) and the inner lr, each with the
 # synchronous control
-NOCLIP, IN14 = ["train.grad_clip=0"], ["train.lr=2.83e-3", "train.min_lr=2.83e-4"]
 RUNS.update({"sync_noclip": NOCLIP, "sync_in14": IN14,
              "every_step_fp32_noclip": RUNS["every_step_fp32"] + NOCLIP,
              "every_step_fp32_in14": RUNS["every_step_fp32"] + IN14,
              "h50_int8_lr14_warm100e5_noclip": RUNS["h50_int8_lr14_warm100e5"] + NOCLIP,
              # Nesterov 0.7 / 0.5: the outer multiplier ramps from 1.05 (first round after the warm-up,
              # momentum still 0) towards lr / (1 - mu) = 1.4 as the rounds agree
-             "h50_int8_m05_warm100e5": RUNS["h50_int8"] + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5",
-                                                           "parallel.outer_start_step=100",
-                                                           "parallel.outer_start_every=5"]})
+             "h50_int8_m05_warm100e5": H50 + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5"] + WARM})
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
@@ -107,8 +102,9 @@ def run(name: str, args: argparse.Namespace) -> None:
     out = Path(args.out) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = read(out)
-    steps = args.util_steps if name in UTIL else (args.stop_at or args.steps)
-    if rec and rec[-1]["step"] >= steps:
+    steps = args.util_steps if name in UTIL else args.steps
+    stop = None if name in UTIL else args.stop_at          # the LR schedule still spans max_steps
+    if rec and rec[-1]["step"] >= (stop or steps):
         return
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -120,7 +116,7 @@ def run(name: str, args: argparse.Namespace) -> None:
            "--config", str(ROOT / "configs/tiny.yaml"), "parallel.ep=2", f"train.max_steps={steps}",
            f"train.micro_batch_size={args.mbs}", f"data.seq_len={args.seq_len}", f"train.out_dir={out}",
            "train.eval_every=100", "train.save_every=100000", "logging.progress=false",
-           *([f"train.stop_at={args.stop_at}"] if args.stop_at and name not in UTIL else []), *extra]
+           *([f"train.stop_at={stop}"] if stop else []), *extra]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     t0 = time.time()
@@ -145,10 +141,9 @@ def summary(name: str, rec: list[dict]) -> dict:
 
 
 def report(args: argparse.Namespace) -> None:
-    end = args.stop_at or args.steps
-    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= end}
+    rows = {n: summary(n, r) for n in RUNS if (r := read(Path(args.out) / n)) and r[-1]["step"] >= args.end}
     sync = rows.get("sync")
-    if sync is None and end != 600:
+    if sync is None and args.end != 600:
         sync = {}
         print(f"(synchronous: not in {args.out}; no ratios)")
     elif sync is None:
@@ -253,13 +248,13 @@ def plot(args: argparse.Namespace, rows: list[str]) -> None:
     for n in rows:
         rec = read(Path(args.out) / n)
         style = dict(lw=2, color="k") if n == "sync" else dict(lw=1, ls="--" if "int8" in n else "-")
-        if rec[-1]["step"] < (args.stop_at or args.steps):
+        if rec[-1]["step"] < args.end:
             n = f"{n} (stopped at {rec[-1]['step']})"
         a.plot([r["step"] for r in rec], [r["lm_loss"] for r in rec], label=n, **style)
         val = [r for r in rec if "val_loss" in r]
         b.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label=n, **style)
     a.set(xlabel="inner step", ylabel="train LM loss (mean of ranks)", title="training", ylim=(3, 8))
-    if "sync" not in rows and args.steps == 600:
+    if "sync" not in rows and args.end == 600:
         b.axhline(SYNC_2026_12_02["val_loss"], color="k", lw=2, label="sync, step 600 (2026-12-02)")
     b.set(xlabel="inner step", ylabel="validation loss", title="validation")
     b.legend()
@@ -289,6 +284,7 @@ def main() -> int:
                     help="util_nolink / util_wan alternating this many times, in <out>/util_round<i>")
     ap.add_argument("--no-report", action="store_true", help="only run")
     args = ap.parse_args()
+    args.end = args.stop_at or args.steps              # the last step of a finished (or stopped) run
     if not args.report_only:
         for name in [n for n in args.runs.split(",") if n] + (list(UTIL) if args.utilisation else []):
             run(name, args)
