@@ -41,7 +41,8 @@ class SafetensorsWriter:
     ``write(name, tensor)`` puts a tensor's bytes at its place; ``write(name, part, row=i)`` puts
     ``part`` (shape[1:] equal to the tensor's) at rows i.. of the first dimension. ``close()``
     checks that every byte of every tensor was written (ValueError naming the first one that was
-    not), then moves the file into place: a writer that fails leaves no file behind."""
+    not), then moves the file into place: a writer that fails leaves no file behind. Used by the
+    Hugging Face export / import and by the sharded checkpoints' ShardWriter."""
 
     def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
                  metadata: dict[str, str] | None = None):
@@ -88,7 +89,13 @@ class SafetensorsWriter:
         self._f.write(memoryview(data))
         self._written[name] += data.nbytes
 
+    def file_offset(self, name: str) -> int:
+        """Byte offset of ``name``'s data from the start of the file."""
+        return self._data_start + self._info[name][2]
+
     def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())                    # on disk before the rename makes it visible
         self._f.close()
         short = [n for n, (_, _, _, nbytes) in self._info.items() if self._written[n] != nbytes]
         if short:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +40,9 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from model.safetensors_stream import SafetensorsWriter
+
 INDEX = "index.json"
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
 
 
 @dataclass
@@ -139,25 +138,10 @@ class LoadPlanner(DefaultLoadPlanner):
 
 # ---------------------------------------------------------------- writing
 
-def _header(entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
-    """safetensors header for tensors written back to back in this order -> (bytes, byte offsets)."""
-    head: dict = {"__metadata__": metadata}
-    offsets, pos = [], 0
-    for name, dtype, shape in entries:
-        n = dtype.itemsize
-        for s in shape:
-            n *= s
-        head[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [pos, pos + n]}
-        offsets.append(pos)
-        pos += n
-    text = json.dumps(head, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)                       # the data starts 8-byte aligned
-    return struct.pack("<Q", len(text)) + text, offsets
-
-
 class ShardWriter(HuggingFaceStorageWriter):
     """One safetensors file per writing rank (``shard-RRRRR.safetensors``), tensors streamed one at a
-    time; the coordinator writes the global index ``index.json`` when every rank is done."""
+    time (model.safetensors_stream: written under a temporary name, fsynced, then renamed); the
+    coordinator writes the global index ``index.json`` when every rank is done."""
 
     def __init__(self, path: str | os.PathLike, rank: int):
         super().__init__(str(path), save_distributed=True)
@@ -179,21 +163,15 @@ class ShardWriter(HuggingFaceStorageWriter):
         entries = [(k, w.tensor_data.properties.dtype, list(w.tensor_data.chunk.sizes)) for k, w in zip(keys, items)]
         sharding = {k: {SAVED_OFFSETS_KEY: list(w.tensor_data.chunk.offsets), "fqn": w.index.fqn}
                     for k, w in zip(keys, items)}
-        head, offsets = _header(entries, {CUSTOM_METADATA_KEY: json.dumps(sharding), "format": "pt"})
         results = []
-        with open(Path(self.path) / name, "wb") as f:
-            f.write(head)
-            for w, off in zip(items, offsets):
-                t = planner.resolve_data(w).detach()
-                if t.device.type != "cpu":
-                    t = t.cpu()
-                t = t.contiguous()                          # a 1-D narrow of a flat buffer already is
+        with SafetensorsWriter(Path(self.path) / name, entries,
+                               {CUSTOM_METADATA_KEY: json.dumps(sharding), "format": "pt"}) as out:
+            for k, w in zip(keys, items):
+                t = planner.resolve_data(w).detach()     # a 1-D narrow of a flat (staged) buffer
+                out.write(k, t)
                 nbytes = t.numel() * t.element_size()
-                f.write(t.view(torch.uint8).numpy().data if nbytes else b"")
                 results.append(WriteResult(index=w.index, size_in_bytes=nbytes,
-                                           storage_data=_StorageInfo(name, len(head) + off, nbytes)))
-            f.flush()
-            os.fsync(f.fileno())
+                                           storage_data=_StorageInfo(name, out.file_offset(k), nbytes)))
         fut.set_result(results)
         return fut
 

@@ -220,8 +220,8 @@ def update_module_weights(engine) -> None:
     if hasattr(opt, "update_lp_params"):                     # ZeRO-1/2, bf16 optimizer: cast + all-gather
         opt.update_lp_params()
         return
+    by_id = {id(p): p for _, p in trainable(engine.module)}
     for q_id, (flat, off) in _fp16_optimizer_masters(engine).items():
-        for _, p in trainable(engine.module):
-            if id(p) == q_id:
-                p.data.copy_(flat.view(-1).narrow(0, off, p.numel()).view(p.shape))
+        if (p := by_id.get(q_id)) is not None:
+            p.data.copy_(flat.view(-1).narrow(0, off, p.numel()).view(p.shape))
     # fp32 at ZeRO-0: the masters are the weights already
