@@ -78,6 +78,15 @@ RUNS.update({"sync_noclip": NOCLIP, "sync_in14": IN14,
              # Nesterov 0.7 / 0.5: the outer multiplier ramps from 1.05 (first round after the warm-up,
              # momentum still 0) towards lr / (1 - mu) = 1.4 as the rounds agree
              "h50_int8_m05_warm100e5": H50 + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5"] + WARM})
+# 2026-12-05, later: the outer lr above 1 only where the sites agree (per block of 256 values), lr 1 elsewhere
+AGREE = ["parallel.outer_lr_by_agreement=true"]
+RUNS.update({"h50_int8_lr14_agree_warm100e5": RUNS["h50_int8_lr14_warm100e5"] + AGREE,
+             "h50_int8_lr20_agree_warm100e5": RUNS["h50_int8_lr20_warm100e5"] + AGREE})
+# Streaming DiLoCo's fragments at the best setting: 5 fragments, each synced every 50 steps, 10 steps apart
+RUNS["h50_int8_lr14_warm100e5_p5"] = RUNS["h50_int8_lr14_warm100e5"] + ["parallel.outer_fragments=5"]
+# bound (2026-12-05, later): one site alone, synchronous over half the global batch (4 ranks x mbs/2 rows
+# are the rows one site's 2 ranks x mbs take): what H=50 averaging adds over training only one site
+RUNS["one_site"] = []                                  # train.micro_batch_size set in run(), from --mbs
 # utilisation: H=50 int8 with and without the emulated wide-area link (100 Mbit/s, 50 ms)
 WAN = ["parallel.wan_bandwidth_gbps=0.1", "parallel.wan_latency_ms=50"]
 UTIL = {"util_nolink": RUNS["h50_int8"], "util_wan": RUNS["h50_int8"] + WAN,
@@ -110,6 +119,11 @@ def run(name: str, args: argparse.Namespace) -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     extra = {**RUNS, **UTIL}[name] + (["deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.prof_all=true"]
                           if name == "sync" else [])
+    if name == "one_site":
+        if args.mbs % 2:
+            raise SystemExit(f"one_site: --mbs {args.mbs} is odd; one site's half of the batch needs an even one")
+        # twice tiny.yaml's 4 evaluation batches of half the rows: the same validation rows as the other runs
+        extra = [f"train.micro_batch_size={args.mbs // 2}", "train.eval_batches=8"]
     entry = ([str(Path(__file__).resolve()), "--train-over-wan", *SYNC_WAN] if name == "util_sync_wan"
              else [str(ROOT / "train.py")])
     cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(29500 + hash(name) % 400), *entry,
