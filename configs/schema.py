@@ -104,7 +104,6 @@ class ParallelConfig:
     wan_latency_ms: float = 0.0
     outer_start_step: int = 0             # warm-up: until this inner step the sites' weights are averaged
     outer_start_every: int = 1            # every this many steps (plain mean, bytes counted); rounds after
-    outer_lr_by_agreement: bool = False   # per block of 256 values: lr above 1 only on the share the sites agree on
     # mixed hardware (parallel/shares.py, parallel/placement.py): ranks of unequal speed get unequal
     # shares of the same global batch (losses weighted so the update is the equal split's) and,
     # under ep, unequal numbers of experts. Validated against the world size in parallel/shares.py.
@@ -349,10 +348,6 @@ def validate(cfg: Config) -> None:
     if p.outer_lr <= 0 or not 0 <= p.outer_momentum < 1:
         raise ValueError(f"parallel.outer_lr={p.outer_lr}, parallel.outer_momentum={p.outer_momentum}: "
                          "need lr > 0 and momentum in [0, 1)")
-    if p.outer_lr_by_agreement and (p.outer_dtype == "fp32" or p.outer_overlap):
-        raise ValueError(f"parallel.outer_lr_by_agreement=true needs each site's delta (outer_dtype int8 | fp8 | "
-                         f"bf16, an all-gather) and no overlap; got outer_dtype={p.outer_dtype}, "
-                         f"outer_overlap={p.outer_overlap}")
     if p.outer_start_step < 0:
         raise ValueError(f"parallel.outer_start_step={p.outer_start_step}: must be >= 0 (0: no warm-up)")
     if p.outer_start_every < 1:

@@ -81,7 +81,6 @@ class Pending:
     avg: torch.Tensor | None = None
     bias_sent: torch.Tensor | None = None    # (L, E) biases at send (last fragment of a round only)
     bias_sum: torch.Tensor | None = None
-    agree: torch.Tensor | None = None        # (N,) outer_lr_by_agreement: the sites' agreement per value
 
 
 def encode(x: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -105,18 +104,6 @@ def decode(payload: torch.Tensor, dtype: str, n: int) -> torch.Tensor:
     return (codes.float() * scale).view(-1)[:n]
 
 
-def agreement(deltas: torch.Tensor) -> torch.Tensor:
-    """(S, N) the sites' deltas -> (N,) per block of BLOCK values, the share of the mean's power that is
-    signal: 1 - (var_s / S) / mean^2 over the block, in [0, 1] (var_s / S estimates the noise power of
-    the mean of S independent estimates; 0 where they disagree, 1 where they are equal)."""
-    S, n = deltas.shape
-    d = torch.nn.functional.pad(deltas, (0, -n % BLOCK)).view(S, -1, BLOCK)         # (S, B, BLOCK)
-    mean_pow = d.mean(0).square().mean(-1)                                        # (B,)
-    noise_pow = d.var(0, unbiased=True).mean(-1) / S                              # (B,)
-    w = (1 - noise_pow / mean_pow.clamp_min(1e-30)).clamp(0, 1)
-    return w.repeat_interleave(BLOCK)[:n]
-
-
 class OuterSync:
     """The outer state and step of one rank. ``after_inner_step(t)`` after every optimizer step
     (t = inner steps done); collective over the world's counterpart groups."""
@@ -126,7 +113,6 @@ class OuterSync:
         self.H, self.P, self.tau = p.outer_every, p.outer_fragments, p.outer_overlap
         self.lr, self.mu, self.dtype = p.outer_lr, p.outer_momentum, p.outer_dtype
         self.start, self.start_every = p.outer_start_step, p.outer_start_every   # warm-up: plain averages
-        self.by_agreement = p.outer_lr_by_agreement
         self.link = WanLink(p.wan_bandwidth_gbps, p.wan_latency_ms, share=sites.size)
         self.outer_steps = 0                          # fragment exchanges applied
         self.units = self._build_units()              # [fragment] -> [Unit]
@@ -236,7 +222,7 @@ class OuterSync:
             work = dist.all_gather(parts, payload, group=cross, async_op=True)
             nbytes = (S - 1) * payload.numel()
             n = delta.numel()
-            pend.result = lambda: torch.stack([decode(q, self.dtype, n) for q in parts])   # (S, N)
+            pend.result = lambda: torch.stack([decode(q, self.dtype, n) for q in parts]).sum(0)
         works = [work]
         if self.moes and self._send_offset(f) == 0:               # the round's last fragment: biases too
             pend.bias_sent = self._biases()
@@ -255,11 +241,7 @@ class OuterSync:
         """Wait for the exchange (real and emulated) and decode its average."""
         if pend.avg is None:
             self.link.block_until(pend.done_at, pend.wait)
-            res = pend.result()
-            if res.dim() == 2:                    # (S, N) every site's delta: mean, and the sites' agreement
-                pend.agree = agreement(res) if self.by_agreement else None
-                res = res.sum(0)
-            pend.avg = res / self.sites.count
+            pend.avg = pend.result() / self.sites.count
             if self.tau:
                 pend.avg = self.inflight_avg[pend.fragment].copy_(pend.avg)
             pend.wait = pend.result = None
@@ -275,11 +257,7 @@ class OuterSync:
             a.sub_(pend.avg)
         else:
             b.mul_(self.mu).add_(pend.avg)                       # Nesterov, as torch.optim.SGD does it
-            if pend.agree is not None:         # lr 1 on disagreement, self.lr on agreement
-                lr = 1 + (self.lr - 1) * pend.agree
-                a.sub_((pend.avg + self.mu * b) * lr)
-            else:
-                a.sub_(pend.avg + self.mu * b, alpha=self.lr)
+            a.sub_(pend.avg + self.mu * b, alpha=self.lr)
         new = a
         if self.tau and not plain:                               # keep the local steps taken meanwhile
             now = torch.cat([u.master for u in self.units[f]]) if self.units[f] else torch.zeros(0)

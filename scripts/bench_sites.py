@@ -78,10 +78,8 @@ RUNS.update({"sync_noclip": NOCLIP, "sync_in14": IN14,
              # Nesterov 0.7 / 0.5: the outer multiplier ramps from 1.05 (first round after the warm-up,
              # momentum still 0) towards lr / (1 - mu) = 1.4 as the rounds agree
              "h50_int8_m05_warm100e5": H50 + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5"] + WARM})
-# 2026-12-05, later: the outer lr above 1 only where the sites agree (per block of 256 values), lr 1 elsewhere
-AGREE = ["parallel.outer_lr_by_agreement=true"]
-RUNS.update({"h50_int8_lr14_agree_warm100e5": RUNS["h50_int8_lr14_warm100e5"] + AGREE,
-             "h50_int8_lr20_agree_warm100e5": RUNS["h50_int8_lr20_warm100e5"] + AGREE})
+# 2026-12-05, later: h50_int8_lr{14,20}_agree_warm100e5 (the outer lr above 1 only where the sites agree) were
+# measured at commit f23c378 and removed with the option: docs/BENCHMARKS.md
 # Streaming DiLoCo's fragments at the best setting: 5 fragments, each synced every 50 steps, 10 steps apart
 RUNS["h50_int8_lr14_warm100e5_p5"] = RUNS["h50_int8_lr14_warm100e5"] + ["parallel.outer_fragments=5"]
 # bound (2026-12-05, later): one site alone, synchronous over half the global batch (4 ranks x mbs/2 rows
