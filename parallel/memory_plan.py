@@ -5,11 +5,14 @@
 
 Parameters (model/flops.py counts, MTP included): P_e = routed-expert weights of every MoE layer,
 P_d = everything else (embedding, head, attention, dense FFNs, shared experts, routers, norms).
-A rank holds P = P_d + P_e / ep parameters: dense ones replicated, experts sharded over ep.
-Its optimizer owns S of them:
+A rank holds P = P_d + P_e n / E parameters: dense ones replicated, its n of the E routed experts
+of each MoE layer (n = E / ep under the even placement). Its optimizer owns S of them:
   ZeRO-0: S = P (every rank keeps all state of what it holds);
-  ZeRO-1/2: S = P_d / W + (P_e / ep) / edp = (P_d + P_e) / W: dense state partitioned over all W
-  ranks, expert state over the expert-data-parallel group of the rank's experts (size W / ep).
+  ZeRO-1/2: S = P_d / W + (P_e n / E) / edp (= (P_d + P_e) / W when even): dense state partitioned
+  over all W ranks, expert state over the expert-data-parallel group of the rank's experts (W / ep).
+Uneven placements (parallel.expert_placement=capacity | load, parallel/placement.py): the plan is
+for the largest rank, an upper bound for every rank: n = the most experts any EP rank holds in any
+layer, and the routed copies it computes (below) the most any EP rank computes.
 ZeRO-1 partitions the optimizer state only; ZeRO-2 also the gradients. DeepSpeed's alignment
 padding (a few elements per group) is ignored. w = bytes per weight: 2 (bf16), 4 (fp32).
 
@@ -52,7 +55,9 @@ token and layer (T tokens on the rank, K experts per token), roughly
            the gating-weighted product (F) and the expert output (D: index_add keeps its source);
            under EP the expert output (D, kept by index_copy) and the gating weight multiplies the
            combined output instead (2D per copy).
-           EP assumes balanced routing: each rank computes T * K copies.
+           EP assumes balanced routing over experts: a rank holding n of E experts computes
+           T * K * ep * n / E copies (T * K when even); under the load placement, the measured
+           loads give each rank's share of the copies instead.
   constants: the chunked loss keeps dh (T, D) and dW (V, D) per head call (main + each MTP depth);
            in bf16 the router's fp32 weight copy (E x D per MoE layer); RoPE cos/sin (S x dr).
   activation checkpointing (parallel/recompute.py, every block): only each block's input (D) stays,
@@ -92,6 +97,13 @@ class Layout:
     reduce_bucket: int = DEFAULT_BUCKET     # deepspeed.zero_optimization.reduce_bucket_size
     overlap_comm: bool = False              # deepspeed.zero_optimization.overlap_comm (two buckets)
     expert_calls: int = 1                   # expert GEMM calls per MoE layer (EP token chunks, parallel.chunks)
+    # uneven expert placement (the largest rank): experts per MoE layer it holds (0: E / ep, even) and
+    # the routed token copies its experts compute, as a multiple of the balanced T * K
+    rank_experts: int = 0
+    rank_copies: float = 1.0
+
+    def experts_here(self, n_routed: int) -> int:
+        return self.rank_experts or n_routed // self.ep
 
     @property
     def edp(self) -> int:
@@ -148,8 +160,10 @@ def parse_plan(text: str, cfg) -> Layout:
     if world % ep:
         raise ValueError(f"--plan: ep={ep} does not divide world={world} (world = ep x expert-data-parallel)")
     E = cfg.model.n_routed_experts
-    if E and E % ep:
-        raise ValueError(f"--plan: ep={ep} does not divide model.n_routed_experts={E}")
+    rank_experts, rank_copies = placement_bounds(cfg, ep) if E and ep > 1 else (0, 1.0)
+    if E and E % ep and not rank_experts:
+        raise ValueError(f"--plan: ep={ep} does not divide model.n_routed_experts={E} (or place experts by "
+                         "parallel.expert_placement=capacity)")
     try:   # the trainer's own rule for offload (stage 0 and devices other than cpu fail)
         check_offload({"zero_optimization": {"stage": zero, "offload_optimizer": {"device": offload}}})
     except ValueError as e:
@@ -158,7 +172,45 @@ def parse_plan(text: str, cfg) -> Layout:
                   mbs=integer("mbs", cfg.train.micro_batch_size), seq=integer("seq", cfg.data.seq_len),
                   reduce_bucket=int(float(zero_cfg.get("reduce_bucket_size", DEFAULT_BUCKET))),
                   overlap_comm=bool(zero_cfg.get("overlap_comm", False)),
-                  expert_calls=cfg.parallel.chunks if ep > 1 and cfg.parallel.overlap else 1)
+                  expert_calls=cfg.parallel.chunks if ep > 1 and cfg.parallel.overlap else 1,
+                  rank_experts=rank_experts, rank_copies=rank_copies)
+
+
+def configured_placement(cfg, ep: int):
+    """parallel.expert_placement as the trainer would build it before any measurement -> (placement,
+    (L, E) loads or None); (None, None) for the even placement. capacity: from parallel.rank_capacity
+    (a list: "auto" is measured at run time, so it cannot be planned); load: from the router counts of
+    parallel.expert_load_from."""
+    from parallel.placement import build_placement, ep_capacities, read_expert_loads
+
+    p = cfg.parallel
+    if p.expert_placement == "even":
+        return None, None
+    if p.rank_capacity == "auto":
+        raise ValueError(f"--plan: parallel.expert_placement={p.expert_placement} with parallel.rank_capacity=auto: "
+                         "the capacities are measured at run time; give them as a list to plan")
+    loads = read_expert_loads(p.expert_load_from) if p.expert_placement == "load" and p.expert_load_from else None
+    placement = build_placement(p.expert_placement, _moe_layers(cfg.model), cfg.model.n_routed_experts, ep,
+                                ep_capacities(p.rank_capacity, ep), loads)
+    return placement, loads
+
+
+def placement_bounds(cfg, ep: int) -> tuple[int, float]:
+    """-> (the most experts an EP rank holds in a MoE layer, the most routed copies an EP rank computes
+    as a multiple of the balanced T * K); (0, 1.0) for the even placement. Routing is taken as
+    balanced over experts (what the bias-steered router aims at), except under the load placement,
+    whose measured loads give each rank's share."""
+    from parallel.placement import rank_loads
+
+    placement, loads = configured_placement(cfg, ep)
+    if placement is None:
+        return 0, 1.0
+    E = cfg.model.n_routed_experts
+    most = max(len(ids) for layer in placement for ids in layer)
+    if loads is None:
+        return most, max(ep * len(ids) / E for layer in placement for ids in layer)
+    return most, max(ep * r / max(sum(rank_loads(layer, load)), 1e-30)
+                     for layer, load in zip(placement, loads.tolist()) for r in rank_loads(layer, load))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -181,7 +233,8 @@ class Params:
         return self.dense + self.experts
 
 
-def params(c: ModelConfig, ep: int = 1) -> Params:
+def params(c: ModelConfig, ep: int = 1, rank_experts: int = 0) -> Params:
+    """``rank_experts``: routed experts per MoE layer on the rank (0: E / ep), for its largest tensor."""
     p = count_params(c)
     n_moe = _moe_layers(c)
     experts = n_moe * c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size
@@ -189,7 +242,7 @@ def params(c: ModelConfig, ep: int = 1) -> Params:
     shapes = [c.vocab_size * D, D * c.intermediate_size, c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim),
               H * c.v_head_dim * D, (c.q_lora_rank or D) * H * c.qk_head_dim, 2 * D * D]
     if n_moe:
-        shapes.append(c.n_routed_experts // ep * D * 2 * c.moe_intermediate_size)
+        shapes.append((rank_experts or c.n_routed_experts // ep) * D * 2 * c.moe_intermediate_size)
     return Params(dense=p.total + p.mtp_total - experts, experts=experts, largest_local=max(shapes),
                   router_bias=n_moe * c.n_routed_experts)
 
@@ -219,9 +272,10 @@ class StatePlan:
 
 
 def state_plan(c: ModelConfig, lay: Layout) -> StatePlan:
-    pr = params(c, lay.ep)
-    w, P = lay.w, pr.dense + pr.experts // lay.ep
-    S = P if lay.zero == 0 else pr.dense / lay.world + pr.experts / lay.world
+    pr = params(c, lay.ep, lay.rank_experts)
+    local = pr.experts * lay.experts_here(c.n_routed_experts) // max(1, c.n_routed_experts)   # P_e n / E
+    w, P = lay.w, pr.dense + local
+    S = P if lay.zero == 0 else pr.dense / lay.world + local / lay.edp
     bf16 = lay.dtype == "bf16"
     if lay.zero == 0:
         master = 4 * P if bf16 else 0
@@ -237,7 +291,7 @@ def state_plan(c: ModelConfig, lay: Layout) -> StatePlan:
     # the step goes group by group: the first group holds the dense matrices (every matrix at ep=1),
     # the expert group (ep > 1) comes last and frees its low-precision gradients before its fp32 copy
     first = (pr.dense + (pr.experts if lay.ep == 1 else 0)) / lay.world
-    experts = pr.experts / lay.world if lay.ep > 1 else 0
+    experts = local / lay.edp if lay.ep > 1 else 0
     at_step = max(w * S + 4 * first, 4 * experts)
     backward = w * P if lay.zero == 1 else w * S
     return StatePlan(weights=w * P, grads=int(max(backward, at_step)), master=int(4 * S), moments=int(8 * S),
@@ -312,7 +366,8 @@ def _swiglu(s: _Saved, p: str, x: str, hidden: int) -> None:
     s.linear(f"{p}.down_proj", f"{p}.prod", hidden)
 
 
-def _moe(s: _Saved, c: ModelConfig, p: str, x: str, ep: int) -> None:
+def _moe(s: _Saved, c: ModelConfig, p: str, x: str, ep: int, copies: float = 1.0) -> None:
+    """``copies``: routed copies the rank's experts compute per local token, as a multiple of K."""
     D, F, E, K = c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok
     # router (fp32 whatever the dtype): its input (a fp32 copy in bf16), scores, top-k ids and weights
     s.keep(x if s.a == 4 else f"{p}.router.x32", D, 4)
@@ -323,10 +378,11 @@ def _moe(s: _Saved, c: ModelConfig, p: str, x: str, ep: int) -> None:
         s.keep(f"{p}.balance.sum", 1, 4)
     if c.n_shared_experts:
         _swiglu(s, f"{p}.shared", x, F * c.n_shared_experts)
-    # routed copies (K per token): expert input, gate/up output, silu and product
-    s.linear(f"{p}.experts.w1", f"{p}.experts.x", K * D)
-    s.keep(f"{p}.experts.h", K * 2 * F)
-    s.keep(f"{p}.experts.silu", K * F)
+    # routed copies (K per token; Kx on the rank's experts): expert input, gate/up output, silu, product
+    Kx = K * copies
+    s.linear(f"{p}.experts.w1", f"{p}.experts.x", Kx * D)
+    s.keep(f"{p}.experts.h", Kx * 2 * F)
+    s.keep(f"{p}.experts.silu", Kx * F)
     if ep == 1:   # LocalDispatcher: the gate weight scales the F-wide product, index_add keeps y
         s.keep(f"{p}.experts.act", K * F)
         s.keep(f"{p}.experts.row_weight", K)
@@ -334,19 +390,19 @@ def _moe(s: _Saved, c: ModelConfig, p: str, x: str, ep: int) -> None:
         s.keep(f"{p}.combine.y", K * D)
         s.keep(f"{p}.perm", 2 * K, 8)                                        # order, token_of
     else:         # AllToAllDispatcher: the weight multiplies the combined (N, D) output
-        s.linear(f"{p}.experts.w2", f"{p}.experts.act", K * F)
-        s.keep(f"{p}.experts.y", K * D)                                      # index_copy keeps its source
-        s.keep(f"{p}.combine.y", K * D)
+        s.linear(f"{p}.experts.w2", f"{p}.experts.act", Kx * F)
+        s.keep(f"{p}.experts.y", Kx * D)                                     # index_copy keeps its source
+        s.keep(f"{p}.combine.y", K * D)                                      # back at the tokens' rank
         s.keep(f"{p}.combine.weight", K)
         s.keep(f"{p}.combine.weighted", K * D)
-        s.keep(f"{p}.perm", 3 * K, 8)                                        # order, token_of, regroup
+        s.keep(f"{p}.perm", 2 * K + Kx, 8)                                   # order, token_of; regroup
 
 
-def _block(s: _Saved, c: ModelConfig, p: str, x: str, moe: bool, ep: int) -> None:
+def _block(s: _Saved, c: ModelConfig, p: str, x: str, moe: bool, ep: int, copies: float = 1.0) -> None:
     _attention(s, c, f"{p}.attn", x)
     h = _norm(s, f"{p}.ln2", f"{p}.resid", c.hidden_size)
     if moe:
-        _moe(s, c, f"{p}.moe", h, ep)
+        _moe(s, c, f"{p}.moe", h, ep, copies)
     else:
         _swiglu(s, f"{p}.mlp", h, c.intermediate_size)
 
@@ -373,9 +429,9 @@ def _blocks(c: ModelConfig) -> list[bool]:
            [c.n_routed_experts > 0] * c.num_nextn_predict_layers
 
 
-def block_bytes_per_token(c: ModelConfig, moe: bool, a: int, fp8: bool, ep: int) -> float:
+def block_bytes_per_token(c: ModelConfig, moe: bool, a: int, fp8: bool, ep: int, copies: float = 1.0) -> float:
     s = _Saved(a, fp8)
-    _block(s, c, "b", "x", moe, ep)
+    _block(s, c, "b", "x", moe, ep, copies)
     return s.total()
 
 
@@ -390,7 +446,7 @@ def _block_constant(c: ModelConfig, moe: bool, lay: Layout, fp8: bool) -> float:
         attn = q + D * (c.kv_lora_rank + c.qk_rope_head_dim) \
             + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.v_head_dim * D
         if moe:
-            experts = lay.expert_calls * E // lay.ep * 3 * D * c.moe_intermediate_size
+            experts = lay.expert_calls * lay.experts_here(E) * 3 * D * c.moe_intermediate_size
             ffn = 3 * D * c.moe_intermediate_size * c.n_shared_experts + experts
         else:
             ffn = 3 * D * c.intermediate_size
@@ -434,7 +490,7 @@ def activation_plan(c: ModelConfig, lay: Layout, fp8: bool = False) -> Activatio
     heads = 1 + c.num_nextn_predict_layers
     return ActivationPlan(
         tokens=lay.mbs * lay.seq,
-        blocks_per_token=[block_bytes_per_token(c, moe, lay.w, fp8, lay.ep) for moe in moes],
+        blocks_per_token=[block_bytes_per_token(c, moe, lay.w, fp8, lay.ep, lay.rank_copies) for moe in moes],
         block_constants=[_block_constant(c, moe, lay, fp8) for moe in moes],
         outside_per_token=outside.total(),
         # the chunked loss's dW (V, D) per head call; RoPE cos/sin (S, dr/2) each
@@ -469,7 +525,7 @@ def plan(c: ModelConfig, lay: Layout) -> Plan:
     acts = {"plain": plain.saved, "checkpointed": plain.peak_checkpointed,
             "fp8": f8.saved, "fp8+checkpointed": f8.peak_checkpointed}
     total = checkpoint_bytes(c)
-    return Plan(layout=lay, params=params(c, lay.ep), state=state_plan(c, lay), activations=acts,
+    return Plan(layout=lay, params=params(c, lay.ep, lay.rank_experts), state=state_plan(c, lay), activations=acts,
                 checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world))
 
 
@@ -486,7 +542,7 @@ def smallest_worlds(c: ModelConfig, lay: Layout, capacity: float, max_world: int
                     ) -> dict[str, Layout | None]:
     """Per activation variant, the smallest world (1, 2, 4, then multiples of 8: whole 8-GPU nodes)
     at which it fits, with the largest ep that divides both the world and the expert count (more
-    ep, fewer local experts); None if none up to ``max_world`` does. The rest is ``lay``'s. Host
+    ep, fewer local experts) and the even placement; None if none up to ``max_world`` does. The rest is ``lay``'s. Host
     memory (offload) is not a constraint here: the caller reports it."""
     from dataclasses import replace
 
@@ -494,7 +550,7 @@ def smallest_worlds(c: ModelConfig, lay: Layout, capacity: float, max_world: int
     found: dict[str, Layout | None] = {}
     for world in [1, 2, 4] + list(range(8, max_world + 1, 8)):
         ep = max(d for d in range(1, min(world, E) + 1) if world % d == 0 and E % d == 0)
-        cand = replace(lay, world=world, ep=ep)
+        cand = replace(lay, world=world, ep=ep, rank_experts=0, rank_copies=1.0)   # even placements
         p = plan(c, cand)
         for v in p.activations:
             if v not in found and fits(p, v, capacity):

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from configs.schema import load_config  # noqa: E402
-from parallel.memory_plan import GiB, activation_plan, parse_plan, plan  # noqa: E402
+from parallel.memory_plan import GiB, activation_plan, configured_placement, parse_plan, plan  # noqa: E402
 
 STATE = ("weights", "grads", "master", "moments", "buffers", "grads_host", "master_host", "moments_host",
          "buffers_host")
@@ -191,7 +191,8 @@ def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
     if lay.ep > 1:
         p = cfg.parallel
         group, _ = create_groups(lay.ep)
-        shard_experts(model, group, lay.ep, overlap=p.overlap, chunks=p.chunks)
+        placement, _ = configured_placement(cfg, lay.ep)          # capacity | load: as planned
+        shard_experts(model, group, lay.ep, overlap=p.overlap, chunks=p.chunks, placement=placement)
         declare_to_deepspeed(model, lay.ep)
     engine = build_engine(model.to(device), cfg, lay.world)
     gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", 0)))

@@ -67,11 +67,16 @@ def print_plan(cfg, args) -> dict:
         return out
     g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
     st, pr = pl.state, pl.params
+    E = max(1, cfg.model.n_routed_experts)
+    here = lay.experts_here(E)
     print(f"memory plan: {args.config or 'configs/tiny.yaml'}, world {lay.world}, ep {lay.ep} (expert data "
           f"parallel {lay.edp}), ZeRO-{lay.zero}, {lay.dtype}{', optimizer offloaded to CPU' if lay.offload else ''}, "
           f"{lay.mbs} x {lay.seq} tokens per rank")
     print(f"parameters: {pr.total / 1e9:.2f} B ({pr.dense / 1e9:.2f} B replicated on every rank, routed experts "
-          f"{pr.experts / 1e9:.2f} B over ep {lay.ep}); per rank {(pr.dense + pr.experts / lay.ep) / 1e9:.2f} B")
+          f"{pr.experts / 1e9:.2f} B over ep {lay.ep}); per rank {(pr.dense + pr.experts * here / E) / 1e9:.2f} B")
+    if lay.rank_experts:
+        print(f"expert placement {cfg.parallel.expert_placement}: the plan is for the largest rank, {here} of {E} "
+              f"experts per MoE layer, {lay.rank_copies:.2f}x the balanced routed copies")
     print(f"{'per rank, GiB':34s} {'device':>9s} {'host':>9s}")
     for name, dev, host in (("weights", st.weights, 0), ("gradients (peak)", st.grads, st.grads_host),
                             ("fp32 master weights", st.master, st.master_host),

@@ -59,10 +59,12 @@ def test_saved_activations_match_autograd(extra):
     assert saved_bytes(model, x) == pytest.approx(want, rel=0.01)
 
 
-def _engine_worker(rank: int, port: int, layouts: list[str], out: str) -> None:
-    """One rank: build each layout's engine as train.py does and measure it (scripts/measure_memory.py)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0", LOCAL_SIZE="1")
+def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: int = 1, extra: tuple = (),
+                   variants: tuple = ("plain", "checkpointed")) -> None:
+    """One rank: build each layout's engine as train.py does and measure it (scripts/measure_memory.py);
+    rank r writes ``out`` + r."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     from parallel.engine import init_distributed
     from scripts.measure_memory import layout_overrides, measure
 
@@ -70,10 +72,10 @@ def _engine_worker(rank: int, port: int, layouts: list[str], out: str) -> None:
     torch.set_num_threads(1)       # a tiny model: a second thread only spins on a shared 2-core machine
     results = {}
     for text in layouts:
-        lay = parse_plan(text, load_config(None, SMALL))
-        cfg = load_config(None, SMALL + layout_overrides(lay))
-        results[text] = measure(cfg, lay, torch.device("cpu"), variants=("plain", "checkpointed"))
-    with open(out, "w") as f:
+        lay = parse_plan(text, load_config(None, SMALL + list(extra)))
+        cfg = load_config(None, SMALL + list(extra) + layout_overrides(lay))
+        results[text] = measure(cfg, lay, torch.device("cpu"), variants=variants)
+    with open(out + ("" if world == 1 else str(rank)), "w") as f:
         json.dump(results, f)
 
 
@@ -96,6 +98,48 @@ def test_plan_matches_a_real_engine(tmp_path):
         for v, a in acts.items():
             want = a.saved_checkpointed if v.endswith("checkpointed") else a.saved
             assert got["activations"][v] == pytest.approx(want, rel=0.1), (text, v)
+
+
+UNEVEN = ["parallel.ep=2", "parallel.expert_placement=capacity", "parallel.rank_capacity=[3,1]"]
+
+
+def test_uneven_placement_plans_the_largest_rank():
+    """capacity [3, 1] over 8 experts: EP rank 0 holds 6, so the plan holds 6/8 of the routed experts'
+    weights and state and 1.5x the balanced routed copies; equal capacities plan like the even layout."""
+    text = "world=2,ep=2,zero=1,mbs=16,seq=64"
+    even = plan(load_config(None, SMALL).model, parse_plan(text, load_config(None, SMALL + ["parallel.ep=2"])))
+    cfg = load_config(None, SMALL + UNEVEN)
+    lay = parse_plan(text, cfg)
+    assert (lay.rank_experts, lay.rank_copies) == (6, 1.5)
+    pl = plan(cfg.model, lay)
+    experts, dense = pl.params.experts, pl.params.dense
+    assert pl.state.weights == 4 * (dense + experts * 6 // 8)
+    assert pl.state.moments == 8 * (dense / 2 + experts * 6 // 8)           # dense over 2 ranks, experts own
+    assert pl.state.weights > even.state.weights and pl.activations["plain"] > even.activations["plain"]
+    same = load_config(None, SMALL + UNEVEN[:2] + ["parallel.rank_capacity=[1,1]"])
+    assert plan(same.model, parse_plan(text, same)).state == even.state
+    assert plan(same.model, parse_plan(text, same)).activations == even.activations
+    auto = load_config(None, SMALL + UNEVEN[:2] + ["parallel.rank_capacity=auto"])
+    with pytest.raises(ValueError, match="rank_capacity=auto"):
+        parse_plan(text, auto)
+
+
+@pytest.mark.slow
+def test_uneven_plan_matches_the_largest_real_rank(tmp_path):
+    """Two real EP ranks under capacity [3, 1]: rank 0 (6 of 8 experts) measures what the plan says,
+    rank 1 (2 experts) less."""
+    text = "world=2,ep=2,zero=1,dtype=fp32,mbs=16,seq=64"
+    out = str(tmp_path / "measured")
+    mp.spawn(_engine_worker, args=(free_port(), [text], out, 2, tuple(UNEVEN), ("plain",)), nprocs=2, join=True)
+    got = [json.loads(open(out + str(r)).read())[text] for r in range(2)]
+    cfg = load_config(None, SMALL + UNEVEN)
+    lay = parse_plan(text, cfg)
+    pl = plan(cfg.model, lay)
+    for key in ("weights", "grads", "master", "moments"):
+        assert got[0]["state"][key] == pytest.approx(getattr(pl.state, key), rel=0.02), key
+        assert got[1]["state"][key] < 0.8 * getattr(pl.state, key), key
+    assert got[0]["activations"]["plain"] == pytest.approx(activation_plan(cfg.model, lay).saved, rel=0.1)
+    assert got[1]["activations"]["plain"] < got[0]["activations"]["plain"]
 
 
 def test_checkpoint_is_12_bytes_per_parameter():
