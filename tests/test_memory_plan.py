@@ -124,6 +124,21 @@ def test_uneven_placement_plans_the_largest_rank():
         parse_plan(text, auto)
 
 
+def test_load_placement_plans_the_measured_hot_rank(tmp_path):
+    """Measured loads with one hot expert (8 of every 15 tokens' copies in each of the 3 MoE layers):
+    the load placement keeps 4 experts per rank and puts the hot one with the 3 coldest, so its rank
+    computes 11/15 of the copies: 2 x 11/15 of the balanced share."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 10, "expert_load": [[8, 1, 1, 1, 1, 1, 1, 1]] * 3}) + "\n")
+    cfg = load_config(None, SMALL + ["parallel.ep=2", "parallel.expert_placement=load",
+                                     f"parallel.expert_load_from={metrics}"])
+    lay = parse_plan("world=2,ep=2,zero=1,mbs=16,seq=64", cfg)
+    assert lay.rank_experts == 4 and lay.rank_copies == pytest.approx(22 / 15)
+    even = load_config(None, SMALL + ["parallel.ep=2"])
+    hot, flat = (activation_plan(c.model, parse_plan("world=2,ep=2,zero=1,mbs=16,seq=64", c)) for c in (cfg, even))
+    assert hot.saved > flat.saved
+
+
 @pytest.mark.slow
 def test_uneven_plan_matches_the_largest_real_rank(tmp_path):
     """Two real EP ranks under capacity [3, 1]: rank 0 (6 of 8 experts) measures what the plan says,
