@@ -80,8 +80,9 @@ RUNS.update({"sync_noclip": NOCLIP, "sync_in14": IN14,
              "h50_int8_m05_warm100e5": H50 + ["parallel.outer_lr=0.7", "parallel.outer_momentum=0.5"] + WARM})
 # 2026-12-05, later: h50_int8_lr{14,20}_agree_warm100e5 (the outer lr above 1 only where the sites agree) were
 # measured at commit f23c378 and removed with the option: docs/BENCHMARKS.md
-# Streaming DiLoCo's fragments at the best setting: 5 fragments, each synced every 50 steps, 10 steps apart
-RUNS["h50_int8_lr14_warm100e5_p5"] = RUNS["h50_int8_lr14_warm100e5"] + ["parallel.outer_fragments=5"]
+# Streaming DiLoCo's fragments at the best setting: P fragments, each synced every 50 steps, 50/P steps apart
+RUNS.update({f"h50_int8_lr14_warm100e5_p{P}": RUNS["h50_int8_lr14_warm100e5"] + [f"parallel.outer_fragments={P}"]
+             for P in (5, 10, 50)})
 # bound (2026-12-05, later): one site alone, synchronous over half the global batch (4 ranks x mbs/2 rows
 # are the rows one site's 2 ranks x mbs take): what H=50 averaging adds over training only one site
 RUNS["one_site"] = []                                  # train.micro_batch_size set in run(), from --mbs
