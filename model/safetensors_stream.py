@@ -2,8 +2,9 @@
 they are produced, so a writer holds one tensor at a time instead of a whole shard.
 
 The file is byte-identical to ``safetensors.torch.save_file`` of the same tensors and metadata
-(tests/test_export.py checks it; with more than one metadata key safetensors itself orders them
-differently from call to call, so only the parsed header can match there): the header lists the tensors in the order safetensors itself
+(tests/test_export.py checks it). With more than one metadata key, safetensors orders them
+differently from call to call, so only the parsed header can match there; this writer sorts them,
+so the same tensors always give the same bytes. The header lists the tensors in the order safetensors itself
 chooses (asked of the library on empty stand-ins, so a new version's order is followed, not
 guessed), as compact JSON padded with spaces to a multiple of 8 bytes, and the data region holds
 the tensors back to back in that order. Because every offset is known from the header, a tensor
@@ -25,14 +26,13 @@ from safetensors.torch import save
 _ALIGN = 8   # safetensors pads the header so the data region starts 8-byte aligned
 
 
-def _order(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-           metadata: dict[str, str] | None) -> tuple[list[str], dict[str, str] | None]:
-    """The tensor order (and metadata order) save_file would write, from empty stand-ins."""
-    probe = save({name: torch.empty(0, dtype=dtype) for name, dtype, _ in specs}, metadata=metadata)
+def _order(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """The tensor order save_file would write, from empty stand-ins."""
+    probe = save({name: torch.empty(0, dtype=dtype) for name, dtype, _ in specs})
     n = struct.unpack("<Q", probe[:8])[0]
     header = json.loads(probe[8:8 + n])
-    meta = header.pop("__metadata__", None)
-    return list(header), meta
+    header.pop("__metadata__", None)
+    return list(header)
 
 
 class SafetensorsWriter:
@@ -51,7 +51,10 @@ class SafetensorsWriter:
         if len({name for name, _, _ in specs}) != len(specs):
             raise ValueError(f"{self.path}: duplicate tensor names in the plan")
         by_name = {name: (dtype, shape) for name, dtype, shape in specs}
-        order, meta = _order(specs, metadata)
+        order = _order(specs)
+        # metadata keys sorted: safetensors' own order of several keys changes from call to call (a
+        # hash map), and the same tensors must give the same bytes (tests/test_determinism.py)
+        meta = None if metadata is None else dict(sorted(metadata.items()))
         self._info: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}   # dtype, shape, begin, nbytes
         header: dict[str, object] = {} if meta is None else {"__metadata__": meta}
         offset = 0
