@@ -209,8 +209,11 @@ def placement_bounds(cfg, ep: int) -> tuple[int, float]:
     most = max(len(ids) for layer in placement for ids in layer)
     if loads is None:
         return most, max(ep * len(ids) / E for layer in placement for ids in layer)
-    return most, max(ep * r / max(sum(rank_loads(layer, load)), 1e-30)
-                     for layer, load in zip(placement, loads.tolist()) for r in rank_loads(layer, load))
+    copies = 0.0
+    for layer, load in zip(placement, loads.tolist()):
+        per_rank = rank_loads(layer, load)
+        copies = max(copies, ep * max(per_rank) / max(sum(per_rank), 1e-30))
+    return most, copies
 
 
 # ----------------------------------------------------------------------------- parameters

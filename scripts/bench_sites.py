@@ -122,8 +122,10 @@ def run(name: str, args: argparse.Namespace) -> None:
         if args.mbs % 2:
             raise SystemExit(f"one_site: --mbs {args.mbs} is odd; one site's half of the batch needs an even one")
         # twice tiny.yaml's evaluation batches, of half the rows: the same validation rows as the other runs
-        import yaml
-        batches = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["train"]["eval_batches"]
+        sys.path.insert(0, str(ROOT))
+        from configs import load_config
+
+        batches = load_config(str(ROOT / "configs/tiny.yaml")).train.eval_batches
         extra = [f"train.micro_batch_size={args.mbs // 2}", f"train.eval_batches={2 * batches}"]
     entry = ([str(Path(__file__).resolve()), "--train-over-wan", *SYNC_WAN] if name == "util_sync_wan"
              else [str(ROOT / "train.py")])
