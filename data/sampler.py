@@ -5,7 +5,7 @@ from a per-epoch permutation seeded only by (seed, epoch); rank r takes the r-th
 contiguous slice. The global sequence therefore depends only on the global batch size,
 so 1 rank x 8 rows and 2 ranks x 4 rows train on exactly the same data, and a run can be
 resumed on a different number of ranks. Ranks of unequal speed may take unequal slices
-(``set_shares``, parallel/shares.py): the global batch, hence the data order and the once-per-epoch
+(``set_shares``, parallel/unequal/shares.py): the global batch, hence the data order and the once-per-epoch
 visit of every row, stays the same. Partial global batches at an epoch's end are
 dropped (every rank needs a full slice); the next epoch's permutation differs, so no row
 is systematically skipped.

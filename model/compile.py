@@ -8,7 +8,7 @@ is in the block's graph (the grouped GEMM is a custom op with a shape function);
 dispatcher and FP8 experts run eagerly behind a graph break (``model.moe._dispatch``). The
 chunked loss stays eager (its chunk loop would be unrolled). The first step pays the compilation,
 so it is an option for long runs: ``train.compile``. On the 2-core CPU it saves a fifth of the
-step's memory but no time (docs/BENCHMARKS.md); it is unmeasured on a GPU so far.
+step's memory but no time (benchmarks/results/training_speed.md); it is unmeasured on a GPU so far.
 """
 from __future__ import annotations
 

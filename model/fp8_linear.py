@@ -308,7 +308,7 @@ def fp8_grouped_mm(x, w, counts, kernel="emulated", pow2=False, cache_fp8=True):
 
 class FP8RoutedExperts(RoutedExperts):
     """RoutedExperts with both grouped GEMMs in FP8. Same ``w_gate_up``/``w_down`` parameters, so
-    checkpoints and model/hf.py see no difference. ``forward_reference`` stays high precision."""
+    checkpoints and model/hf/convert.py see no difference. ``forward_reference`` stays high precision."""
     fp8_kernel: str = "emulated"
     fp8_pow2: bool = False
     cache_fp8: bool = True

@@ -2,7 +2,7 @@
 
 Eligible: every nn.Linear (-> FP8Linear) and every RoutedExperts (-> FP8RoutedExperts). The swap
 changes ``__class__`` only, so the very same Parameter objects stay in place: state-dict names,
-weight tying, optimizer state, DeepSpeed/EP parameter tags and model/hf.py are all unaffected.
+weight tying, optimizer state, DeepSpeed/EP parameter tags and model/hf/convert.py are all unaffected.
 
 What stays high precision, whatever the filters say:
   embedding, norms, the router (its ``gate`` is not a Linear), the attention core (softmax) --

@@ -122,7 +122,7 @@ def unpermute(y_sorted: torch.Tensor, perm: Permutation, topk_weight: torch.Tens
 
 class LocalDispatcher:
     """Single device: every expert is local. permute -> grouped GEMM -> unpermute, then the
-    shared experts. ``parallel.dispatcher.AllToAllDispatcher`` has the same call signature."""
+    shared experts. ``parallel.expert.dispatcher.AllToAllDispatcher`` has the same call signature."""
 
     traceable = True   # static shapes, no collectives: torch.compile takes it into the block's graph
 

@@ -3,7 +3,7 @@ output head, and D multi-token-prediction (MTP) modules that share embedding and
 
 Shapes: B batch, S sequence, D model dim, V vocab.
 Module names mirror transformers' DeepseekV3ForCausalLM so the state-dict mapping in
-``model/hf.py`` is a rename, not a reshuffle (except the stacked experts).
+``model/hf/convert.py`` is a rename, not a reshuffle (except the stacked experts).
 """
 from __future__ import annotations
 

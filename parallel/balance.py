@@ -18,11 +18,6 @@ import torch
 import torch.distributed as dist
 
 
-def gamma_at(step: int, t) -> float:
-    """Bias update speed after optimizer step ``step`` (0-based) for TrainConfig ``t``."""
-    return t.bias_update_speed if step < t.bias_update_stop_fraction * t.max_steps else 0.0
-
-
 def gather_counts(moe_layers, group=None) -> torch.Tensor:
     """(L, E) routed-token counts summed over the ranks of ``group``; zeroes the local ones."""
     if not moe_layers:
@@ -49,3 +44,32 @@ def imbalance(counts: torch.Tensor) -> list[float]:
     """Per layer max/mean token count (1.0 = perfectly balanced). counts (L, E)."""
     mean = counts.mean(dim=1).clamp_min(1e-9)
     return [round(float(x), 4) for x in counts.max(dim=1).values / mean]
+
+
+class ExpertLoad:
+    """Routed tokens per (MoE layer, expert), summed over the data-parallel ranks: over the whole run
+    (checkpointed: ``parallel.expert_placement=load`` places experts by it at a resume) and since the
+    last metrics record (logged as ``expert_load``). Shapes: (L, E)."""
+
+    def __init__(self, n_layers: int, n_experts: int):
+        self.total = torch.zeros(n_layers, n_experts, dtype=torch.float64)
+        self.interval = torch.zeros_like(self.total)
+
+    def add(self, counts: torch.Tensor) -> None:
+        if counts.numel():
+            c = counts.double().cpu()
+            self.total += c
+            self.interval += c
+
+    def take_interval(self) -> list[list[int]]:
+        """The counts since the last call (rounded), then zeroed."""
+        out = self.interval.round().long().tolist()
+        self.interval.zero_()
+        return out
+
+    def state_dict(self) -> list[list[int]]:
+        return self.total.round().long().tolist()
+
+    def load_state_dict(self, saved: list[list[int]] | None) -> None:
+        if saved:
+            self.total = torch.tensor(saved, dtype=torch.float64)

@@ -6,7 +6,7 @@ giving one of those keys with another value in ``deepspeed:`` is an error naming
 The trainer owns the optimizer (``torch.optim.AdamW``, weight decay on matrices only; under
 ZeRO-Offload, ``deepspeed.zero_optimization.offload_optimizer.device=cpu`` at stage 1/2,
 DeepSpeedCPUAdam with the same groups and hyper-parameters) and
-sets the learning rate itself before every optimizer step from ``lr_at(step)``, so the
+sets the learning rate itself before every optimizer step from ``lr_at(step)`` (model/schedules.py), so the
 schedule depends only on the config (``train.max_steps``), never on where a run stopped.
 """
 from __future__ import annotations
@@ -21,43 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.schedules import lr_at
+
 # Keys of the deepspeed section the trainer rejects: it builds these itself.
 _OWNED = {"optimizer": "the trainer builds AdamW from train.lr/beta1/beta2/weight_decay",
           "scheduler": "the trainer sets the LR from train.lr_schedule/warmup_steps/max_steps",
           "fp16": "only fp32 and bf16 (train.dtype) are supported"}
-
-
-def mtp_weight_at(step: int, t, early: float) -> float:
-    """MTP loss weight of optimizer step ``step`` (0-based): ``early`` (model.mtp_loss_weight)
-    before mtp_late_fraction of max_steps, then train.mtp_loss_weight_late (if set)."""
-    if t.mtp_loss_weight_late is None or step < t.mtp_late_fraction * t.max_steps:
-        return early
-    return t.mtp_loss_weight_late
-
-
-def lr_at(step: int, t) -> float:
-    """Learning rate of optimizer step ``step`` (0-based) for TrainConfig ``t``.
-
-    Linear warmup over ``warmup_steps`` (step 0 gets lr / warmup_steps), then
-    cosine: from lr down to min_lr at the last step;
-    wsd: constant lr, then a linear decay to min_lr over the last wsd_decay_fraction of steps;
-    constant: lr.
-    """
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    last = t.max_steps - 1
-    if t.lr_schedule == "constant" or last <= t.warmup_steps:
-        return t.lr
-    if t.lr_schedule == "cosine":
-        progress = min(1.0, (step - t.warmup_steps) / (last - t.warmup_steps))
-        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
-    # wsd
-    decay_steps = max(1, round(t.wsd_decay_fraction * t.max_steps))
-    decay_start = max(t.warmup_steps, last - decay_steps)
-    if step <= decay_start:
-        return t.lr
-    progress = min(1.0, (step - decay_start) / (last - decay_start))
-    return t.lr + (t.min_lr - t.lr) * progress
 
 
 def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
@@ -218,7 +187,7 @@ def keep_freed_memory() -> bool:
     """Stop glibc's malloc from handing large freed blocks back to the OS. By default every
     activation above its mmap threshold is a fresh mmap, so each training step pays a page fault
     per 4 KiB of every large temporary (logits, attention scores, expert buffers): on a CPU that
-    is a large share of the step (docs/BENCHMARKS.md). The price: the process keeps its peak heap
+    is a large share of the step (benchmarks/results/training_speed.md). The price: the process keeps its peak heap
     as resident memory. Returns False where it does not apply (not glibc)."""
     import ctypes
 
@@ -234,14 +203,14 @@ def keep_freed_memory() -> bool:
 
 def build_engine(model: nn.Module, cfg, world_size: int, mpu=None):
     """deepspeed.initialize with AdamW (DeepSpeedCPUAdam under ZeRO-Offload) -> engine; keeps the
-    router state in fp32. ``world_size`` is the data-parallel size; ``mpu`` (parallel/sites.py) gives
+    router state in fp32. ``world_size`` is the data-parallel size; ``mpu`` (parallel/multisite/groups.py) gives
     DeepSpeed a data-parallel group smaller than the world (one site)."""
     import deepspeed
 
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
     if cfg.parallel.ep > 1:  # expert weights get their own groups, reduced over expert-data-parallel ranks
-        from parallel.expert_parallel import split_moe_param_groups
+        from parallel.expert.sharding import split_moe_param_groups
         groups = split_moe_param_groups(groups)
     ds_config = deepspeed_config(cfg, world_size)
     plain = ds_config["zero_optimization"].get("stage", 0) == 0 and t.dtype == "fp32"
@@ -265,7 +234,7 @@ def build_engine(model: nn.Module, cfg, world_size: int, mpu=None):
     elif not plain and not hasattr(engine.optimizer, "overflow"):
         raise ValueError(f"deepspeed optimizer {type(engine.optimizer).__name__}: no non-finite-gradient "
                          "check known for it (supported: ZeRO 0/1/2 in fp32 or bf16)")
-    from parallel.integrity import safe_checkpoint_engine
+    from parallel.state.integrity import safe_checkpoint_engine
     safe_checkpoint_engine(engine)   # DeepSpeed's .pt files are read with weights_only=True
     # bf16 engines cast every buffer; the balancing bias and token counts must stay fp32.
     for moe in model.moe_layers():

@@ -1,6 +1,6 @@
 """Overlay the loss curves of several runs and print how far their final losses are apart.
 
-    python scripts/compare_runs.py RUN_A RUN_B [...] [--labels fp32,fp8] [--out docs/compare.png]
+    python scripts/compare_runs.py RUN_A RUN_B [...] [--labels fp32,fp8] [--out benchmarks/results/compare.png]
 
 "final" is the mean of the last ``--tail`` logged training losses (single steps are noisy at
 small batch); the relative difference is against the first run.

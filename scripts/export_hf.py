@@ -4,7 +4,7 @@
 
 --checkpoint is a checkpoint directory (runs/X/checkpoints/step_NNNNNNN), a run directory (its
 newest complete checkpoint is used) or a directory written by scripts/import_hf.py. The weights are
-read tensor by tensor through parallel.checkpoint.open_weights and the HF shards written tensor by
+read tensor by tensor through model.hf.weight_reader.open_weights and the HF shards written tensor by
 tensor (peak memory: one stacked expert tensor plus one HF tensor); besides them only JSON is read
 (trainer_state.json / model_config.json) and the tokenizer copy. Written: config.json
 (model_type deepseek_v3, no auto_map), generation_config.json, model.safetensors or shards plus
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
 from model.hf import DTYPES, hf_entries, write_hf_entries  # noqa: E402
-from parallel import checkpoint  # noqa: E402
+from model.hf import weight_reader  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -40,16 +40,16 @@ def resolve_source(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"--checkpoint {p}: does not exist")
-    if checkpoint.is_complete(p) or (p / checkpoint.INIT_CONFIG).is_file():
+    if weight_reader.is_complete(p) or (p / weight_reader.INIT_CONFIG).is_file():
         return p
-    if (p / checkpoint.STATE).is_file() or re.fullmatch(r"step_\d+", p.name):
-        raise ValueError(f"--checkpoint {p}: incomplete checkpoint (no {checkpoint.MARKER} marker: the save "
+    if (p / weight_reader.STATE).is_file() or re.fullmatch(r"step_\d+", p.name):
+        raise ValueError(f"--checkpoint {p}: incomplete checkpoint (no {weight_reader.MARKER} marker: the save "
                          "was interrupted or is still running)")
-    found = checkpoint.complete_checkpoints(str(p))
+    found = weight_reader.complete_checkpoints(str(p))
     if found:
         return found[-1]
     raise ValueError(f"--checkpoint {p}: no complete checkpoint found (expected a step_NNNNNNN directory "
-                     f"with a {checkpoint.MARKER} marker, a run directory holding checkpoints/, or an "
+                     f"with a {weight_reader.MARKER} marker, a run directory holding checkpoints/, or an "
                      "import_hf.py directory)")
 
 
@@ -78,11 +78,11 @@ def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: s
     """Stream the checkpoint's weights into an HF directory: the whole export is planned from the
     tensors' names, shapes and dtypes, then each source tensor is read once (a stacked expert
     tensor for all its experts) and each HF tensor written into its shard as it is produced, so the
-    model is never in memory; only parallel.checkpoint's WeightReader touches the checkpoint."""
+    model is never in memory; only model.hf.weight_reader's WeightReader touches the checkpoint."""
     src = resolve_source(checkpoint_dir)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: must be auto, bf16, fp32 or fp8")
-    reader = checkpoint.open_weights(src)          # checks every file against the manifest first
+    reader = weight_reader.open_weights(src)          # checks every file against the manifest first
     cfg = ModelConfig.from_dict(reader.config, where=f"{src} model")
     # sorted: the order the gathered model.safetensors was read in before, so shards split as they did
     meta = {n: (tuple(reader.shape(n)), reader.dtype(n)) for n in sorted(reader.names())}
@@ -90,9 +90,9 @@ def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: s
     out_p.mkdir(parents=True, exist_ok=True)
     files = write_hf_entries(hf_entries(meta, cfg), reader.read, cfg, str(out_p),
                              None if dtype == "auto" else DTYPES[dtype], max_shard_size, mtp)
-    tok_src = Path(tokenizer).expanduser() if tokenizer else src / checkpoint.TOKENIZER
+    tok_src = Path(tokenizer).expanduser() if tokenizer else src / weight_reader.TOKENIZER
     if tok_src.is_dir():
-        state = src / checkpoint.STATE
+        state = src / weight_reader.STATE
         fp = json.loads(state.read_text()).get("tokenizer_fingerprint") if state.is_file() else None
         check_tokenizer(tok_src, fp)
         files += copy_tokenizer_files(tok_src, out_p)

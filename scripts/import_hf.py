@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from model.hf import from_hf_config  # noqa: E402
-from model.hf_read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
-from parallel import checkpoint  # noqa: E402
-from parallel.integrity import write_manifest  # noqa: E402
+from model.hf.read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
+from model.hf import weight_reader  # noqa: E402
+from model.hf.manifest import write_manifest  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -69,14 +69,14 @@ def import_hf(hf: str, out: str, dtype: str = "auto", mtp: str = "auto", seed: i
                 cfg, src)
     out_p = Path(out).expanduser()
     out_p.mkdir(parents=True, exist_ok=True)
-    write_ours(ckpt, targets, out_p / checkpoint.MODEL, DTYPES[dtype], extra=fresh)
-    (out_p / checkpoint.INIT_CONFIG).write_text(json.dumps(
+    write_ours(ckpt, targets, out_p / weight_reader.MODEL, DTYPES[dtype], extra=fresh)
+    (out_p / weight_reader.INIT_CONFIG).write_text(json.dumps(
         {"format": "moe-trainer-init", "source": str(src.resolve()), "model": cfg.to_dict()}, indent=1))
     copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     if copied:
-        (out_p / checkpoint.TOKENIZER).mkdir(exist_ok=True)
+        (out_p / weight_reader.TOKENIZER).mkdir(exist_ok=True)
         for n in copied:
-            (out_p / checkpoint.TOKENIZER / n).write_bytes((src / n).read_bytes())
+            (out_p / weight_reader.TOKENIZER / n).write_bytes((src / n).read_bytes())
     write_manifest(out_p)   # train.init_from and export check the files against it
     n_params = sum(torch.Size(t.shape).numel() for t in targets.values()) + sum(v.numel() for v in fresh.values())
     print(f"imported {src} -> {out_p}: {len(targets) + len(fresh)} tensors, {n_params / 1e6:.2f}M parameters"

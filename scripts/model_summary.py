@@ -1,5 +1,5 @@
 """Print total and activated parameters and training FLOPs per token of a config, and with
-``--plan`` the per-rank memory of a training layout (parallel/memory_plan.py).
+``--plan`` the per-rank memory of a training layout (model/memory_plan.py).
 
     python scripts/model_summary.py --config configs/deepseek_v3_671b.yaml [--json]
     python scripts/model_summary.py --config C --plan world=W,ep=E,zero=Z,dtype=D[,offload=cpu][,mbs=B,seq=S]
@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import load_config  # noqa: E402
 from model.flops import count_params  # noqa: E402
-from parallel.memory_plan import GiB, fits, parse_plan, plan, smallest_worlds  # noqa: E402
+from model.memory_plan import GiB, fits, plan, smallest_worlds  # noqa: E402
+from parallel.layout import parse_plan  # noqa: E402
 
 VARIANTS = (("plain", "no activation checkpointing"), ("checkpointed", "activation checkpointing"),
             ("fp8", "FP8 (cached E4M3 inputs)"), ("fp8+checkpointed", "FP8 + activation checkpointing"))

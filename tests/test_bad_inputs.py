@@ -2,7 +2,7 @@
 FileNotFoundError, one line) naming the field, the value or the path.
 
 The cases call what train.main calls, in process (configs.schema.load_config, the data
-functions, parallel.engine's and parallel.checkpoint's checks), so the table runs in seconds;
+functions, parallel.engine's and parallel.state.checkpoint's checks), so the table runs in seconds;
 config errors surface before train.main creates a process group. One slow case goes through
 the DeepSpeed launcher and checks that every rank reports the error.
 """
@@ -23,7 +23,7 @@ from configs.schema import DEFAULT_CONFIG, MIN_BPE_VOCAB_SIZE, load_config
 from data import (TokenShards, build_dataset_cache, load_corpus, load_tokenizer, prepare_shards, read_meta,
                   tokenizer_fingerprint, train_bpe_tokenizer)
 from data.tokenizer import MIN_VOCAB_SIZE
-from parallel import checkpoint
+from parallel.state import checkpoint
 from parallel.engine import check_supported, deepspeed_config
 from tests.helpers import free_port
 from tests.train_helpers import ROOT, TINY_MODEL, clean_env, make_corpus, run_args

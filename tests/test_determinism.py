@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel import checkpoint
+from parallel.state import checkpoint
 from tests.train_helpers import make_corpus, metrics, run_args, train
 
 STEPS = 4
@@ -25,6 +25,7 @@ def _run(tmp_path, corpus, name: str, seed: int, cache: str):
                                             f"train.seed={seed}", f"data.cache_dir={tmp_path / cache}"]))
     final = checkpoint.complete_checkpoints(str(tmp_path / name))[-1]
     files = {f.relative_to(final).as_posix(): f.read_bytes() for f in sorted((final / checkpoint.SHARDS).iterdir())}
+    files["rng_rank0.safetensors"] = (final / "rng_rank0.safetensors").read_bytes()   # sorted metadata keys
     return metrics(tmp_path / name), files
 
 

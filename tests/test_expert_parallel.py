@@ -20,7 +20,7 @@ def _worker(rank, world, port, chunks, overlap, fp8=False, n_group=4, topk_group
 
     from model.transformer import DeepseekV3
     from parallel.engine import skip_shm_allreduce_buffers
-    from parallel.expert_parallel import create_groups, shard_experts
+    from parallel.expert.sharding import create_groups, shard_experts
 
     skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -115,7 +115,7 @@ def _engine_worker(rank, world, port, stage):
 
     from model.transformer import DeepseekV3
     from parallel.engine import FiniteAdamW, skip_shm_allreduce_buffers
-    from parallel.expert_parallel import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
+    from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
 
     skip_shm_allreduce_buffers()   # no leaked /dev/shm files per test process
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)

@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from model.config import ModelConfig
 from model.hf import mtp_key_pattern, read_safetensors_dir, save_hf
 from model.transformer import DeepseekV3
-from parallel import checkpoint
+from parallel.state import checkpoint
+from model.hf import weight_reader
+from parallel.state import init_from
 from tests.helpers import YARN, tiny_cfg
 from tests.train_helpers import ROOT, clean_env, make_corpus, run_args, train
 
@@ -36,14 +38,14 @@ def _script(name: str, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (or import directory), read through parallel.checkpoint's reader."""
-    reader = checkpoint.open_weights(ckpt)
+    """Every tensor of a checkpoint (or import directory), read through parallel.state.checkpoint's reader."""
+    reader = weight_reader.open_weights(ckpt)
     return {k: reader.read(k) for k in reader.names()}
 
 
 def _training_model(ckpt: Path) -> DeepseekV3:
     """The trained weights as the trainer saved them, in this project's model."""
-    cfg = ModelConfig.from_dict(checkpoint.read_model_config(ckpt))
+    cfg = ModelConfig.from_dict(weight_reader.read_model_config(ckpt))
     model = DeepseekV3(cfg).eval()
     model.load_state_dict(_weights(ckpt))
     return model
@@ -242,13 +244,13 @@ def test_load_init_weights(tmp_path):
     _script("import_hf.py", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "init"))
     torch.manual_seed(5)
     fresh = DeepseekV3(src.config)
-    checkpoint.load_init_weights(fresh, tmp_path / "init")
+    init_from.load_init_weights(fresh, tmp_path / "init")
     assert not _bitwise_equal(fresh.state_dict(), src.state_dict())
     other = DeepseekV3(tiny_cfg(num_nextn_predict_layers=1, rope_scaling=YARN, n_routed_experts=16))
     with pytest.raises(ValueError, match=r"model\.n_routed_experts=8.*model\.n_routed_experts=16"):
-        checkpoint.load_init_weights(other, tmp_path / "init")
+        init_from.load_init_weights(other, tmp_path / "init")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.load_init_weights(fresh, tmp_path / "nowhere")
+        init_from.load_init_weights(fresh, tmp_path / "nowhere")
 
 
 def test_import_rejects_other_quantisations_and_foreign_dirs(tmp_path):
@@ -343,7 +345,7 @@ def test_streaming_writer_is_byte_identical_to_save_file(tmp_path):
     holds (fp8 weights, fp32 scales, bf16), scalars, empty and non-ASCII names, in any write order."""
     from safetensors.torch import save_file
 
-    from model.safetensors_stream import SafetensorsWriter, save_streaming
+    from model.hf.safetensors_stream import SafetensorsWriter, save_streaming
 
     g = torch.Generator().manual_seed(0)
     tensors = {"b.weight": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(2, 7, generator=g),
@@ -367,7 +369,7 @@ def test_streaming_writer_is_byte_identical_to_save_file(tmp_path):
 
 
 def test_streaming_writer_refuses_incomplete_or_unplanned_tensors(tmp_path):
-    from model.safetensors_stream import SafetensorsWriter
+    from model.hf.safetensors_stream import SafetensorsWriter
 
     w = SafetensorsWriter(tmp_path / "x.safetensors", [("a", torch.float32, (4, 3)), ("b", torch.bfloat16, (2,))])
     w.write("a", torch.ones(2, 3), row=2)

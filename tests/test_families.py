@@ -22,10 +22,12 @@ import yaml
 
 from model.config import ModelConfig
 from model.hf import from_hf_config, save_hf, to_hf_config
-from model.safetensors_stream import save_streaming
+from model.hf.safetensors_stream import save_streaming
 from model.transformer import DeepseekV3
-from parallel import checkpoint
-from parallel.integrity import write_manifest
+from parallel.state import checkpoint
+from model.hf import weight_reader
+from parallel.state import init_from
+from model.hf.manifest import write_manifest
 from scripts.export_hf import export
 from scripts.import_hf import import_hf
 from tests.train_helpers import TINY_MODEL, make_corpus, run_args, train
@@ -81,7 +83,7 @@ def _source(kind: str, cfg: ModelConfig, path: Path, model_type: str = "deepseek
 def _trained_in_process(cfg: ModelConfig, init: Path, out: Path) -> Path:
     """3 AdamW steps from the imported weights, saved as a weight directory export_hf.py reads."""
     model = DeepseekV3(cfg)
-    checkpoint.load_init_weights(model, init)
+    init_from.load_init_weights(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -91,7 +93,7 @@ def _trained_in_process(cfg: ModelConfig, init: Path, out: Path) -> Path:
         opt.zero_grad()
     out.mkdir(parents=True)
     save_streaming({k: v.detach() for k, v in model.state_dict().items()}, out / checkpoint.MODEL, {"format": "pt"})
-    (out / checkpoint.INIT_CONFIG).write_text(json.dumps({"model": cfg.to_dict()}))
+    (out / weight_reader.INIT_CONFIG).write_text(json.dumps({"model": cfg.to_dict()}))
     write_manifest(out)
     return out
 
@@ -100,7 +102,7 @@ def _parity(weights_dir: Path, hf_dir: Path) -> float:
     """Max-abs fp32 logit difference: our model from the trained weights vs transformers' export load."""
     from transformers import AutoModelForCausalLM
 
-    reader = checkpoint.open_weights(weights_dir)
+    reader = weight_reader.open_weights(weights_dir)
     ours = DeepseekV3(ModelConfig.from_dict(reader.config)).eval()
     ours.load_state_dict({k: reader.read(k).float() for k in reader.names()})
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -124,7 +126,7 @@ def test_family_import_train_export_parity(family, tmp_path):
     cfg = scaled_down(preset, *experts)
     _source(kind, cfg, tmp_path / "src")
     import_hf(str(tmp_path / "src"), str(tmp_path / "init"))
-    imported = ModelConfig.from_dict(checkpoint.read_model_config(tmp_path / "init"))
+    imported = ModelConfig.from_dict(weight_reader.read_model_config(tmp_path / "init"))
     assert imported == dataclass_replace_free(cfg, imported)
     trained = _trained_in_process(imported, tmp_path / "init", tmp_path / "trained")
     export(str(trained), str(tmp_path / "hf"))
@@ -137,7 +139,7 @@ def dataclass_replace_free(cfg: ModelConfig, like: ModelConfig) -> ModelConfig:
     """cfg with the fields an HF config.json does not carry (training-only extras) taken from ``like``."""
     import dataclasses
 
-    free = checkpoint.INIT_FREE | {"aux_loss_alpha", "mtp_loss_weight"}
+    free = init_from.INIT_FREE | {"aux_loss_alpha", "mtp_loss_weight"}
     return dataclasses.replace(cfg, **{k: getattr(like, k) for k in free if hasattr(like, k)})
 
 
@@ -148,7 +150,7 @@ def test_kimi_k2_through_train_py(tmp_path):
     cfg = scaled_down(preset, *experts)
     _source(kind, cfg, tmp_path / "src", model_type="kimi_k2")
     import_hf(str(tmp_path / "src"), str(tmp_path / "init"))
-    model = json.loads((tmp_path / "init" / checkpoint.INIT_CONFIG).read_text())["model"]
+    model = json.loads((tmp_path / "init" / weight_reader.INIT_CONFIG).read_text())["model"]
     assert from_hf_config(json.loads((tmp_path / "src" / "config.json").read_text())).n_group == 1
     run_cfg = tmp_path / "kimi_tiny.yaml"
     run_cfg.write_text(yaml.safe_dump({"model": model, "deepspeed": {"zero_optimization": {"stage": 1}}}))

@@ -20,7 +20,7 @@ from tests.helpers import YARN, tiny_cfg
 
 FP8 = torch.float8_e4m3fn
 E4M3_REL = 2.0 ** -4            # e4m3 keeps 3 mantissa bits: rounding error <= 2^-4 of |x|
-# The released DeepSeek-V3 headers, written out independently of model/hf_fp8.py's rule: the
+# The released DeepSeek-V3 headers, written out independently of model/hf/fp8_format.py's rule: the
 # tensors stored as F8_E4M3 with a weight_scale_inv (main layers and the MTP layer alike) ...
 FP8_SUFFIXES = ("self_attn.q_a_proj.weight", "self_attn.q_b_proj.weight", "self_attn.q_proj.weight",
                 "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight",
@@ -55,7 +55,7 @@ def fp8_export(tmp_path_factory):
 
 
 def _independent_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """fp8 * scale_inv, one 128x128 block at a time (not model/hf_fp8.py's row-strip code)."""
+    """fp8 * scale_inv, one 128x128 block at a time (not model/hf/fp8_format.py's row-strip code)."""
     out = torch.empty(q.shape, dtype=torch.float32)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):

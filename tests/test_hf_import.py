@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from model.hf import load_hf, save_hf
 from model.transformer import DeepseekV3
-from parallel import checkpoint
+from parallel.state import checkpoint
+from model.hf import weight_reader
+from parallel.state import init_from
 from scripts.import_hf import import_hf
 from tests.helpers import YARN, tiny_cfg
 
@@ -66,13 +68,13 @@ def test_import_of_transformers_saved_directory(tmp_path, capsys):
     import_hf(str(tmp_path / "hf"), str(tmp_path / "plain"))
     err = capsys.readouterr().err
     assert "warning:" in err and "no MTP weights (missing model.layers.3." in err and "imported without MTP" in err
-    plain = json.loads((tmp_path / "plain" / checkpoint.INIT_CONFIG).read_text())["model"]
+    plain = json.loads((tmp_path / "plain" / weight_reader.INIT_CONFIG).read_text())["model"]
     assert plain["num_nextn_predict_layers"] == 0
     assert not [k for k in load_file(str(tmp_path / "plain" / checkpoint.MODEL)) if k.startswith("mtp.")]
 
     import_hf(str(tmp_path / "hf"), str(tmp_path / "mtp"), mtp="init", seed=3)
     assert "notice:" in capsys.readouterr().err
-    cfg_d = json.loads((tmp_path / "mtp" / checkpoint.INIT_CONFIG).read_text())["model"]
+    cfg_d = json.loads((tmp_path / "mtp" / weight_reader.INIT_CONFIG).read_text())["model"]
     assert cfg_d["num_nextn_predict_layers"] == 1
     with_mtp, without = (load_file(str(tmp_path / d / checkpoint.MODEL)) for d in ("mtp", "plain"))
     fresh = {k: v for k, v in with_mtp.items() if k.startswith("mtp.")}
@@ -87,7 +89,7 @@ def test_import_of_transformers_saved_directory(tmp_path, capsys):
     assert abs(fresh["mtp.0.block.mlp.experts.w_gate_up"].std().item() - std) < 0.1 * std
     assert torch.equal(fresh["mtp.0.enorm.weight"], torch.ones_like(fresh["mtp.0.enorm.weight"]))
     assert not fresh["mtp.0.block.mlp.gate.e_score_correction_bias"].any()
-    checkpoint.load_init_weights(model, tmp_path / "mtp")        # what train.init_from does
+    init_from.load_init_weights(model, tmp_path / "mtp")        # what train.init_from does
     assert torch.equal(model.mtp[0].eh_proj.weight, fresh["mtp.0.eh_proj.weight"])
     save_hf(model, str(tmp_path / "ours"))
     with pytest.raises(ValueError, match="already has its MTP layers"):

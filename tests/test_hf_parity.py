@@ -1,4 +1,4 @@
-"""Parity with transformers' DeepseekV3ForCausalLM in fp32, weights moved through model/hf.py
+"""Parity with transformers' DeepseekV3ForCausalLM in fp32, weights moved through model/hf/convert.py
 both ways (our model -> save_hf -> from_pretrained, and save_pretrained -> load_hf)."""
 import pytest
 import torch

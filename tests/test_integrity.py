@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-from parallel import faults, integrity
+from parallel import faults
+from parallel.state import integrity
+from model.hf import manifest
 from tests.helpers import PicklePayload
 
 
@@ -17,16 +19,16 @@ def _ckpt(tmp_path):
     (d / "model.safetensors").write_bytes(os.urandom(4096))
     (d / "tokenizer" / "vocab.json").write_text('{"a": 0}')
     (d / "trainer_state.json").write_text("{}")
-    integrity.write_manifest(d)
+    manifest.write_manifest(d)
     (d / "COMPLETE").write_text("{}")
     return d
 
 
 def test_manifest_lists_every_file_and_verifies(tmp_path):
     d = _ckpt(tmp_path)
-    files = json.loads((d / integrity.MANIFEST).read_text())["files"]
+    files = json.loads((d / manifest.MANIFEST).read_text())["files"]
     assert set(files) == {"model.safetensors", "tokenizer/vocab.json", "trainer_state.json"}
-    integrity.verify(d)
+    manifest.verify(d)
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -50,9 +52,9 @@ def test_damaged_checkpoint_is_named(tmp_path, damage, message):
     elif damage == "add":
         (d / "extra.pt").write_bytes(b"x")
     else:
-        (d / integrity.MANIFEST).unlink()
+        (d / manifest.MANIFEST).unlink()
     with pytest.raises(ValueError, match=message):
-        integrity.verify(d)
+        manifest.verify(d)
 
 
 def test_pickle_payload_in_a_deepspeed_file_never_runs(tmp_path):

@@ -128,7 +128,7 @@ def test_bad_loss_settings_name_the_field(field, value):
         ModelConfig(**{field: value}).validate()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/gpu_check.sh)")
 def test_cuda_bf16_chunked_loss_matches_reference_and_peaks_lower():
     T, D, V = 4096, 512, 32768
     g = torch.Generator(device="cuda").manual_seed(0)

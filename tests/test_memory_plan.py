@@ -1,6 +1,6 @@
-"""The memory plan (parallel/memory_plan.py) against what torch and DeepSpeed really allocate:
+"""The memory plan (model/memory_plan.py) against what torch and DeepSpeed really allocate:
 saved-for-backward tensors op by op on one device, and a real single-rank engine's state and
-activations (measured with scripts/measure_memory.py's own census); bad --plan strings."""
+activations (measured with benchmarks/measure_memory.py's own census); bad --plan strings."""
 import json
 import os
 
@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 from configs.schema import load_config
 from model.transformer import DeepseekV3
-from parallel.memory_plan import activation_plan, checkpoint_bytes, parse_plan, plan
+from model.memory_plan import activation_plan, checkpoint_bytes, plan
+from parallel.layout import parse_plan
 from tests.helpers import free_port
 from tests.train_helpers import TINY_MODEL
 
@@ -61,12 +62,12 @@ def test_saved_activations_match_autograd(extra):
 
 def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: int = 1, extra: tuple = (),
                    variants: tuple = ("plain", "checkpointed")) -> None:
-    """One rank: build each layout's engine as train.py does and measure it (scripts/measure_memory.py);
+    """One rank: build each layout's engine as train.py does and measure it (benchmarks/measure_memory.py);
     rank r writes ``out`` + r."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    from benchmarks.measure_memory import layout_overrides, measure
     from parallel.engine import init_distributed
-    from scripts.measure_memory import layout_overrides, measure
 
     init_distributed()
     torch.set_num_threads(1)       # a tiny model: a second thread only spins on a shared 2-core machine
@@ -81,7 +82,7 @@ def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: in
 
 def test_plan_matches_a_real_engine(tmp_path):
     # fp32 only: bf16 GEMMs are ~30x slower on this CPU (bf16 state and activations: the hooks test
-    # above and scripts/measure_memory.py's multi-rank runs in docs/BENCHMARKS.md)
+    # above and benchmarks/measure_memory.py's multi-rank runs in benchmarks/results/memory.md)
     layouts = ["world=1,zero=0,dtype=fp32,mbs=16,seq=64", "world=1,zero=1,dtype=fp32,mbs=16,seq=64",
                "world=1,zero=2,dtype=fp32,mbs=16,seq=64"]
     out = tmp_path / "measured.json"

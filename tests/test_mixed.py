@@ -1,4 +1,4 @@
-"""Ranks of unequal speed (parallel/shares.py, parallel/rank_clock.py): unequal shares of the same
+"""Ranks of unequal speed (parallel/unequal/shares.py, parallel/unequal/clock.py): unequal shares of the same
 global batch give the equal split's update; the sampler still visits every row once per epoch;
 auto's measured shares survive a resume; bad capacities fail naming the field."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 from configs.schema import load_config
 from data import ShardedSampler
-from parallel import checkpoint
-from parallel.placement import capacity_counts
-from parallel.shares import Shares, apportion, check_capacity, initial_shares
+from parallel.state import checkpoint
+from parallel.expert.placement import capacity_counts
+from parallel.unequal.shares import Shares, apportion, check_capacity, initial_shares
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 # ---------------------------------------------------------------- shares (no processes)

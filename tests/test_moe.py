@@ -140,7 +140,7 @@ def test_moe_layer_compiles_whole_and_matches_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="torch._grouped_mm in bf16 needs a Hopper GPU (scripts/gpu_check.sh)")
+                    reason="torch._grouped_mm in bf16 needs a Hopper GPU (benchmarks/gpu/gpu_check.sh)")
 def test_moe_layer_compiles_whole_on_cuda_bf16():
     """The same on Hopper in bf16 (the native grouped GEMM inside the compiled graph); bf16 rounding
     of the fused elementwise work differs from eager's, hence the looser tolerances."""

@@ -60,7 +60,7 @@ def test_eval_without_labels_skips_mtp_and_aux():
 
 def test_mtp_weight_schedule_and_the_model_attribute():
     from configs import load_config
-    from parallel.engine import mtp_weight_at
+    from model.schedules import mtp_weight_at
 
     t = load_config(None, ["train.max_steps=10", "train.mtp_loss_weight_late=0.1", "train.mtp_late_fraction=0.5"]).train
     assert [mtp_weight_at(s, t, 0.3) for s in range(10)] == [0.3] * 5 + [0.1] * 5

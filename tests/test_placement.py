@@ -1,4 +1,4 @@
-"""Expert placement (parallel/placement.py): the three placements on hand-worked cases, their bad
+"""Expert placement (parallel/expert/placement.py): the three placements on hand-worked cases, their bad
 inputs, the load readers; then over real gloo process groups: a model whose EP ranks hold 10 and 6
 (or scattered) experts computes what one process computes, trains through DeepSpeed ZeRO-1/2 like
 the even placement, and its checkpoints resume under another placement."""
@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from parallel.placement import (build_placement, capacity_counts, capacity_placement, check_placement,
+from parallel.expert.placement import (build_placement, capacity_counts, capacity_placement, check_placement,
                                 ep_capacities, even_placement, load_placement, rank_loads, ranks_per_token_bound,
                                 read_expert_loads)
 from tests.helpers import free_port, tiny_cfg
+from model.hf import weight_reader
+from parallel.state import init_from
 
 # ---------------------------------------------------------------- placements by hand
 
@@ -190,7 +192,7 @@ def _forward_worker(rank, world, port):
     import torch.distributed as dist
 
     from model.transformer import DeepseekV3
-    from parallel.expert_parallel import create_groups, full_state_dict, load_full_state_dict, shard_experts
+    from parallel.expert.sharding import create_groups, full_state_dict, load_full_state_dict, shard_experts
 
     torch.manual_seed(0)
     cfg = _cfg()
@@ -272,7 +274,7 @@ def _engine(base, cfg, world, ep, stage, placement, bucket):
     import deepspeed
 
     from parallel.engine import param_groups
-    from parallel.expert_parallel import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
+    from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts, split_moe_param_groups
 
     model = copy.deepcopy(base)
     group, _ = create_groups(ep)
@@ -319,14 +321,14 @@ def _train_worker(rank, world, port, ep, stage, tmp, full):
     cycle, init_from; else MIXED only (uneven sizes and scattered ids in one), resumes both ways.
 
     The reduce bucket (8000 elements) lies between the two ranks' sizes of a stacked expert tensor
-    (10 x 1024 and 6 x 1024 for w_gate_up), so without parallel.expert_parallel.align_zero_buckets
+    (10 x 1024 and 6 x 1024 for w_gate_up), so without parallel.expert.sharding.align_zero_buckets
     the ranks flush different dense gradients under ZeRO-2 and gloo aborts ("Received data size
     doesn't match expected size", measured)."""
     _init(rank, world, port)
     import torch.distributed as dist
 
     from model.transformer import DeepseekV3
-    from parallel import checkpoint
+    from parallel.state import checkpoint
 
     torch.manual_seed(0)
     cfg = _cfg()
@@ -359,18 +361,18 @@ def _train_worker(rank, world, port, ep, stage, tmp, full):
         dist.destroy_process_group()
         return
     if rank == 0:
-        w_even, w_mixed = checkpoint.read_weights(paths["even"]), checkpoint.read_weights(paths["mixed"])
+        w_even, w_mixed = weight_reader.read_weights(paths["even"]), weight_reader.read_weights(paths["mixed"])
         assert w_even.keys() == w_mixed.keys()
         for k in w_even:   # 5 AdamW steps (lr 3e-3) apart from the even run only by fp32 summation order
             torch.testing.assert_close(w_mixed[k], w_even[k], rtol=1e-4, atol=1e-5, msg=k)
     # train.init_from under a scattered placement reads each rank's experts by global id
-    from parallel.expert_parallel import create_groups, shard_experts
+    from parallel.expert.sharding import create_groups, shard_experts
 
     model = copy.deepcopy(base)
     group, _ = create_groups(ep)
     shard_experts(model, group, ep, placement=MIXED)
-    checkpoint.load_init_weights(model, paths["even"])
-    full = checkpoint.read_weights(paths["even"])
+    init_from.load_init_weights(model, paths["even"])
+    full = weight_reader.read_weights(paths["even"])
     for name, p in model.named_parameters():
         want = full[name]
         if getattr(p, "allreduce", True) is False:
@@ -385,7 +387,7 @@ def test_uneven_placement_trains_and_resumes_like_even(tmp_path):
     """world 2 / ep 2 under ZeRO-1: 10/6 and scattered vs even, resumes 10/6 -> even -> scattered
     -> 10/6, init_from and the export under a scattered placement."""
     mp.spawn(_train_worker, args=(2, free_port(), 2, 1, tmp_path, True), nprocs=2, join=True)
-    from parallel import checkpoint
+    from parallel.state import checkpoint
 
     # the export streams from a checkpoint written under an uneven, scattered placement
     from scripts.export_hf import export

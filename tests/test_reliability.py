@@ -18,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel import checkpoint, integrity
+from parallel.state import checkpoint, integrity
+from model.hf import weight_reader
+from model.hf import manifest
 from tests.helpers import PicklePayload, free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 
@@ -123,7 +125,7 @@ def test_rank_killed_while_saving(tmp_path):
     assert rc == 0, log[-4000:]
     assert _steps(out)[-2:] == [4, 6]
     for step in (4, 6):
-        integrity.verify(out / "checkpoints" / checkpoint.checkpoint_name(step))
+        manifest.verify(out / "checkpoints" / checkpoint.checkpoint_name(step))
     assert metrics(out)[-1]["step"] == 6
 
 
@@ -226,7 +228,7 @@ def test_nonfinite_on_one_rank_skips_the_step_everywhere(tmp_path):
     assert same_state(2, 3), "the skipped step 3 changed the state"
     assert not same_state(3, 4), "step 4 did not train"
     assert same_state(4, 7), "the skipped steps 5-7 changed the state"
-    b3 = checkpoint.read_biases(ck[3])
+    b3 = weight_reader.read_biases(ck[3])
     assert all(torch.isfinite(v).all() for v in b3.values())
 
 
@@ -259,13 +261,13 @@ def test_checkpoint_pickle_payload_is_refused_and_never_runs(tmp_path):
     buf = io.BytesIO()
     torch.save({"payload": PicklePayload(sentinel)}, buf)                # DCP's usual pickled index file
     (ck / checkpoint.SHARDS / ".metadata").write_bytes(buf.getvalue())
-    integrity.write_manifest(ck)         # an attacker can re-hash: the manifest is not a signature
+    manifest.write_manifest(ck)         # an attacker can re-hash: the manifest is not a signature
     train(args + ["train.max_steps=2", "train.resume=auto"])
     assert not sentinel.exists()
 
     target = ck / checkpoint.SHARDS / "shard-00000.safetensors"
     torch.save({"payload": PicklePayload(sentinel)}, target)
-    integrity.write_manifest(ck)
+    manifest.write_manifest(ck)
     p = train(args + ["train.max_steps=2", f"train.resume={ck}"], check=False)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert f"{target} is not a readable safetensors file" in p.stderr, p.stderr[-3000:]

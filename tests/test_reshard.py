@@ -11,8 +11,9 @@ import shutil
 
 import pytest
 import torch
-from parallel import checkpoint
-from parallel.dcp_storage import read_index
+from parallel.state import checkpoint
+from model.hf import weight_reader
+from model.hf.flat_shards import read_index
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
@@ -20,7 +21,7 @@ SAVED = 3
 
 
 def _final_weights(out_dir):
-    return checkpoint.read_weights(checkpoint.complete_checkpoints(str(out_dir))[-1])
+    return weight_reader.read_weights(checkpoint.complete_checkpoints(str(out_dir))[-1])
 
 
 @pytest.mark.slow
@@ -79,7 +80,7 @@ def test_bf16_without_zero_reshards_ep2_to_one_process(tmp_path):
     launch(2, run_args(tmp_path, corpus, "saved", common + ["train.micro_batch_size=2", "parallel.ep=2",
                                                              "train.stop_at=2"]))
     ckpt = checkpoint.complete_checkpoints(str(tmp_path / "saved"))[-1]
-    weights = checkpoint.open_weights(ckpt)
+    weights = weight_reader.open_weights(ckpt)
     assert weights.dtype("embed_tokens.weight") == torch.bfloat16          # as the module holds it
     index = read_index(ckpt / checkpoint.SHARDS)
     assert index["param/embed_tokens.weight"]["dtype"] == "float32"        # the fp32 master, once

@@ -29,7 +29,7 @@ from tests.train_helpers import ROOT, clean_env, make_corpus, run_args, train
 
 # ---------------------------------------------------------------- a. lint
 
-SCANNED_DIRS = ("model", "parallel", "data", "configs", "scripts", "tests")
+SCANNED_DIRS = ("model", "parallel", "data", "configs", "scripts", "benchmarks", "tests")
 UNPICKLING_MODULES = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib")
 UNPICKLING_CALLS = {f"{m}.{f}" for m in UNPICKLING_MODULES for f in ("load", "loads", "Unpickler")} | {
     "pandas.read_pickle", "yaml.unsafe_load"}
@@ -114,7 +114,7 @@ def test_no_unsafe_deserialisation_or_remote_code_in_the_project():
                 offenders.append(f"{rel}:{line}: {what}")
     assert not offenders, "\n".join(offenders)
     names = {f.relative_to(ROOT).as_posix() for f in files}
-    assert {"train.py", "data/shards.py", "parallel/checkpoint.py", "scripts/export_hf.py",
+    assert {"train.py", "data/shards.py", "parallel/state/checkpoint.py", "scripts/export_hf.py",
             "tests/test_security.py"} <= names
 
 

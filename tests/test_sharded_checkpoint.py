@@ -13,8 +13,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from parallel import checkpoint, integrity
-from parallel.dcp_storage import INDEX, FlatSlice, ShardReader, read_flat, read_index
+from parallel.state import checkpoint, integrity
+from model.hf import weight_reader
+from model.hf import manifest
+from model.hf.flat_shards import INDEX, read_flat, read_index
+from parallel.state.storage import FlatSlice, ShardReader
 from tests.helpers import free_port
 from tests.train_helpers import make_corpus, metrics, run_args, train
 
@@ -30,7 +33,7 @@ def _save_worker(rank: int, world: int, port: int, path: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from parallel.dcp_storage import SavePlanner, ShardWriter
+    from parallel.state.storage import SavePlanner, ShardWriter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -81,7 +84,7 @@ def test_dcp_loads_a_new_split_in_one_process(saved):
     """A reshard: one process asks for [3, 17) of w, which no rank saved as such."""
     import torch.distributed.checkpoint as dcp
 
-    from parallel.dcp_storage import LoadPlanner
+    from parallel.state.storage import LoadPlanner
 
     dest = torch.zeros(14)
     b = torch.zeros(3)
@@ -151,8 +154,8 @@ def test_async_saves_hold_the_state_of_their_step(run):
     tmp, _, _, p = run
     assert "saving" in p.stdout and "training held up" in p.stdout
     for step in (2, 4):
-        a = checkpoint.read_weights(tmp / "sync" / "checkpoints" / checkpoint.checkpoint_name(step))
-        b = checkpoint.read_weights(tmp / "async" / "checkpoints" / checkpoint.checkpoint_name(step))
+        a = weight_reader.read_weights(tmp / "sync" / "checkpoints" / checkpoint.checkpoint_name(step))
+        b = weight_reader.read_weights(tmp / "async" / "checkpoints" / checkpoint.checkpoint_name(step))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step   # staged, not live
 
 
@@ -180,7 +183,7 @@ def test_damaged_or_old_checkpoints_fail_naming_them_and_change_nothing(run, tmp
     ck = out / "checkpoints" / src.name
     shutil.copytree(src, ck)
     shutil.copy(ck / checkpoint.SHARDS / "shard-00000.safetensors", ck / checkpoint.SHARDS / "shard-00001.safetensors")
-    integrity.write_manifest(ck)
+    manifest.write_manifest(ck)
     before = _digest(out)
     p = train(run_args(tmp, corpus, "x", common + [f"train.out_dir={out}", "train.resume=auto"]), check=False)
     assert p.returncode != 0 and f"sharded checkpoint {ck / checkpoint.SHARDS}" in p.stderr, p.stderr[-2000:]
@@ -191,12 +194,12 @@ def test_damaged_or_old_checkpoints_fail_naming_them_and_change_nothing(run, tmp
     shutil.copytree(src, old)
     shutil.rmtree(old / checkpoint.SHARDS)
     from safetensors.torch import save_file
-    save_file(checkpoint.read_weights(src), str(old / checkpoint.MODEL))
+    save_file(weight_reader.read_weights(src), str(old / checkpoint.MODEL))
     save_file({"embed_tokens.weight.exp_avg": torch.zeros(1)}, str(old / "optimizer.safetensors"))
     state = json.loads((old / checkpoint.STATE).read_text())
     del state["format"]
     (old / checkpoint.STATE).write_text(json.dumps(state))
-    integrity.write_manifest(old)
+    manifest.write_manifest(old)
     p = train(run_args(tmp, corpus, "y", common + [f"train.out_dir={tmp_path / 'old'}", "train.resume=auto"]),
               check=False)
     assert p.returncode == 2 and f"checkpoint {old} is in the pre-sharded format" in p.stderr, p.stderr[-2000:]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from configs.schema import load_config
-from parallel.outer import decode, encode
-from parallel.sites import check_sites
+from parallel.multisite.outer import decode, encode
+from parallel.multisite.groups import check_sites
 from tests.helpers import free_port
 
 
@@ -137,8 +137,8 @@ def _worker(rank: int, world: int, port: int, q) -> None:
     import torch.distributed as dist
     from types import SimpleNamespace
 
-    from parallel.outer import OuterSync
-    from parallel.sites import build_sites
+    from parallel.multisite.outer import OuterSync
+    from parallel.multisite.groups import build_sites
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -249,7 +249,7 @@ def _wan_worker(rank: int, world: int, port: int, q) -> None:
     import torch.distributed as dist
 
     from parallel.link import emulate_wan_on_deepspeed
-    from parallel.sites import build_sites
+    from parallel.multisite.groups import build_sites
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -12,10 +12,12 @@ import torch
 
 from configs.schema import load_config
 from model.transformer import DeepseekV3
-from parallel import checkpoint
-from parallel.balance import gamma_at, gather_counts, imbalance, update_biases
-from parallel.engine import check_supported, deepspeed_config, lr_at, param_groups
-from parallel.recompute import apply_activation_checkpointing
+from parallel.state import checkpoint
+from model.schedules import gamma_at
+from parallel.balance import gather_counts, imbalance, update_biases
+from model.schedules import lr_at
+from parallel.engine import check_supported, deepspeed_config, param_groups
+from model.recompute import apply_activation_checkpointing
 from tests.train_helpers import TINY_MODEL
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from parallel import checkpoint
+from parallel.state import checkpoint
+from model.hf import weight_reader
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
@@ -20,7 +21,7 @@ COMMON = [f"train.max_steps={STEPS}", "train.save_every=100", "train.micro_batch
 
 
 def _biases(out_dir):
-    return checkpoint.read_biases(checkpoint.complete_checkpoints(str(out_dir))[-1])
+    return weight_reader.read_biases(checkpoint.complete_checkpoints(str(out_dir))[-1])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from parallel import checkpoint
+from parallel.state import checkpoint
+from model.hf import weight_reader
 from tests.helpers import free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 
@@ -43,8 +44,8 @@ def test_deepspeed_launcher_two_ranks_on_cpu(tmp_path):
     ck2 = checkpoint.complete_checkpoints(str(tmp_path / "two"))[-1]
     assert (ck2 / "rng_rank0.safetensors").is_file() and (ck2 / "rng_rank1.safetensors").is_file()
     # counts summed over ranks: the same sign-rule updates as one rank seeing the whole batch
-    b2 = checkpoint.read_biases(ck2)
-    b1 = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "one"))[-1])
+    b2 = weight_reader.read_biases(ck2)
+    b1 = weight_reader.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "one"))[-1])
     same = sum(int((b1[k] == b2[k]).sum()) for k in b1)
     total = sum(b1[k].numel() for k in b1)
     assert same >= 0.9 * total, f"only {same}/{total} bias entries agree between 1 and 2 ranks"

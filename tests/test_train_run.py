@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from data import load_tokenizer
-from parallel import checkpoint
+from parallel.state import checkpoint
+from model.hf import weight_reader
 from tests.train_helpers import ROOT, make_corpus, metrics, run_args, train
 
 KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm", "lr", "expert_load_imbalance", "val_loss")
@@ -50,8 +51,8 @@ def test_resume_is_bit_exact_mid_epoch(tmp_path, corpus):
         for k in KEYS:
             assert ra.get(k) == rb.get(k), f"step {ra['step']}: {k} {ra.get(k)!r} != {rb.get(k)!r}"
     # the final checkpoints hold identical balancing biases
-    ba = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "full"))[-1])
-    bb = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "split"))[-1])
+    ba = weight_reader.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "full"))[-1])
+    bb = weight_reader.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "split"))[-1])
     assert ba.keys() == bb.keys() and all((ba[k] == bb[k]).all() for k in ba)
     assert any(ba[k].abs().sum() > 0 for k in ba)          # the bias update ran
 
@@ -141,7 +142,7 @@ def test_bf16_grad_accum_activation_checkpointing_and_wandb_offline(tmp_path, co
           env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "WANDB_SILENT": "true"})
     recs = metrics(tmp_path / "x")
     assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] < 9 for r in recs)
-    bias = checkpoint.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "x"))[-1])
+    bias = weight_reader.read_biases(checkpoint.complete_checkpoints(str(tmp_path / "x"))[-1])
     assert all(b.dtype == torch.float32 for b in bias.values())   # balancing state stays fp32 under bf16
     wandb_files = [f for f in (tmp_path / "x" / "wandb").rglob("*") if f.is_file()]
     assert wandb_files
@@ -184,6 +185,6 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5), (ra["step"], k)
         assert rb["expert_load_imbalance"] == ra["expert_load_imbalance"]
     # parameter names (what checkpoints and exports read) are unchanged by the in-place compile
-    saved = checkpoint.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "compiled"))[-1])
-    ref = checkpoint.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "eager"))[-1])
+    saved = weight_reader.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "compiled"))[-1])
+    ref = weight_reader.read_weights(checkpoint.complete_checkpoints(str(tmp_path / "eager"))[-1])
     assert saved.keys() == ref.keys() and not any("_orig_mod" in k for k in saved)

@@ -1,0 +1,1 @@
+"""Benchmarks, one-off studies beside their results, and the GPU-session harness (not installed)."""

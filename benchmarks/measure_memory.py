@@ -1,0 +1,279 @@
+"""Measure the per-rank memory of a real engine beside model.memory_plan's figures.
+
+    python benchmarks/measure_memory.py --plan world=1,ep=1,zero=0,dtype=fp32 [--config C] [--json F] [overrides]
+    deepspeed --num_gpus 2 benchmarks/measure_memory.py --plan world=2,ep=2,zero=2,dtype=fp32,offload=cpu ...
+
+Every rank builds the model and the engine with train.py's own functions (DeepseekV3, shard_experts,
+build_engine; activation checkpointing and FP8 are the trainer's module swaps), trains two steps on
+random tokens, then measures:
+
+- state: the bytes of every distinct tensor storage reachable from the parameters and their
+  gradients, DeepSpeed's optimizer wrapper (fp32 partitions, gradient partitions, reduce buckets,
+  offload buffers) and AdamW's state, sorted into the plan's categories. Counted twice in a step,
+  when backward has produced every gradient (before DeepSpeed reduces them) and inside the
+  optimizer step; each category keeps the larger count (the plan's "peak").
+- activations: the heap bytes in use (glibc mallinfo2) after the forward minus before it, i.e.
+  what autograd keeps for backward, for the plain model, with activation checkpointing, with FP8
+  and with both (the swaps are undone between variants).
+
+Rank 0 prints plan vs measured for every rank; results go to benchmarks/results/memory.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from configs.schema import load_config  # noqa: E402
+from model.memory_plan import GiB, activation_plan, plan  # noqa: E402
+from parallel.layout import configured_placement, parse_plan  # noqa: E402
+
+STATE = ("weights", "grads", "master", "moments", "buffers", "grads_host", "master_host", "moments_host",
+         "buffers_host")
+
+
+def layout_overrides(lay) -> list[str]:
+    """The config overrides that make train.py run layout ``lay``."""
+    out = [f"parallel.ep={lay.ep}", f"deepspeed.zero_optimization.stage={lay.zero}", f"train.dtype={lay.dtype}",
+           f"train.micro_batch_size={lay.mbs}", f"data.seq_len={lay.seq}"]
+    if lay.offload:
+        out.append("deepspeed.zero_optimization.offload_optimizer.device=cpu")
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor census
+
+def _storages(obj, grads: bool = True, depth: int = 0, seen: set | None = None):
+    """Every tensor reachable from obj (DeepSpeed objects, lists, dicts), with its .grad if ``grads``."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        if grads and obj.grad is not None:
+            yield obj.grad
+        return
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return
+    for v in items:
+        yield from _storages(v, grads, depth + 1, seen)
+
+
+def state_census(engine) -> dict[str, int]:
+    """Bytes per plan category; a storage counts once, in the first category that reaches it."""
+    opt, basic, model = engine.optimizer, engine.basic_optimizer, engine.module
+    host = "_host" if getattr(opt, "cpu_offload", False) else ""
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = list(_storages([getattr(opt, a, []) for a in ("single_partition_of_fp32_groups", "fp32_groups_flat",
+                                                             "fp32_groups")], grads=False))
+    # buffers before gradients: gradients waiting in a reduce bucket are views into it
+    roots = [
+        ("weights", params),
+        ("moments" + host, [st.get(k) for st in basic.state.values() for k in ("exp_avg", "exp_avg_sq")]),
+        ("master" + host, masters),
+        ("buffers", [b.buffer for b in getattr(opt, "ipg_buckets", {}).values()]
+         + [getattr(opt, "temp_grad_buffer_for_gpu_offload", None)]),
+        ("buffers_host", [getattr(opt, "param_buffer_of_bit16_for_cpu_offload_groups", None),
+                          getattr(opt, "temp_grad_buffer_for_cpu_offload", None)]),
+        ("grads", [p.grad for p in params] + [getattr(p, "grad_accum", None) for p in params]
+         + [getattr(opt, "averaged_gradients", {})]),
+        ("grads" + host, [m.grad for m in masters]),                 # the fp32 partition's gradient
+        ("other", [opt]),
+    ]
+    out, seen = {}, set()
+    for cat, objs in roots:
+        for t in _storages(objs, grads=cat.startswith(("grads", "other"))):
+            s = t.untyped_storage()
+            key = (s.data_ptr(), s.device)
+            if s.data_ptr() and key not in seen:
+                seen.add(key)
+                out[cat] = out.get(cat, 0) + s.nbytes()
+    return out
+
+
+def peak_state(engine, step) -> dict[str, int]:
+    """Run ``step()`` with a census at the end of backward and one inside the optimizer step. ZeRO-0's
+    all-reduce buckets live only inside the reduction: their size is taken from DeepSpeed's flatten."""
+    counts, flat = [], [0]
+    orig_reduce, orig_step, orig_flatten = engine.allreduce_gradients, engine.basic_optimizer.step, engine.flatten
+
+    def flatten(tensors):
+        out = orig_flatten(tensors)
+        flat[0] = max(flat[0], out.untyped_storage().nbytes())
+        return out
+
+    def before(fn):
+        def wrapped(*a, **k):
+            counts.append(state_census(engine))
+            return fn(*a, **k)
+        return wrapped
+
+    engine.allreduce_gradients = before(orig_reduce)
+    engine.basic_optimizer.step = before(orig_step)
+    engine.flatten = flatten
+    try:
+        step()
+    finally:
+        engine.allreduce_gradients, engine.basic_optimizer.step = orig_reduce, orig_step
+        engine.flatten = orig_flatten
+    out = {k: max(c.get(k, 0) for c in counts) for k in set().union(*counts)}
+    if engine.zero_optimization_stage() == 0:
+        out["buffers"] = out.get("buffers", 0) + flat[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- heap and RSS
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _Mallinfo2
+
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not yet had back (every arena, mmapped blocks included)."""
+    m = _libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+# ----------------------------------------------------------------------------- variants
+
+@contextlib.contextmanager
+def variant(model, checkpointed: bool, fp8: bool):
+    """Activation checkpointing and/or FP8 swapped into ``model`` inside the with-block, out after it."""
+    from model.fp8_swap import apply_fp8
+    from model.recompute import apply_activation_checkpointing
+
+    classes = {m: type(m) for m in model.modules()}
+    if fp8:
+        from configs.schema import FP8Config
+        apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+    blocks = list(model.layers) + [m.block for m in model.mtp]
+    if checkpointed:
+        apply_activation_checkpointing(model)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)            # the instance wrapper; the class method remains
+        for m, cls in classes.items():
+            m.__class__ = cls
+
+
+VARIANTS = {"plain": (False, False), "checkpointed": (True, False), "fp8": (False, True),
+            "fp8+checkpointed": (True, True)}
+
+
+def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
+    """This rank's {"state": bytes per plan category, "activations": bytes per variant} (module docstring)."""
+    from model.transformer import DeepseekV3
+    from parallel.engine import build_engine
+    from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts
+
+    torch.manual_seed(cfg.train.seed)
+    model = DeepseekV3(cfg.model)
+    if lay.ep > 1:
+        p = cfg.parallel
+        group, _ = create_groups(lay.ep)
+        placement, _ = configured_placement(cfg, lay.ep)          # capacity | load: as planned
+        shard_experts(model, group, lay.ep, overlap=p.overlap, chunks=p.chunks, placement=placement)
+        declare_to_deepspeed(model, lay.ep)
+    engine = build_engine(model.to(device), cfg, lay.world)
+    gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", 0)))
+    x = torch.randint(0, cfg.model.vocab_size, (lay.mbs, lay.seq), generator=gen).to(device)
+
+    def step():
+        out = engine(x, x)
+        engine.backward(out.loss)
+        engine.step()
+
+    for _ in range(2):                                 # optimizer state and DeepSpeed's lazy buffers exist
+        step()
+    result = {"state": peak_state(engine, step), "activations": {}}
+    for name in variants:
+        with variant(model, *VARIANTS[name]):
+            step()                                     # warm: FP8 backend probe, recompute wrappers
+            # oneDNN's bf16 GEMMs on CPU grow weight-reorder caches in the same heap during a forward
+            # (+6 to +16 MB on the tiny model, varying): not autograd's, and no GPU has them
+            with torch.backends.mkldnn.flags(enabled=False):
+                before = heap_in_use()
+                out = engine(x, x)
+                result["activations"][name] = heap_in_use() - before
+            engine.backward(out.loss)
+            engine.step()
+            del out
+    return result
+
+
+def table(pl, measured: list[dict], lay, cfg) -> str:
+    """Plan vs every rank's measurement in MiB, with measured/plan (column m/p)."""
+    ap = activation_plan(cfg.model, lay), activation_plan(cfg.model, lay, fp8=True)
+    planned = {k: getattr(pl.state, k) for k in STATE}
+    planned.update({"act plain": ap[0].saved, "act checkpointed": ap[0].saved_checkpointed,
+                    "act fp8": ap[1].saved, "act fp8+checkpointed": ap[1].saved_checkpointed})
+    rows = [f"{'':22s} {'plan MiB':>10s}" + "".join(f" {'rank ' + str(r):>10s} {'m/p':>6s}" for r in range(len(measured)))]
+    for key, want in planned.items():
+        got = [m["activations"][key[4:]] if key.startswith("act ") else m["state"].get(key, 0) for m in measured]
+        if not want and not any(got):
+            continue
+        cells = "".join(f" {g / 2**20:10.2f} {g / want if want else float('nan'):6.3f}" for g in got)
+        rows.append(f"{key:22s} {want / 2**20:10.2f}{cells}")
+    other = [m["state"].get("other", 0) for m in measured]
+    rows.append(f"{'other (unplanned)':22s} {0:10.2f}" + "".join(f" {o / 2**20:10.2f} {'':6s}" for o in other))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--plan", required=True, help="world=W,ep=E,zero=Z,dtype=D[,offload=cpu][,mbs=B,seq=S]")
+    ap.add_argument("--json", default=None, help="write plan and measurements here (rank 0)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cfg0 = load_config(args.config, args.overrides)
+    lay = parse_plan(args.plan, cfg0)
+    cfg = load_config(args.config, list(args.overrides) + layout_overrides(lay))
+    if int(os.environ.get("WORLD_SIZE", 1)) != lay.world:
+        raise ValueError(f"--plan world={lay.world}, but this run has {os.environ.get('WORLD_SIZE', 1)} "
+                         "process(es): start it with deepspeed --num_gpus WORLD")
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from parallel.engine import cpu_threads_per_rank, init_distributed
+
+    rank, world, local_rank = init_distributed()
+    cpu_threads_per_rank()
+    device = torch.device(get_accelerator().device_name(local_rank))
+    mine = measure(cfg, lay, device)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if rank == 0:
+        pl = plan(cfg.model, lay)
+        print(f"{args.config or 'configs/tiny.yaml'} {' '.join(args.overrides)}\n--plan {args.plan}: "
+              f"{pl.params.total / 1e6:.2f}M parameters, device {device}, torch {torch.__version__}")
+        print(table(pl, every, lay, cfg))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"plan": pl.as_dict(), "measured": every, "GiB": GiB}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Checkpoints: the training state sharded by owner, complete-or-ignored, optionally async.
+
+Layout, one directory per save:
+    OUT_DIR/checkpoints/step_0000100/
+        state/                       torch.distributed.checkpoint, safetensors storage
+                                     (parallel/state/storage.py): shard-RRRRR.safetensors per writing
+                                     rank + index.json, the global (name, offset, size) index
+        trainer_state.json           step, sampler position, config, tokenizer fingerprint, format,
+                                     full tensor shapes, AdamW step, DeepSpeed's counters, the
+                                     expert placement saved under (parallel/expert/placement.py; null
+                                     without EP)
+        tokenizer/                   a copy of the tokenizer the data was prepared with
+        rng_rank{r}.safetensors      torch RNG state (tensor) + python/numpy RNG (JSON metadata)
+        MANIFEST.json                size + SHA-256 of every file above (parallel/state/integrity.py)
+        COMPLETE                     written last, after every rank has finished
+
+What ``state/`` holds, by key, each tensor once: ``param/<name>`` the fp32 master of every trainable
+parameter, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` its AdamW moments, all flattened to 1-D
+and written as the slices their owners hold (parallel/state/ownership.py: a ZeRO partition, an EP rank's
+experts; replicas are written once), and ``buffer/<name>`` the router biases. Nothing is gathered
+on any rank. A bf16 run's module weights are bf16(master), so they are not stored again. A resume
+on any world size, ``parallel.ep``, ZeRO stage or expert placement asks DCP for the slices it owns
+now: experts are addressed by global id, so re-placing them is a reshard.
+
+A directory without COMPLETE (a save that crashed halfway) is never resumed from, and
+keep_last pruning only counts complete ones. Every file is checked against the manifest
+before a resume, an init_from or an export reads it. Everything is JSON or safetensors.
+This module owns checkpoint I/O; parallel/state/storage.py and parallel/state/ownership.py are its parts
+and import nothing back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, safe_open
+
+from model.hf.flat_shards import check_shards
+from model.hf.manifest import write_manifest
+from model.hf.safetensors_stream import save_streaming
+from model.hf.weight_reader import (BIAS_SUFFIX, FORMAT, MARKER, MODEL, NAME, SHARDS, STATE, TOKENIZER, check_format,
+                                   checkpoint_name, checkpoint_root, complete_checkpoints, fqn, is_complete, read_state)
+from parallel.state import ownership
+from parallel.state.registry import RunState
+from parallel.state.storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
+
+# Model fields that only affect training, not the weights' meaning: may change on resume.
+TRAINING_ONLY = {"aux_loss_alpha", "mtp_loss_weight", "moe_impl", "attn_impl", "loss_impl", "loss_chunk",
+                 "initializer_range", "attention_dropout"}
+
+
+def resolve_resume(resume: str | None, out_dir: str) -> Path | None:
+    """train.resume -> the checkpoint directory to load, or None to start fresh.
+
+    "auto": the newest complete checkpoint under out_dir (None if there is none). A path: a
+    complete checkpoint directory, or a run directory whose newest complete one is used.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(out_dir)
+        return found[-1] if found else None
+    p = Path(resume).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"train.resume={resume!r}: checkpoint path does not exist")
+    if is_complete(p):
+        return p
+    found = complete_checkpoints(str(p))
+    if found:
+        return found[-1]
+    raise ValueError(f"train.resume={resume!r}: not a complete checkpoint (no {MARKER} marker in {p}: "
+                     "the save was interrupted, or this is not a checkpoint directory)")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    meta = {"python": json.dumps([py[0], list(py[1]), py[2]]), "numpy": json.dumps(np_state)}
+    return tensors, meta
+
+
+def _set_rng_state(path: Path) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    v, state, gauss = json.loads(meta["python"])
+    random.setstate((v, tuple(state), gauss))
+    np_state = json.loads(meta["numpy"])
+    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+
+
+# ---------------------------------------------------------------- the sharded training state
+
+def _bias_names(model) -> list[tuple[str, torch.Tensor]]:
+    return [(n, b) for n, b in model.named_buffers() if n.endswith(BIAS_SUFFIX)]
+
+
+def full_shapes(model) -> dict[str, list[int]]:
+    """Full parameter name -> full shape (experts: all E), the shapes the flat entries fold back to."""
+    layouts = ownership.expert_layouts(model)
+    out = {}
+    for name, p in ownership.trainable(model):
+        lay = layouts.get(name)
+        out[name] = [lay.num_experts, *p.shape[1:]] if lay else list(p.shape)
+    for name, b in _bias_names(model):
+        out[name] = list(b.shape)
+    return out
+
+
+def state_entries(engine, prefix: str = "", stage=None) -> dict[str, Any]:
+    """The DCP state dict of this rank: every owned slice's fp32 master and AdamW moments as a
+    slice of its flat full tensor, and the router biases (replicated: DCP keeps one copy).
+    ``stage(key, tensor)`` returns a copy to write instead (an async save writes copies while
+    training goes on); None: the live tensors."""
+    own = (lambda key, t: t.detach()) if stage is None else stage
+    slices: dict[str, list[FlatSlice]] = {}
+    for fr in ownership.owned_slices(engine):
+        n = fr.full_numel
+        for kind, value in (("param", fr.master), *fr.states.items()):
+            key = fqn(kind, fr.name, prefix)
+            # a rank may own several separate slices of one tensor (experts placed by load)
+            staged = own(key if fr.offset == 0 else f"{key}@{fr.offset}", value)
+            slices.setdefault(key, []).append(FlatSlice(staged, fr.offset, n))
+    sd: dict[str, Any] = {key: flat_entry(parts) for key, parts in slices.items()}
+    for name, b in _bias_names(engine.module):
+        key = fqn("buffer", name, prefix)
+        sd[key] = own(key, b.float().cpu() if b.device.type != "cpu" else b)
+    return sd
+
+
+def _group():
+    """The process group checkpoints talk over: gloo (plans and barriers are small; DCP's object
+    collectives need no GPU), and its own, so an async save's collectives never interleave with
+    training's. Created once, on every rank (new_group is collective)."""
+    global _CKPT_GROUP
+    if _CKPT_GROUP is None:
+        _CKPT_GROUP = dist.new_group(backend="gloo")
+    return _CKPT_GROUP
+
+
+_CKPT_GROUP = None
+
+
+class Checkpointer:
+    """Saves checkpoints, synchronously or (``async_save``) in a background thread: the training
+    state is copied (staged) on the spot, then written while training goes on. At most one save is
+    in flight; the next one, and the end of the run, wait for it. Every rank calls every method."""
+
+    def __init__(self, async_save: bool = False, state_prefix: str = ""):
+        self.async_save = async_save
+        self.state_prefix = state_prefix  # keys of the model/optimizer state (multi-site: one set per site)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.group = _group()
+        self.last_stall_s = 0.0          # how long the last save() held up training
+        self._staged: dict[str, torch.Tensor] = {}   # async: host copies, reused save after save
+
+    def _stage(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``t`` for the background writer. The buffers are kept between saves (only
+        one save is in flight, and it has finished before the next stages), so a save after the
+        first costs one memcpy of the rank's state, not fresh pages."""
+        buf = self._staged.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._staged[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        return buf.copy_(t.detach())
+
+    def wait(self) -> None:
+        """Finish the save in flight (if any); re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"the background checkpoint save failed: {e}") from e
+
+    def save(self, engine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
+             faults=None) -> Path:
+        """Save ``engine``'s sharded state and everything registered in ``run_state`` (a plain dict:
+        constant values only). Collective: every rank calls it. Returns the checkpoint directory."""
+        t0 = time.perf_counter()
+        run_state = as_run_state(run_state)
+        self.wait()
+        rank = dist.get_rank()
+        path = checkpoint_root(out_dir) / checkpoint_name(step)
+        if rank == 0:
+            if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
+                shutil.rmtree(path)
+            (path / SHARDS).mkdir(parents=True)
+        dist.barrier(group=self.group)
+        ownership.ensure_optimizer_state(engine)           # before the first step: zero moments
+        stage = self._stage if self.async_save else None
+        sd = state_entries(engine, self.state_prefix, stage=stage)
+        for key, (shape, offset, tensor) in run_state.tensor_state().items():
+            sd[key] = FlatSlice(stage(key, tensor) if stage else tensor.detach(), offset, math.prod(shape))
+        tensors, meta = _rng_state()
+        save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)   # sorted metadata: same bytes every run
+        if rank == 0:
+            trainer_state = run_state.state_dict(dict(
+                step=step, format=FORMAT, tensors=full_shapes(engine.module),
+                optimizer_step=ownership.optimizer_step(engine), engine_counters=_engine_counters(engine),
+                expert_placement=ownership.model_placement(engine.module)))
+            copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
+            _atomic_write(path / STATE, json.dumps(trainer_state, indent=1))
+        if self.async_save:
+            self._thread = threading.Thread(target=self._write_guarded, args=(sd, path, out_dir, step, keep_last,
+                                                                               faults), daemon=False)
+            self._thread.start()
+        else:
+            self._write(sd, path, out_dir, step, keep_last, faults)
+        self.last_stall_s = time.perf_counter() - t0
+        return path
+
+    def _write_guarded(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:   # surfaced by the next wait(), on the training thread
+            self._error = e
+
+    def _write(self, sd, path: Path, out_dir: str, step: int, keep_last: int, faults) -> None:
+        rank = dist.get_rank()
+        dcp.save(sd, storage_writer=ShardWriter(path / SHARDS, rank), planner=SavePlanner(),
+                 process_group=self.group)
+        if faults is not None:
+            faults.in_save(step)   # tests: a rank dies with its shard written, the checkpoint incomplete
+        dist.barrier(group=self.group)  # every rank's files are on disk
+        if rank == 0:
+            write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
+            _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+            prune(out_dir, keep_last)
+        dist.barrier(group=self.group)
+
+
+def save(engine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
+         faults=None) -> Path:
+    """A synchronous save (collective: every rank calls it). Returns the checkpoint directory."""
+    return Checkpointer(async_save=False).save(engine, out_dir, step, run_state, keep_last, faults)
+
+
+def as_run_state(run_state: RunState | dict[str, Any]) -> RunState:
+    """A RunState as it is, or one holding a plain dict's entries as constant values."""
+    if isinstance(run_state, RunState):
+        return run_state
+    out = RunState()
+    for key, value in run_state.items():
+        out.register_value(key, value)
+    return out
+
+
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def _engine_counters(engine) -> dict[str, int]:
+    return {k: int(getattr(engine, k)) for k in _COUNTERS if hasattr(engine, k)}
+
+
+def prune(out_dir: str, keep_last: int) -> None:
+    """Delete all but the newest keep_last complete checkpoints, and incomplete leftovers
+    older than the newest complete one."""
+    complete = complete_checkpoints(out_dir)
+    for p in complete[:-keep_last]:
+        _remove(p)
+    if complete:
+        newest = int(NAME.match(complete[-1].name).group(1))
+        for p in checkpoint_root(out_dir).iterdir():
+            m = NAME.match(p.name)
+            if m and p.is_dir() and not is_complete(p) and int(m.group(1)) < newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove(p: Path) -> None:
+    (p / MARKER).unlink(missing_ok=True)  # first: a partly deleted directory is never "complete"
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def first_difference(saved: dict[str, Any], model_cfg: dict[str, Any], free: set[str]) -> str | None:
+    """'model.K=<saved>, the config has model.K=<value>' for the first field (not in ``free``) that differs."""
+    for key, value in model_cfg.items():
+        if key not in free and (key not in saved or saved[key] != value):
+            return f"model.{key}={saved.get(key, '<missing>')!r}, the config has model.{key}={value!r}"
+    return None
+
+
+def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any], fingerprint: str) -> None:
+    """Raise a ValueError naming the first field that makes the checkpoint unusable."""
+    diff = first_difference(state.get("config", {}).get("model", {}), model_cfg, TRAINING_ONLY)
+    if diff:
+        raise ValueError(f"checkpoint {path} is incompatible: it has {diff}")
+    if state.get("tokenizer_fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {path} was trained on data from another tokenizer (fingerprint "
+                         f"{str(state.get('tokenizer_fingerprint'))[:12]}..., the prepared data has "
+                         f"{fingerprint[:12]}...): check data.tokenizer / data.path")
+
+
+def check_global_batch(engine, state: dict, path: Path) -> None:
+    """ValueError naming the fields when this run's global batch differs from the checkpoint's:
+    the sampler's data order (and the step's gradient) depend on it, not on the layout."""
+    saved = state.get("sampler", {}).get("global_batch_size")
+    # rows drawn per step by all ranks (with parallel.sites, DeepSpeed's own batch is one site's)
+    now = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * dist.get_world_size()
+    if saved is None or int(saved) == now:
+        return
+    t = state.get("config", {}).get("train", {})
+    raise ValueError(
+        f"checkpoint {path} was trained with a global batch of {saved} rows (train.micro_batch_size="
+        f"{t.get('micro_batch_size')} x train.grad_accum={t.get('grad_accum')} x {state.get('world_size', 1)} "
+        f"processes); this run has {now} (train.micro_batch_size={engine.train_micro_batch_size_per_gpu()} x "
+        f"train.grad_accum={engine.gradient_accumulation_steps()} x {dist.get_world_size()} processes): choose "
+        f"train.micro_batch_size and train.grad_accum so that their product times the number of processes "
+        f"is {saved}")
+
+
+def load(engine, path: Path, state: dict[str, Any], run_state: RunState | None = None, state_prefix: str = "") -> None:
+    """Collective: load checkpoint ``path`` (saved on any world size, ``parallel.ep`` or ZeRO stage)
+    into this engine, and hand every component registered in ``run_state`` its saved state. Each rank
+    reads only the slices it owns; DCP reshards. ``state`` is the checkpoint's trainer_state.json
+    (``read_state(path)``); ``state_prefix`` as the Checkpointer's."""
+    check_global_batch(engine, state, path)
+    check_format(path, state)
+    check_shards(path / SHARDS)            # a clear error naming the file, before DCP reads
+    step = int(state.get("optimizer_step", 0))
+    ownership.ensure_optimizer_state(engine, step)
+    prefix = state_prefix
+    sd = state_entries(engine, prefix)                 # views into the optimizer's and module's own buffers
+    biases = {k: v for k, v in sd.items() if not isinstance(v, (FlatSlice, FlatSlices))}
+    for k, v in biases.items():                        # fill copies; a bf16 module's bias buffers stay as they are
+        sd[k] = v.clone()
+    run_state = run_state or RunState()
+    for key, (shape, offset, tensor) in run_state.tensor_state().items():   # filled in place
+        sd[key] = FlatSlice(tensor, offset, math.prod(shape))
+    with torch.no_grad():
+        dcp.load(sd, storage_reader=ShardReader(str(path / SHARDS)), planner=LoadPlanner(), process_group=_group())
+        ownership.set_optimizer_step(engine, step)
+        ownership.link_optimizer_state(engine)
+        ownership.update_module_weights(engine)       # the module's weights from the loaded masters
+        for name, b in _bias_names(engine.module):
+            b.copy_(sd[fqn("buffer", name, prefix)].to(device=b.device, dtype=b.dtype))
+    for key, value in state.get("engine_counters", {}).items():
+        setattr(engine, key, int(value))               # DeepSpeed's own counters, as its loader sets them
+    run_state.load_state_dict(state)                   # after the tensors: their JSON parts describe them
+    rank = dist.get_rank()
+    rng = path / f"rng_rank{rank}.safetensors"
+    if not rng.is_file():  # resumed on more ranks than saved: reuse rank 0's generators
+        rng = path / "rng_rank0.safetensors"
+    _set_rng_state(rng)
+
+
+_TOKENIZER_SKIP = {"train_key.json"}
+
+
+def tokenizer_source(config: dict[str, Any]) -> Path | None:
+    """Where the run's tokenizer lives: data.tokenizer, else the BPE trained into data.cache_dir."""
+    data = config.get("data", {})
+    if data.get("tokenizer"):
+        return Path(data["tokenizer"]).expanduser()
+    if data.get("cache_dir"):
+        return Path(data["cache_dir"]).expanduser() / "tokenizer"
+    return None
+
+
+def copy_tokenizer(config: dict[str, Any], dest: Path) -> bool:
+    """Copy the run's tokenizer files into dest (the export ships them); False if none is found."""
+    src = tokenizer_source(config)
+    if src is None or not src.is_dir():
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in _TOKENIZER_SKIP and not f.name.startswith("."):
+            shutil.copy2(f, dest / f.name)
+    return True
