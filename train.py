@@ -34,8 +34,14 @@ from model.schedules import gamma_at, lr_at, mtp_weight_at
 from parallel.balance import ExpertLoad, gather_counts, imbalance, update_biases
 from parallel.build import build_training
 from parallel.collectives import agree_on_step, mean_over_ranks
-from parallel.engine import (check_supported, cpu_threads_per_rank, deepspeed_config, init_distributed,
-                             keep_freed_memory, set_lr)
+from parallel.engine import (
+    check_supported,
+    cpu_threads_per_rank,
+    deepspeed_config,
+    init_distributed,
+    keep_freed_memory,
+    set_lr,
+)
 from parallel.faults import Faults
 from parallel.layout import run_placement
 from parallel.metrics.evaluation import Evaluation
@@ -297,9 +303,9 @@ def main(argv=None) -> int:
     stop = min(t.max_steps, t.stop_at or t.max_steps)
 
     # ---- metrics: one object owns the record; each feature adds its fields ----
+    run_info = {"shard_dir": shard_dir, "train_rows": len(train_rows), "resumed_from": str(ckpt) if ckpt else None}
     monitor, metrics, rank_times, evaluation = start_metrics(cfg, trainer, built, sampler, val_rows, rank, world,
-                                                             step, {"shard_dir": shard_dir, "train_rows": len(train_rows),
-                                                                    "resumed_from": str(ckpt) if ckpt else None})
+                                                             step, run_info)
     probe = CapacityProbe(cfg, shares, sampler, rank, step, device)
     describe_run(monitor, cfg, built, rank, world, device, metrics, ckpt, step, stop, shares, placement_note)
 
@@ -349,15 +355,17 @@ def describe_run(monitor, cfg, built, rank, world, device, metrics, ckpt, step, 
     monitor.write(f"{sum(q.numel() for q in built.model.parameters()) / 1e6:.2f}M parameters (this rank), ep "
                   f"{p.ep}, {world} rank(s) on {device}, {metrics.tokens_per_step} tokens/step, peak "
                   f"{metrics.peak.value / 1e9:.1f} GFLOP/s ({metrics.peak.source})"
-                  + (f", torch.compile on {built.compiled} blocks (the first step compiles them)" if built.compiled else "")
+                  + (f", torch.compile on {built.compiled} blocks (the first step compiles them)"
+                     if built.compiled else "")
                   + (f", resuming from {ckpt} at step {step}" if ckpt else ""))
     if step >= stop:
         monitor.write(f"nothing to do: step {step} >= {stop}")
     if p.rank_capacity is not None or world > 1 and len(set(shares.rows)) > 1:
-        monitor.write(f"rows per step by rank: {shares.rows} (micro-batches of {[n // t.grad_accum for n in shares.rows]}"
-                      f"{', measured' if shares.measured else ''})"
-                      + ("; auto: measuring compute time over the first "
-                         f"{p.capacity_probe_steps} steps" if p.rank_capacity == "auto" and not shares.measured else ""))
+        probing = p.rank_capacity == "auto" and not shares.measured
+        monitor.write(f"rows per step by rank: {shares.rows} (micro-batches of "
+                      f"{[n // t.grad_accum for n in shares.rows]}{', measured' if shares.measured else ''})"
+                      + (f"; auto: measuring compute time over the first {p.capacity_probe_steps} steps"
+                         if probing else ""))
     if placement_note:
         monitor.write(placement_note)
     slowdown = (p.emulate_slowdown or {}).get(rank, 1.0)

@@ -32,7 +32,13 @@ if "--legacy" not in sys.argv:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from model.hf import weight_reader
+
+
+def params_total(path) -> int:
+    from model.hf import weight_reader  # not in an older checkout (--legacy)
+
+    return sum(v.numel() for v in weight_reader.read_weights(path).values())
+
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -74,21 +80,29 @@ def main() -> None:
     args = ap.parse_args()
 
     from configs.schema import load_config
-    from model.transformer import DeepseekV3
+    from parallel.engine import cpu_threads_per_rank, init_distributed
     from parallel.state import checkpoint
-    from parallel.engine import build_engine, cpu_threads_per_rank, init_distributed
-    from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts
 
     cfg = load_config(args.config, args.overrides)
     rank, world, _ = init_distributed()
     cpu_threads_per_rank()
-    torch.manual_seed(cfg.train.seed)
-    model = DeepseekV3(cfg.model)
-    if cfg.parallel.ep > 1:
-        ep_group, _ = create_groups(cfg.parallel.ep)
-        shard_experts(model, ep_group, cfg.parallel.ep)
-        declare_to_deepspeed(model, cfg.parallel.ep)
-    engine = build_engine(model, cfg, world)
+    if args.legacy:   # an older checkout: its own build
+        from model.transformer import DeepseekV3
+        from parallel.engine import build_engine
+        from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts
+
+        torch.manual_seed(cfg.train.seed)
+        model = DeepseekV3(cfg.model)
+        if cfg.parallel.ep > 1:
+            ep_group, _ = create_groups(cfg.parallel.ep)
+            shard_experts(model, ep_group, cfg.parallel.ep)
+            declare_to_deepspeed(model, cfg.parallel.ep)
+        engine = build_engine(model, cfg, world)
+    else:
+        from parallel.build import build_training
+
+        built = build_training(cfg, torch.device("cpu"), world)
+        engine, model = built.engine, built.model
     t = cfg.train
     gen = torch.Generator().manual_seed(rank)
 
@@ -103,7 +117,6 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     if args.legacy:
         share = None
-        saver = None
     else:
         from parallel.state import ownership
         ownership.ensure_optimizer_state(engine)
@@ -152,8 +165,7 @@ def main() -> None:
     if rank == 0:
         print(json.dumps({"world": world, "ep": cfg.parallel.ep, "legacy": args.legacy,
                           "zero": cfg.deepspeed.get("zero_optimization", {}).get("stage", 0),
-                          "params_total": sum(v.numel() for v in weight_reader.read_weights(path).values())
-                          if not args.legacy else None, "ranks": gathered}, indent=1))
+                          "params_total": None if args.legacy else params_total(path), "ranks": gathered}, indent=1))
         mb = 2 ** 20
         print(f"\n{'rank':>4} {'share MB':>9} {'save +MB':>9} {'resume +MB':>10} {'save/share':>10} "
               f"{'resume/share':>12}")

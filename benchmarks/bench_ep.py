@@ -65,7 +65,7 @@ def _run(rank: int, world: int, port: int, args, results):
         off = AllToAllDispatcher(group, args.experts, overlap=False, link=link)
         on = AllToAllDispatcher(group, args.experts, overlap=True, chunks=args.chunks, link=link)
         # alternate A/B; the barriers line the two ranks up, so each repeat times the slower one
-        times = alternate({"off": lambda: step(off), "on": lambda: step(on)}, args.repeats, args.warmup,
+        times = alternate({"off": lambda off=off: step(off), "on": lambda on=on: step(on)}, args.repeats, args.warmup,
                           sync=dist.barrier)
         per_step = {k: v // (args.warmup + args.repeats) for k, v in off.stats.items()}
         rows.append((bw, times["off"].median, times["on"].median, per_step))

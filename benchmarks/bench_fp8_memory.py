@@ -70,7 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = DeepseekV3(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, fp32")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, fp32")
     print(f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, batch {args.batch} x {args.seq}")
 
     rows = [("fp32 (no FP8)", *step_memory(model, ids))]

@@ -37,14 +37,15 @@ def main() -> None:
     keep_freed_memory()                               # as train.py does
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, fp32; "
           f"{args.tokens} tokens, hidden {args.dim}, chunk {args.chunk}")
-    print(f"{'vocab':>7} {'full ms':>9} {'chunked ms':>10} {'speed':>6} {'full MiB':>9} {'chunked MiB':>11} {'memory':>7}")
+    print(f"{'vocab':>7} {'full ms':>9} {'chunked ms':>10} {'speed':>6} {'full MiB':>9} {'chunked MiB':>11} "
+          f"{'memory':>7}")
     for V in (int(v) for v in args.vocabs.split(",")):
         g = torch.Generator().manual_seed(0)
         h = torch.randn(args.tokens, args.dim, generator=g).requires_grad_()
         w = (torch.randn(V, args.dim, generator=g) * 0.02).requires_grad_()
         y = torch.randint(0, V, (args.tokens,), generator=g)
 
-        def run(kind: str):
+        def run(kind: str, h=h, w=w, y=y):
             def step() -> None:
                 if kind == "full":
                     loss = cross_entropy(h @ w.t(), y)

@@ -30,7 +30,6 @@ from benchmarks.timing import alternate, once  # noqa: E402
 from parallel.engine import ADAMW_IMPLS, adamw_impl  # noqa: E402
 from parallel.metrics.peak import measure_peak_flops  # noqa: E402
 
-
 # ops that are matrix-product arithmetic: aten's GEMMs, torch's CPU grouped GEMM (transformers'
 # experts), our grouped GEMM custom ops (model/grouped_gemm.py), and transformers' attention bmm
 GEMM_OPS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default",
@@ -164,8 +163,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--profile", action="store_true",
-                    help="time every op of --profile-steps steps of each model: top ops, and the bound that the library "
-                         "kernels (GEMMs, attention) put on the ratio")
+                    help="time every op of --profile-steps steps of each model: top ops, and the bound that the "
+                         "library kernels (GEMMs, attention) put on the ratio")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory, as train.py sets it (both models get it); "

@@ -183,19 +183,12 @@ VARIANTS = {"plain": (False, False), "checkpointed": (True, False), "fp8": (Fals
 
 def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
     """This rank's {"state": bytes per plan category, "activations": bytes per variant} (module docstring)."""
-    from model.transformer import DeepseekV3
-    from parallel.engine import build_engine
-    from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts
+    from parallel.build import build_training
 
-    torch.manual_seed(cfg.train.seed)
-    model = DeepseekV3(cfg.model)
-    if lay.ep > 1:
-        p = cfg.parallel
-        group, _ = create_groups(lay.ep)
-        placement, _ = configured_placement(cfg, lay.ep)          # capacity | load: as planned
-        shard_experts(model, group, lay.ep, overlap=p.overlap, chunks=p.chunks, placement=placement)
-        declare_to_deepspeed(model, lay.ep)
-    engine = build_engine(model.to(device), cfg, lay.world)
+    # the trainer's own ordered build; the module transforms (fp8, recompute) are swapped in per variant
+    placement = configured_placement(cfg, lay.ep)[0] if lay.ep > 1 else None   # capacity | load: as planned
+    built = build_training(cfg, device, lay.world, placement=placement, module_transforms=False)
+    engine, model = built.engine, built.model
     gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", 0)))
     x = torch.randint(0, cfg.model.vocab_size, (lay.mbs, lay.seq), generator=gen).to(device)
 
@@ -228,7 +221,8 @@ def table(pl, measured: list[dict], lay, cfg) -> str:
     planned = {k: getattr(pl.state, k) for k in STATE}
     planned.update({"act plain": ap[0].saved, "act checkpointed": ap[0].saved_checkpointed,
                     "act fp8": ap[1].saved, "act fp8+checkpointed": ap[1].saved_checkpointed})
-    rows = [f"{'':22s} {'plan MiB':>10s}" + "".join(f" {'rank ' + str(r):>10s} {'m/p':>6s}" for r in range(len(measured)))]
+    ranks = "".join(f" {'rank ' + str(r):>10s} {'m/p':>6s}" for r in range(len(measured)))
+    rows = [f"{'':22s} {'plan MiB':>10s}" + ranks]
     for key, want in planned.items():
         got = [m["activations"][key[4:]] if key.startswith("act ") else m["state"].get(key, 0) for m in measured]
         if not want and not any(got):
@@ -256,6 +250,7 @@ def main(argv=None) -> int:
                          "process(es): start it with deepspeed --num_gpus WORLD")
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
     from parallel.engine import cpu_threads_per_rank, init_distributed
 
     rank, world, local_rank = init_distributed()

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping, TypeVar
+from typing import TypeVar
 
 K = TypeVar("K", bound=Hashable)
 

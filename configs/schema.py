@@ -78,7 +78,8 @@ class TrainConfig:
     optimizer_impl: str = "fused"
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
-    max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this many in a row
+    max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this
+                                          # many in a row
     # the peak MFU is taken against, in TFLOP/s for the whole job (null: measured at start by a matmul
     # benchmark, and raised to any higher rate a step achieves: parallel/metrics/peak.py)
     peak_tflops: float | None = None
@@ -93,9 +94,9 @@ class ParallelConfig:
     link_bandwidth_gbps: float | None = None   # emulated interconnect for experiments (None: off)
     link_latency_us: float = 0.0
     collective_timeout_s: float = 1800.0  # a collective waiting longer (a hung or dead rank) fails the job
-    # multi-site training (parallel/multisite/groups.py, parallel/multisite/outer.py): the world split into `sites` equal
-    # sites in rank order; EP, ZeRO and router counts stay inside a site, and every `outer_every`
-    # inner steps an outer Nesterov step on the sites' averaged parameter change crosses them
+    # multi-site training (parallel/multisite/groups.py, parallel/multisite/outer.py): the world split into
+    # `sites` equal sites in rank order; EP, ZeRO and router counts stay inside a site, and every
+    # `outer_every` inner steps an outer Nesterov step on the sites' averaged parameter change crosses them
     sites: int = 1
     outer_every: int = 50                 # H: inner steps per outer round
     outer_lr: float = 0.7                 # outer SGD learning rate (DiLoCo)
@@ -111,7 +112,8 @@ class ParallelConfig:
     # shares of the same global batch (losses weighted so the update is the equal split's) and,
     # under ep, unequal numbers of experts. Validated against the world size in parallel/unequal/shares.py.
     rank_capacity: Any = None             # null: equal shares | [c0, c1, ...] one per rank | "auto": measured
-    capacity_probe_steps: int = 5         # auto: steps whose median compute time fixes the shares (the first is skipped)
+    capacity_probe_steps: int = 5         # auto: steps whose median compute time fixes the shares (the first is
+                                          # skipped)
     expert_placement: str = "even"        # even | capacity | load (experts per EP rank)
     expert_load_from: str | None = None   # load: a metrics.jsonl or checkpoint dir with router counts
     emulate_slowdown: Any = None          # tests/benchmarks: {rank: factor >= 1}, sleep (factor-1) x compute
@@ -282,8 +284,10 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.stop_at is not None and t.stop_at < 1:
         raise ValueError(f"train.stop_at={t.stop_at}: must be >= 1 or null")
-    if t.peak_tflops is not None and not (isinstance(t.peak_tflops, (int, float)) and 0 < t.peak_tflops < float("inf")):
-        raise ValueError(f"train.peak_tflops={t.peak_tflops!r}: must be a number > 0 (TFLOP/s of the whole job) or null")
+    if t.peak_tflops is not None and not (isinstance(t.peak_tflops, (int, float))
+                                          and 0 < t.peak_tflops < float("inf")):
+        raise ValueError(f"train.peak_tflops={t.peak_tflops!r}: must be a number > 0 (TFLOP/s of the whole job) "
+                         "or null")
     if t.warmup_steps < 0 or t.eval_batches < 0:
         raise ValueError(f"train.warmup_steps={t.warmup_steps}/eval_batches={t.eval_batches}: must be >= 0")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

@@ -60,7 +60,7 @@ class QTensor:
         out[:M, :K] = self.data
         return out
 
-    def t(self) -> "QTensor":
+    def t(self) -> QTensor:
         """Transposed view (no copy): a (128,1)-tiled (M,K) becomes a (1,128)-tiled (K,M)."""
         return QTensor(self.data.t(), self.scale.t(), (self.tile[1], self.tile[0]),
                        (self.shape[1], self.shape[0]))

@@ -24,8 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fp8 import (ACT_TILE, QTensor, quantize, quantize_act, quantize_wgrad, quantize_weight,
-                       rel_err, retile_wgrad, WEIGHT_TILE)
+from model.fp8 import (
+    ACT_TILE,
+    WEIGHT_TILE,
+    QTensor,
+    quantize,
+    quantize_act,
+    quantize_weight,
+    quantize_wgrad,
+    rel_err,
+    retile_wgrad,
+)
 from model.grouped_gemm import _loop_mm, _native_ok
 from model.moe import RoutedExperts
 
@@ -294,7 +303,8 @@ class _FP8GroupedFn(torch.autograd.Function):
             for e, n in enumerate(c):
                 if n:
                     # 128x1 tiles per expert segment, so no tile straddles two experts
-                    xe = retile_wgrad(_rows(xq, lo, lo + n), pow2) if cache_fp8 else quantize_wgrad(x_data[lo:lo + n], pow2)
+                    xe = (retile_wgrad(_rows(xq, lo, lo + n), pow2) if cache_fp8
+                          else quantize_wgrad(x_data[lo:lo + n], pow2))
                     dye = quantize_wgrad(dy[lo:lo + n], pow2)
                     dw[e] = fp8_mm(xe.t(), dye.t(), kernel).to(w_dtype)     # (K, M) = x_e^T dy_e
                 lo += n

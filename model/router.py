@@ -79,7 +79,8 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: i
     S = T // batch
     with torch.no_grad():
         counts = torch.zeros(batch, E, device=scores.device, dtype=scores.dtype)
-        counts.scatter_add_(1, topk_idx.view(batch, S * K), torch.ones_like(topk_idx, dtype=scores.dtype).view(batch, S * K))
+        counts.scatter_add_(1, topk_idx.view(batch, S * K),
+                            torch.ones_like(topk_idx, dtype=scores.dtype).view(batch, S * K))
         f = counts * (E / (K * S))                                            # (B, E)
     p = (scores / scores.sum(-1, keepdim=True)).view(batch, S, E).mean(1)     # (B, E)
     return alpha * (f * p).sum(-1).mean()

@@ -20,6 +20,7 @@ from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
 from model.router import Router
 
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None              # (B, S, V); None when the chunked loss never made them

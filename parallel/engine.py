@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import math
 import os
 import socket
 from typing import Any
@@ -258,9 +257,9 @@ def cpu_adamw(groups: list[dict[str, Any]], **adam):
     """DeepSpeedCPUAdam in AdamW mode with the same groups and hyper-parameters as the AdamW of the
     other modes. ZeRO-Offload keeps the fp32 masters and both moments in CPU memory and runs the
     update there; DeepSpeed refuses a client torch optimizer for that (unless
-    ``zero_force_ds_cpu_optimizer: false``) and tests its offload path with this one. The C++ op is compiled on first use (~1-3 min, cached under
-    ~/.cache/torch_extensions). Its state keys (exp_avg, exp_avg_sq, step) are torch's, except that
-    ``step`` is a Python int, not a tensor."""
+    ``zero_force_ds_cpu_optimizer: false``) and tests its offload path with this one. The C++ op is
+    compiled on first use (~1-3 min, cached under ~/.cache/torch_extensions). Its state keys
+    (exp_avg, exp_avg_sq, step) are torch's, except that ``step`` is a Python int, not a tensor."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)

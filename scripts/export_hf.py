@@ -27,8 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import ModelConfig  # noqa: E402
-from model.hf import DTYPES, hf_entries, write_hf_entries  # noqa: E402
-from model.hf import weight_reader  # noqa: E402
+from model.hf import (  # noqa: E402
+    DTYPES,
+    hf_entries,
+    weight_reader,  # noqa: E402
+    write_hf_entries,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",

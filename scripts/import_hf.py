@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from model.hf import from_hf_config  # noqa: E402
-from model.hf.read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
-from model.hf import weight_reader  # noqa: E402
+from model.hf import (
+    from_hf_config,  # noqa: E402
+    weight_reader,  # noqa: E402
+)
 from model.hf.manifest import write_manifest  # noqa: E402
+from model.hf.read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",

@@ -97,7 +97,8 @@ def print_plan(cfg, args) -> dict:
             w = out["smallest_world"][v]
             print(f"  {label:40s} " + ("none up to 8192 ranks" if w is None else
                                         f"world {w['world']}, ep {w['ep']}: {w['device'] / GiB:.1f} GiB on the device"
-                                        + (f", {w['host'] / GiB:.1f} GiB of host memory per rank" if w["host"] else "")))
+                                        + (f", {w['host'] / GiB:.1f} GiB of host memory per rank" if w["host"]
+                                           else "")))
     return out
 
 

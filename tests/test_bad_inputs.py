@@ -20,11 +20,19 @@ import pytest
 import yaml
 
 from configs.schema import DEFAULT_CONFIG, MIN_BPE_VOCAB_SIZE, load_config
-from data import (TokenShards, build_dataset_cache, load_corpus, load_tokenizer, prepare_shards, read_meta,
-                  tokenizer_fingerprint, train_bpe_tokenizer)
+from data import (
+    TokenShards,
+    build_dataset_cache,
+    load_corpus,
+    load_tokenizer,
+    prepare_shards,
+    read_meta,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 from data.tokenizer import MIN_VOCAB_SIZE
-from parallel.state import checkpoint
 from parallel.engine import check_supported, deepspeed_config
+from parallel.state import checkpoint
 from tests.helpers import free_port
 from tests.train_helpers import ROOT, TINY_MODEL, clean_env, make_corpus, run_args
 

@@ -34,7 +34,8 @@ BAD = [
     (["model.not_a_field=1"], "not_a_field"),
     (["train.lr_schedule=linear"], "train.lr_schedule='linear'"),
     (["train.max_steps=0"], "train.max_steps=0"),
-    (["train.compile=true", "train.activation_checkpointing=true"], "train.compile=true with train.activation_checkpointing"),
+    (["train.compile=true", "train.activation_checkpointing=true"],
+     "train.compile=true with train.activation_checkpointing"),
     (["train.compile=fast"], "train.compile='fast'"),
     (["model.loss_impl=fused"], "model.loss_impl='fused'"),
     (["parallel.ep=3"], "parallel.ep=3"),
@@ -79,7 +80,8 @@ def test_deepspeed_batch_keys_alone_set_the_train_values():
      r"deepspeed\.train_micro_batch_size_per_gpu=3 conflicts with train\.micro_batch_size \(= 4\)"),
     (["deepspeed.train_micro_batch_size_per_gpu=2", "deepspeed.train_batch_size=5"],
      r"deepspeed\.train_batch_size=5 conflicts with train\.micro_batch_size x train\.grad_accum"),
-    (["deepspeed.gradient_accumulation_steps=0"], r"deepspeed\.gradient_accumulation_steps=0: must be a positive integer"),
+    (["deepspeed.gradient_accumulation_steps=0"],
+     r"deepspeed\.gradient_accumulation_steps=0: must be a positive integer"),
     (["deepspeed.train_micro_batch_size_per_gpu=two"], r"deepspeed\.train_micro_batch_size_per_gpu='two': must be"),
 ])
 def test_deepspeed_batch_conflicts_stay_errors(overrides, needle):

@@ -12,9 +12,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data import (ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, load_corpus,
-                  load_tokenizer, prepare_shards, read_meta, tokenizer_fingerprint,
-                  train_bpe_tokenizer)
+from data import (
+    ShardedSampler,
+    TokenShards,
+    batch_from_rows,
+    build_dataset_cache,
+    load_corpus,
+    load_tokenizer,
+    prepare_shards,
+    read_meta,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 
 DOCS = [f"Document {i}: the quick brown fox {i * 7} jumps over the lazy dog.\n" * (3 + i % 5)
         for i in range(40)]

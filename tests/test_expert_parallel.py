@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 from tests.helpers import free_port, tiny_cfg
 
 
-
 def _worker(rank, world, port, chunks, overlap, fp8=False, n_group=4, topk_group=2):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -84,7 +83,7 @@ def _worker(rank, world, port, chunks, overlap, fp8=False, n_group=4, topk_group
     if fp8:
         # E4M3 payload + one fp32 scale per 128 channels vs 2 bytes per element in bf16
         sent = sum(d.stats["dispatch_bytes"] for d in dispatchers)
-        rows = sent / ((cfg.hidden_size + 4 * -(-cfg.hidden_size // 128)))
+        rows = sent / (cfg.hidden_size + 4 * -(-cfg.hidden_size // 128))
         assert sent <= 0.55 * rows * cfg.hidden_size * 2 + 1e-9
     # the training forward's loss never materializes logits (model/loss.py): compare them in
     # eval mode, which routes the same tokens

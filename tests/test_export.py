@@ -18,11 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import ModelConfig
-from model.hf import mtp_key_pattern, read_safetensors_dir, save_hf
+from model.hf import mtp_key_pattern, read_safetensors_dir, save_hf, weight_reader
 from model.transformer import DeepseekV3
-from parallel.state import checkpoint
-from model.hf import weight_reader
-from parallel.state import init_from
+from parallel.state import checkpoint, init_from
 from tests.helpers import YARN, tiny_cfg
 from tests.train_helpers import ROOT, clean_env, make_corpus, run_args, train
 
@@ -234,8 +232,8 @@ def test_import_export_is_bit_exact(tmp_path, dtype):
     assert a == b
     # ours -> import dir -> export -> import: the imported state dict is the original one, bit for bit
     _script("import_hf.py", "--hf", str(tmp_path / "hf2"), "--out", str(tmp_path / "init2"))
-    assert not _bitwise_equal(load_file(str(tmp_path / "init" / checkpoint.MODEL)),
-                              load_file(str(tmp_path / "init2" / checkpoint.MODEL)))
+    assert not _bitwise_equal(load_file(str(tmp_path / "init" / weight_reader.MODEL)),
+                              load_file(str(tmp_path / "init2" / weight_reader.MODEL)))
 
 
 def test_load_init_weights(tmp_path):
@@ -307,7 +305,8 @@ def test_export_after_expert_parallel_training(tmp_path):
         assert (two[key] - one[key]).abs().max() < 1e-2, key
 
 
-# The unpickling / remote-code lint is tests/test_security.py::test_no_unsafe_deserialisation_or_remote_code_in_the_project.
+# The unpickling / remote-code lint is
+# tests/test_security.py::test_no_unsafe_deserialisation_or_remote_code_in_the_project.
 
 
 def test_scripts_importable_without_side_effects():
@@ -349,7 +348,8 @@ def test_streaming_writer_is_byte_identical_to_save_file(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     tensors = {"b.weight": torch.randn(3, 5, generator=g).bfloat16(), "a": torch.randn(2, 7, generator=g),
-               "w_scale_inv": torch.rand(1, 2, generator=g), "q": torch.randn(130, 3, generator=g).to(torch.float8_e4m3fn),
+               "w_scale_inv": torch.rand(1, 2, generator=g),
+               "q": torch.randn(130, 3, generator=g).to(torch.float8_e4m3fn),
                "ids": torch.arange(5), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
                "ünï": torch.ones(3, dtype=torch.float16)}
     for meta in (None, {"format": "pt"}):

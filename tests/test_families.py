@@ -21,13 +21,11 @@ import torch
 import yaml
 
 from model.config import ModelConfig
-from model.hf import from_hf_config, save_hf, to_hf_config
+from model.hf import from_hf_config, save_hf, to_hf_config, weight_reader
+from model.hf.manifest import write_manifest
 from model.hf.safetensors_stream import save_streaming
 from model.transformer import DeepseekV3
-from parallel.state import checkpoint
-from model.hf import weight_reader
-from parallel.state import init_from
-from model.hf.manifest import write_manifest
+from parallel.state import checkpoint, init_from
 from scripts.export_hf import export
 from scripts.import_hf import import_hf
 from tests.train_helpers import TINY_MODEL, make_corpus, run_args, train
@@ -92,7 +90,7 @@ def _trained_in_process(cfg: ModelConfig, init: Path, out: Path) -> Path:
         opt.step()
         opt.zero_grad()
     out.mkdir(parents=True)
-    save_streaming({k: v.detach() for k, v in model.state_dict().items()}, out / checkpoint.MODEL, {"format": "pt"})
+    save_streaming({k: v.detach() for k, v in model.state_dict().items()}, out / weight_reader.MODEL, {"format": "pt"})
     (out / weight_reader.INIT_CONFIG).write_text(json.dumps({"model": cfg.to_dict()}))
     write_manifest(out)
     return out
@@ -116,7 +114,8 @@ def test_scaled_presets_keep_the_family_quirks():
     assert (kimi.n_group, kimi.topk_group, kimi.num_nextn_predict_layers) == (1, 1, 0)
     assert kimi.n_routed_experts / kimi.num_experts_per_tok == 384 / 8          # Kimi's sparsity
     assert kimi.rope_scaling["factor"] == 32 and kimi.rope_scaling["beta_fast"] == kimi.rope_scaling["beta_slow"] == 1
-    assert (moon.n_group, moon.topk_group, moon.q_lora_rank, moon.n_shared_experts, moon.rope_scaling) == (1, 1, None, 2, None)
+    assert ((moon.n_group, moon.topk_group, moon.q_lora_rank, moon.n_shared_experts, moon.rope_scaling)
+            == (1, 1, None, 2, None))
     assert (dsv3.n_group, dsv3.topk_group, dsv3.num_nextn_predict_layers, dsv3.rope_scaling["factor"]) == (8, 4, 1, 40)
 
 

@@ -11,9 +11,21 @@ import math
 import pytest
 import torch
 
-from model.fp8 import (ACT_TILE, AMAX_EPS, FP8_DTYPE, FP8_MAX, WEIGHT_TILE, WGRAD_TILE, quantize,
-                       quantize_act, quantize_tensorwise, quantize_weight, quantize_wgrad, rel_err,
-                       retile_wgrad)
+from model.fp8 import (
+    ACT_TILE,
+    AMAX_EPS,
+    FP8_DTYPE,
+    FP8_MAX,
+    WEIGHT_TILE,
+    WGRAD_TILE,
+    quantize,
+    quantize_act,
+    quantize_tensorwise,
+    quantize_weight,
+    quantize_wgrad,
+    rel_err,
+    retile_wgrad,
+)
 
 RT_BOUND = 0.035      # E4M3 round-trip (3 mantissa bits: max rel. rounding 2^-4, rms ~0.026)
 

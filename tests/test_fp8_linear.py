@@ -30,7 +30,8 @@ def _linear_grads(fn, x, w, b, g):
 def test_kernels_match_emulated_oracle(kernel):
     """The rowwise kernel (torch._scaled_mm per 128-wide K chunk) equals dequantize+fp32 matmul."""
     g = torch.Generator().manual_seed(0)
-    x, w, dy = torch.randn(200, 300, generator=g), torch.randn(150, 300, generator=g), torch.randn(200, 150, generator=g)
+    x, w, dy = (torch.randn(200, 300, generator=g), torch.randn(150, 300, generator=g),
+                torch.randn(200, 150, generator=g))
     pairs = {"fwd": (quantize_act(x), quantize_weight(w)),
              "dgrad": (quantize_act(dy), quantize_weight(w).t()),
              "wgrad": (quantize_wgrad(dy).t(), quantize_wgrad(x).t())}
@@ -82,7 +83,7 @@ def test_inputs_saved_in_fp8():
     x = torch.randn(256, 512, requires_grad=True)
     w = torch.randn(384, 512, requires_grad=True)
     for cache, dtype in ((True, FP8_DTYPE), (False, torch.float32)):
-        saved = _saved(lambda: fp8_linear(x, w, cache_fp8=cache))
+        saved = _saved(lambda cache=cache: fp8_linear(x, w, cache_fp8=cache))
         x_like = [t for t in saved if t.shape == x.shape]                   # what backward keeps of x
         w_like = [t for t in saved if t.shape == w.shape]
         assert len(x_like) == 1 and x_like[0].dtype == dtype
@@ -95,7 +96,8 @@ def test_inputs_saved_in_fp8():
 
 def test_cache_off_changes_only_the_wgrad_rounding():
     g = torch.Generator().manual_seed(3)
-    x, w, gy = torch.randn(256, 256, generator=g), torch.randn(128, 256, generator=g), torch.randn(256, 128, generator=g)
+    x, w, gy = (torch.randn(256, 256, generator=g), torch.randn(128, 256, generator=g),
+                torch.randn(256, 128, generator=g))
     on = _linear_grads(lambda a, b, c: fp8_linear(a, b, c, cache_fp8=True), x, w, None, gy)
     off = _linear_grads(lambda a, b, c: fp8_linear(a, b, c, cache_fp8=False), x, w, None, gy)
     torch.testing.assert_close(on[0], off[0]) and torch.testing.assert_close(on[1], off[1])
@@ -144,7 +146,8 @@ def test_grouped_equals_per_expert_fp8_linear():
     ys, dxs, dws, lo = [], [], [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            y, dx, dw, _ = _linear_grads(lambda a, b, c: fp8_linear(a, b, c), x[lo:lo + n], w[e].t(), None, gy[lo:lo + n])
+            y, dx, dw, _ = _linear_grads(lambda a, b, c: fp8_linear(a, b, c), x[lo:lo + n], w[e].t(), None,
+                                         gy[lo:lo + n])
             ys.append(y), dxs.append(dx)
             dws.append(dw.t())
         else:

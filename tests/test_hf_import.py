@@ -9,10 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.hf import load_hf, save_hf
+from model.hf import load_hf, save_hf, weight_reader
 from model.transformer import DeepseekV3
-from parallel.state import checkpoint
-from model.hf import weight_reader
 from parallel.state import init_from
 from scripts.import_hf import import_hf
 from tests.helpers import YARN, tiny_cfg
@@ -70,13 +68,13 @@ def test_import_of_transformers_saved_directory(tmp_path, capsys):
     assert "warning:" in err and "no MTP weights (missing model.layers.3." in err and "imported without MTP" in err
     plain = json.loads((tmp_path / "plain" / weight_reader.INIT_CONFIG).read_text())["model"]
     assert plain["num_nextn_predict_layers"] == 0
-    assert not [k for k in load_file(str(tmp_path / "plain" / checkpoint.MODEL)) if k.startswith("mtp.")]
+    assert not [k for k in load_file(str(tmp_path / "plain" / weight_reader.MODEL)) if k.startswith("mtp.")]
 
     import_hf(str(tmp_path / "hf"), str(tmp_path / "mtp"), mtp="init", seed=3)
     assert "notice:" in capsys.readouterr().err
     cfg_d = json.loads((tmp_path / "mtp" / weight_reader.INIT_CONFIG).read_text())["model"]
     assert cfg_d["num_nextn_predict_layers"] == 1
-    with_mtp, without = (load_file(str(tmp_path / d / checkpoint.MODEL)) for d in ("mtp", "plain"))
+    with_mtp, without = (load_file(str(tmp_path / d / weight_reader.MODEL)) for d in ("mtp", "plain"))
     fresh = {k: v for k, v in with_mtp.items() if k.startswith("mtp.")}
     assert {k: v for k, v in with_mtp.items() if not k.startswith("mtp.")}.keys() == without.keys()
     from model.config import ModelConfig
@@ -106,7 +104,8 @@ def test_some_mtp_tensors_missing_is_an_error_naming_them(tmp_path):
     del tensors[gone], tensors["model.layers.3.eh_proj.weight"]
     save_file(tensors, str(side), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"incomplete MTP layers: .* 2 of its \d+ tensors are missing: "
-                                         r"\['model\.layers\.3\.eh_proj\.weight', 'model\.layers\.3\.self_attn\.o_proj\.weight'\]"):
+                                         r"\['model\.layers\.3\.eh_proj\.weight', "
+                                         r"'model\.layers\.3\.self_attn\.o_proj\.weight'\]"):
         load_hf(str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"model\.layers\.3\.eh_proj\.weight"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "init"))

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from model.hf import manifest
 from parallel import faults
 from parallel.state import integrity
-from model.hf import manifest
 from tests.helpers import PicklePayload
 
 

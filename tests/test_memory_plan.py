@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from configs.schema import load_config
-from model.transformer import DeepseekV3
 from model.memory_plan import activation_plan, checkpoint_bytes, plan
+from model.transformer import DeepseekV3
 from parallel.layout import parse_plan
 from tests.helpers import free_port
 from tests.train_helpers import TINY_MODEL

@@ -10,8 +10,8 @@ import pytest
 
 from configs.schema import load_config
 from data import ShardedSampler
-from parallel.state import checkpoint
 from parallel.expert.placement import capacity_counts
+from parallel.state import checkpoint
 from parallel.unequal.shares import Shares, apportion, check_capacity, initial_shares
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 

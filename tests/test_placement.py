@@ -12,12 +12,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from parallel.expert.placement import (build_placement, capacity_counts, capacity_placement, check_placement,
-                                ep_capacities, even_placement, load_placement, rank_loads, ranks_per_token_bound,
-                                read_expert_loads)
-from tests.helpers import free_port, tiny_cfg
 from model.hf import weight_reader
+from parallel.expert.placement import (
+    build_placement,
+    capacity_counts,
+    capacity_placement,
+    check_placement,
+    ep_capacities,
+    even_placement,
+    load_placement,
+    rank_loads,
+    ranks_per_token_bound,
+    read_expert_loads,
+)
 from parallel.state import init_from
+from tests.helpers import free_port, tiny_cfg
 
 # ---------------------------------------------------------------- placements by hand
 

@@ -16,11 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from parallel.state import checkpoint, integrity
-from model.hf import weight_reader
-from model.hf import manifest
+from model.hf import manifest, weight_reader
+from parallel.state import checkpoint
 from tests.helpers import PicklePayload, free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
 

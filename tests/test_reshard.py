@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 import torch
-from parallel.state import checkpoint
+
 from model.hf import weight_reader
 from model.hf.flat_shards import read_index
+from parallel.state import checkpoint
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5
@@ -61,7 +62,8 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path):
         w = _final_weights(tmp_path / out)     # after step 5's update, gathered over EP
         assert w.keys() == ref_w.keys()
         for k in ref_w:
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{out} {k}: {m}")
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, out=out, k=k: f"{out} {k}: {m}")
 
     # a different global batch is refused, naming the fields
     p = train(run_args(tmp_path, corpus, "bad", common + resume + ["train.micro_batch_size=2"]), check=False)

@@ -13,10 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from parallel.state import checkpoint, integrity
-from model.hf import weight_reader
-from model.hf import manifest
+from model.hf import manifest, weight_reader
 from model.hf.flat_shards import INDEX, read_flat, read_index
+from parallel.state import checkpoint
 from parallel.state.storage import FlatSlice, ShardReader
 from tests.helpers import free_port
 from tests.train_helpers import make_corpus, metrics, run_args, train
@@ -194,7 +193,7 @@ def test_damaged_or_old_checkpoints_fail_naming_them_and_change_nothing(run, tmp
     shutil.copytree(src, old)
     shutil.rmtree(old / checkpoint.SHARDS)
     from safetensors.torch import save_file
-    save_file(weight_reader.read_weights(src), str(old / checkpoint.MODEL))
+    save_file(weight_reader.read_weights(src), str(old / weight_reader.MODEL))
     save_file({"embed_tokens.weight.exp_avg": torch.zeros(1)}, str(old / "optimizer.safetensors"))
     state = json.loads((old / checkpoint.STATE).read_text())
     del state["format"]

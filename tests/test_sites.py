@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from configs.schema import load_config
-from parallel.multisite.outer import decode, encode
 from parallel.multisite.groups import check_sites
+from parallel.multisite.outer import decode, encode
 from tests.helpers import free_port
 
 
@@ -134,11 +134,12 @@ def _reference(steps: int, H: int, lr: float, mu: float, dtype: str, sites: int 
 
 
 def _worker(rank: int, world: int, port: int, q) -> None:
-    import torch.distributed as dist
     from types import SimpleNamespace
 
-    from parallel.multisite.outer import OuterSync
+    import torch.distributed as dist
+
     from parallel.multisite.groups import build_sites
+    from parallel.multisite.outer import OuterSync
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -296,8 +297,9 @@ def test_deepspeed_reductions_over_emulated_wan():
 def test_two_sites_train_and_resume_mid_round(tmp_path):
     """2 sites x 2 ranks (ep=2 inside each), 2 staggered fragments, 1 step of overlap, int8: the
     metrics count the rounds and the cross-site bytes; a NaN on rank 2 at step 3 skips that step in
-    site 1 only (a site's own decision; the world still logs and stops together); a resume from step 4 (fragment 1's exchange
-    in flight, fragment 0 half-way through its round) continues with the same losses, bit for bit;
+    site 1 only (a site's own decision; the world still logs and stops together); a resume from step 4
+    (fragment 1's exchange in flight, fragment 0 half-way through its round) continues with the same
+    losses, bit for bit;
     a resume with another parallel.sites fails naming it."""
     from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from configs.schema import load_config
-from model.transformer import DeepseekV3
-from parallel.state import checkpoint
-from model.schedules import gamma_at
-from parallel.balance import gather_counts, imbalance, update_biases
-from model.schedules import lr_at
-from parallel.engine import check_supported, deepspeed_config, param_groups
 from model.recompute import apply_activation_checkpointing
+from model.schedules import gamma_at, lr_at
+from model.transformer import DeepseekV3
+from parallel.balance import gather_counts, imbalance, update_biases
+from parallel.engine import check_supported, deepspeed_config, param_groups
+from parallel.state import checkpoint
 from tests.train_helpers import TINY_MODEL
 
 
@@ -134,7 +133,7 @@ def test_activation_checkpointing_counts_tokens_once():
         m.train()
         out = m(x, x)
         out.loss.backward()
-        outs.append((out.loss.detach(), [l.tokens_per_expert.clone() for l in m.moe_layers()],
+        outs.append((out.loss.detach(), [layer.tokens_per_expert.clone() for layer in m.moe_layers()],
                      [p.grad.clone() for p in m.parameters()]))
     (l0, c0, g0), (l1, c1, g1) = outs
     assert torch.equal(l0, l1)

@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from parallel.state import checkpoint
 from model.hf import weight_reader
+from parallel.state import checkpoint
 from tests.train_helpers import launch, make_corpus, metrics, run_args, train
 
 STEPS = 5

@@ -8,13 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from parallel.state import checkpoint
 from model.hf import weight_reader
+from parallel.state import checkpoint
 from tests.helpers import free_port
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, train
-
 
 
 @pytest.mark.slow

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from data import load_tokenizer
-from parallel.state import checkpoint
 from model.hf import weight_reader
+from parallel.state import checkpoint
 from tests.train_helpers import ROOT, make_corpus, metrics, run_args, train
 
 KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm", "lr", "expert_load_imbalance", "val_loss")

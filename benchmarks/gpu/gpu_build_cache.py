@@ -34,8 +34,9 @@ class Miss(Exception):
 
 def make_corpus(dest: str, megabytes: float) -> None:
     """The first stdlib .py files (data.corpus' own order) up to `megabytes`, flat, in sorted order."""
-    from data.corpus import _read_text, stdlib_files   # the default corpus' files and reader
     import sysconfig
+
+    from data.corpus import _read_text, stdlib_files  # the default corpus' files and reader
 
     root = Path(sysconfig.get_paths()["stdlib"])
     out = Path(dest)

@@ -79,8 +79,8 @@ def bench(log: str) -> dict:
     m = re.search(r"measured (\w+) matmul peak: ([\d.]+) TFLOP/s", log)
     if m:
         b["matmul_dtype"], b["matmul_peak_tflops"] = m.group(1), float(m.group(2))
-    for name, ms, tps, mfu in re.findall(r"^\s*(bf16|fp32|fp8): step\s+([\d.]+) ms\s+([\d.]+) tokens/s\s+MFU\s+([\d.]+)%",
-                                         log, re.M):
+    for name, ms, tps, mfu in re.findall(r"^\s*(bf16|fp32|fp8): step\s+([\d.]+) ms\s+([\d.]+) tokens/s"
+                                         r"\s+MFU\s+([\d.]+)%", log, re.M):
         b[name] = {"step_ms": float(ms), "tokens_per_s": float(tps), "mfu": float(mfu) / 100}
     m = re.search(r"fp8/\w+ step time ratio: ([\d.]+)", log)
     if m:
@@ -201,7 +201,8 @@ def main() -> int:
     res = {"rc": st.get("resume", {}).get("rc"),
            "resumed_from": (run_resume or {}).get("resumed_from"),
            "steps_after_split": [s for s in steps if s > a.split],
-           "log_says_resuming": bool(re.search(r"resuming from .*step_0*%d at step %d" % (a.split, a.split), logs["resume"]))}
+           "log_says_resuming": bool(re.search(rf"resuming from .*step_0*{a.split} at step {a.split}",
+                                               logs["resume"]))}
     lr_next, lr_exp = by.get(a.split + 1, {}).get("lr"), lr_expected(run_resume, a.split) if run_resume else None
     res["lr_step_after_split"], res["lr_expected"] = lr_next, lr_exp
     before = [by[s]["loss"] for s in range(a.split - 4, a.split + 1) if s in by]

@@ -85,7 +85,8 @@ def main(folder: str) -> int:
             else:
                 problems.append(f"{whl}: needs {req}: neither carried nor in the image")
     total = sum(w.stat().st_size for w in Path(folder).glob("*.whl"))
-    print(f"{len(carried)} wheels, {total / 2**20:.1f} MiB: " + ", ".join(f"{n} {v}" for n, v in sorted(carried.items())))
+    print(f"{len(carried)} wheels, {total / 2**20:.1f} MiB: "
+          + ", ".join(f"{n} {v}" for n, v in sorted(carried.items())))
     for p in problems:
         print("PROBLEM: " + p)
     print("wheel check: " + ("OK" if not problems else f"{len(problems)} problem(s)"))

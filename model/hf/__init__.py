@@ -10,9 +10,24 @@ DeepSeek's FP8 weight format, and this project's own checkpoints read tensor by 
     flat_shards.py        the sharded training state's index and element-range reads
     manifest.py           SHA-256 manifest of a checkpoint directory: written at save, verified before reads
 """
-from model.hf.convert import (DTYPES, cast_state_dict, enable_transformers_mtp, from_hf_config, from_hf_state_dict,
-                              hf_entries, load_hf, mtp_key_pattern, read_safetensors_dir, save_hf, to_hf_config,
-                              to_hf_config_dict, to_hf_state_dict, write_hf_dir, write_hf_entries, write_weights)
+from model.hf.convert import (
+                              DTYPES,
+                              cast_state_dict,
+                              enable_transformers_mtp,
+                              from_hf_config,
+                              from_hf_state_dict,
+                              hf_entries,
+                              load_hf,
+                              mtp_key_pattern,
+                              read_safetensors_dir,
+                              save_hf,
+                              to_hf_config,
+                              to_hf_config_dict,
+                              to_hf_state_dict,
+                              write_hf_dir,
+                              write_hf_entries,
+                              write_weights,
+)
 
 __all__ = ["DTYPES", "cast_state_dict", "enable_transformers_mtp", "from_hf_config", "from_hf_state_dict", "hf_entries",
            "load_hf", "mtp_key_pattern", "read_safetensors_dir", "save_hf", "to_hf_config", "to_hf_config_dict",

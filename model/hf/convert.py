@@ -22,11 +22,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from model.hf import fp8_format
 from model.config import ModelConfig, rope_type
-from model.hf.export import (FP8, FP32_KEYS, INDEX_NAME, MTP_NAME, WEIGHTS_NAME, Entry, Meta,  # noqa: F401
-                             hf_entries, identity_entries, mtp_key_pattern, parse_size, plan_files,
-                             write_files)
+from model.hf import fp8_format
+from model.hf.export import (  # noqa: F401
+    FP8,
+    FP32_KEYS,
+    INDEX_NAME,
+    MTP_NAME,
+    WEIGHTS_NAME,
+    Entry,
+    Meta,
+    hf_entries,
+    identity_entries,
+    mtp_key_pattern,
+    parse_size,
+    plan_files,
+    write_files,
+)
 from model.hf.read import HFCheckpoint, import_targets, read_target, resolve_mtp, warn_no_mtp
 
 _HF_FIELDS = (
@@ -264,7 +276,7 @@ def write_hf_entries(entries: list[Entry], read, cfg: ModelConfig, path: str, dt
     main = next((o for _, outs in plan.files for o in outs if o.name == "model.embed_tokens.weight"), None)
     cfg_dict["dtype"] = str(main.dtype if main is not None else dtype or torch.float32).replace("torch.", "")
     if dtype is FP8:
-        cfg_dict["quantization_config"] = dict(hf_fp8.QUANT_CONFIG)
+        cfg_dict["quantization_config"] = dict(fp8_format.QUANT_CONFIG)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}

@@ -13,8 +13,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,7 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MTP_NAME = "mtp.safetensors"          # --mtp separate: MTP layers outside the index
 FP32_KEYS = ("e_score_correction_bias",)   # kept in fp32 whatever the export dtype
-FP8 = torch.float8_e4m3fn              # as an export dtype: DeepSeek's FP8 block format (hf_fp8)
+FP8 = torch.float8_e4m3fn              # as an export dtype: DeepSeek's FP8 block format (fp8_format.py)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -149,9 +149,10 @@ def _outs(entry: Entry, dtype: torch.dtype | None) -> list[Out]:
     if entry.name.endswith(FP32_KEYS) and dtype is not None:
         return [Out(entry.name, entry, torch.float32, entry.shape)]
     if dtype is FP8:
-        if hf_fp8.is_quantised(entry.name, entry.shape):
+        if fp8_format.is_quantised(entry.name, entry.shape):
             return [Out(entry.name, entry, FP8, entry.shape, "fp8"),
-                    Out(hf_fp8.scale_name(entry.name), entry, torch.float32, hf_fp8.scale_shape(entry.shape), "scale")]
+                    Out(fp8_format.scale_name(entry.name), entry, torch.float32, fp8_format.scale_shape(entry.shape),
+                        "scale")]
         return [Out(entry.name, entry, torch.bfloat16, entry.shape)]   # DeepSeek keeps these in BF16
     return [Out(entry.name, entry, dtype or entry.dtype, entry.shape)]
 
@@ -220,8 +221,8 @@ class _Producer:
     @staticmethod
     def _encode(e: Entry, t: torch.Tensor, o: Out) -> dict[str, torch.Tensor]:
         if o.kind in ("fp8", "scale"):
-            data, scale = hf_fp8.quantise(t)
-            return {e.name: data, hf_fp8.scale_name(e.name): scale}
+            data, scale = fp8_format.quantise(t)
+            return {e.name: data, fp8_format.scale_name(e.name): scale}
         return {o.name: t.to(o.dtype)}
 
 

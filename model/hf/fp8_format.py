@@ -27,7 +27,8 @@ from model.fp8 import FP8_DTYPE, quantize_weight
 
 BLOCK = 128
 SCALE_SUFFIX = "_scale_inv"
-QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
+QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [BLOCK, BLOCK]}
 KEEP_HIGH_PRECISION = (
     r"(^|\.)embed_tokens\.weight$", r"^lm_head\.weight$", r"\.shared_head\.head\.weight$",
     r"\.eh_proj\.weight$", r"norm\.weight$", r"\.mlp\.gate\.weight$", r"e_score_correction_bias$",

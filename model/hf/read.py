@@ -1,5 +1,5 @@
 """Reading an HF DeepSeek-V3 directory tensor by tensor: bf16/fp32 weights, DeepSeek's native FP8
-(dequantised block by block, hf_fp8), per-expert or transformers' fused expert keys, with or
+(dequantised block by block, fp8_format.py), per-expert or transformers' fused expert keys, with or
 without the MTP layers that transformers never saves.
 
 ``HFCheckpoint`` lists the tensors from the safetensors headers and reads one at a time (each read
@@ -48,7 +48,7 @@ def read_config(path: str | Path) -> dict:
         if key in d and d[key] != want:
             raise ValueError(f"{f}: {key}={d[key]!r}: only {key}={want!r} (DeepSeek-V3's) is implemented")
     if d.get("quantization_config") is not None:
-        hf_fp8.check_quant_config(d["quantization_config"], str(f))
+        fp8_format.check_quant_config(d["quantization_config"], str(f))
     return d
 
 
@@ -91,18 +91,18 @@ class HFCheckpoint:
 
     def _check_scales(self) -> None:
         for k, (_, shape, dtype) in self._meta.items():
-            if k.endswith(hf_fp8.SCALE_SUFFIX):
-                weight = k[:-len(hf_fp8.SCALE_SUFFIX)]
+            if k.endswith(fp8_format.SCALE_SUFFIX):
+                weight = k[:-len(fp8_format.SCALE_SUFFIX)]
                 if weight not in self._meta or self._meta[weight][2] != torch.float8_e4m3fn:
                     raise ValueError(f"{self.path}: {k} scales {weight}, which is not an FP8 weight here")
             elif dtype == torch.float8_e4m3fn:
                 if not self.fp8:
                     raise ValueError(f"{self.path}: {k} is float8_e4m3fn but config.json has no "
                                      "quantization_config (DeepSeek's FP8 format declares one)")
-                s = hf_fp8.scale_name(k)
+                s = fp8_format.scale_name(k)
                 if s not in self._meta:
                     raise ValueError(f"{self.path}: FP8 weight {k} has no scale tensor {s}")
-                got, want = self._meta[s][1], hf_fp8.scale_shape(shape)
+                got, want = self._meta[s][1], fp8_format.scale_shape(shape)
                 if got != want:
                     raise ValueError(f"{self.path}: {s} has shape {got}, expected {want} (128x128 blocks "
                                      f"of {k} {shape})")
@@ -110,7 +110,7 @@ class HFCheckpoint:
                 raise ValueError(f"{self.path}: {k} is {dtype}: only DeepSeek's e4m3 FP8 format can be read")
 
     def names(self) -> list[str]:
-        return [k for k in self._meta if not k.endswith(hf_fp8.SCALE_SUFFIX)]
+        return [k for k in self._meta if not k.endswith(fp8_format.SCALE_SUFFIX)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][1]
@@ -125,7 +125,7 @@ class HFCheckpoint:
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._raw(name)
         if t.dtype == torch.float8_e4m3fn:
-            return hf_fp8.dequantise(name, t, self._raw(hf_fp8.scale_name(name)), dtype or torch.float32)
+            return fp8_format.dequantise(name, t, self._raw(fp8_format.scale_name(name)), dtype or torch.float32)
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
@@ -190,7 +190,8 @@ def import_targets(ckpt: HFCheckpoint, cfg) -> dict[str, Target]:
         shape, dtype = ckpt.shape(key), ckpt.dtype(key)
         if name.endswith("mlp.experts.gate_up_proj"):                   # fused (E, 2F, D)
             out[name[:-len("gate_up_proj")] + "w_gate_up"] = Target(
-                name[:-len("gate_up_proj")] + "w_gate_up", "fused_gate_up", (shape[0], shape[2], shape[1]), dtype, [key])
+                name[:-len("gate_up_proj")] + "w_gate_up", "fused_gate_up", (shape[0], shape[2], shape[1]), dtype,
+                [key])
         elif name.endswith("mlp.experts.down_proj"):                    # fused (E, D, F)
             out[name[:-len("down_proj")] + "w_down"] = Target(
                 name[:-len("down_proj")] + "w_down", "fused_down", (shape[0], shape[2], shape[1]), dtype, [key])
@@ -198,7 +199,8 @@ def import_targets(ckpt: HFCheckpoint, cfg) -> dict[str, Target]:
             out[name] = Target(name, "all", shape, dtype, [key])
     E = cfg.n_routed_experts
     for base, parts in experts.items():
-        missing = [f"{p}[{e}]" for p in ("gate_proj", "up_proj", "down_proj") for e in range(E) if e not in parts.get(p, {})]
+        missing = [f"{p}[{e}]" for p in ("gate_proj", "up_proj", "down_proj") for e in range(E)
+                   if e not in parts.get(p, {})]
         if missing:
             raise ValueError(f"HF checkpoint lacks expert weights under {base}: {missing[:4]}...")
         gate0 = parts["gate_proj"][0]

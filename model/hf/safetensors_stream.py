@@ -17,8 +17,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import save
@@ -112,7 +112,7 @@ class SafetensorsWriter:
         self._f.close()
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 
-def fqn(kind: str, name: str, prefix: str = "") -> str:
+def state_key(kind: str, name: str, prefix: str = "") -> str:
     """The key of one tensor in the sharded state: ``param/<name>``, ``exp_avg/<name>``, ``buffer/<name>``."""
     return f"{prefix}{kind}/{name}"
 
@@ -123,7 +123,7 @@ class WeightReader:
             self._meta = {}
             for name, shape in state["tensors"].items():
                 bias = name.endswith(BIAS_SUFFIX)
-                fqn = fqn("buffer" if bias else "param", name)
+                fqn = state_key("buffer" if bias else "param", name)
                 if fqn not in self._index:
                     raise ValueError(f"checkpoint {self.path}: {name} is missing from {SHARDS}/{flat_shards.INDEX}")
                 self._meta[name] = (tuple(shape), torch.float32 if bias else weight_dtype, fqn)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from parallel.expert.dispatcher import AllToAllDispatcher
-from parallel.state.ownership import model_placement  # noqa: F401  (the placement a sharded model runs under)
 from parallel.link import EmulatedLink
+from parallel.state.ownership import model_placement  # noqa: F401  (the placement a sharded model runs under)
 
 
 def expert_group_name(ep: int) -> str:

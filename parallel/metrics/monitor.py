@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 class Monitor:
     """Only rank 0 writes; other ranks get a Monitor whose methods do nothing."""
 

@@ -41,7 +41,8 @@ def machine_peak_flops(device: torch.device, dtype: torch.dtype, generator: torc
         dist.barrier()
     # on a GPU a 1024^3 product is far from the matrix units' peak (MFU would read high): 8192^3 there
     n = 8192 if device.type == "cuda" else 1024
-    peak = torch.tensor([measure_peak_flops(device, dtype, n=n, generator=generator)], dtype=torch.float64, device=device)
+    mine = measure_peak_flops(device, dtype, n=n, generator=generator)
+    peak = torch.tensor([mine], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(peak)
     return float(peak.item())

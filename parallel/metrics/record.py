@@ -10,8 +10,8 @@ ranks). Only rank 0 writes (parallel/metrics/monitor.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -68,8 +68,8 @@ class Metrics:
             self.monitor.write(note)
         record = {"step": s.step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
                   "lr": s.lr, "mtp_weight": s.mtp_weight, "grad_norm": s.grad_norm,
-                  "tokens_per_s": tok_s, "mfu": self.peak.mfu(tok_s * self.flops_per_token), "tokens": s.step * self.tokens_per_step,
-                  "skipped": s.skipped}
+                  "tokens_per_s": tok_s, "mfu": self.peak.mfu(tok_s * self.flops_per_token),
+                  "tokens": s.step * self.tokens_per_step, "skipped": s.skipped}
         for fields in self._fields:
             record.update(fields(s))
         self.monitor.log(record)

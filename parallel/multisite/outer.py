@@ -48,9 +48,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.state.ownership import (expert_layouts, optimizer_step, owned_slices, set_optimizer_step, trainable,
-                                update_module_weights)
 from parallel.link import WanLink
+from parallel.state.ownership import (
+    expert_layouts,
+    optimizer_step,
+    owned_slices,
+    set_optimizer_step,
+    trainable,
+    update_module_weights,
+)
 
 BLOCK = 256                                  # values per scale in the int8 / fp8 encodings
 _QMAX = {"int8": 127.0, "fp8": 448.0}        # largest code: int8, float8 e4m3

@@ -31,10 +31,9 @@ and import nothing back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-import re
-import math
 import shutil
 import threading
 import time
@@ -50,8 +49,22 @@ from safetensors.torch import load_file, safe_open
 from model.hf.flat_shards import check_shards
 from model.hf.manifest import write_manifest
 from model.hf.safetensors_stream import save_streaming
-from model.hf.weight_reader import (BIAS_SUFFIX, FORMAT, MARKER, MODEL, NAME, SHARDS, STATE, TOKENIZER, check_format,
-                                   checkpoint_name, checkpoint_root, complete_checkpoints, fqn, is_complete, read_state)
+from model.hf.weight_reader import (
+    BIAS_SUFFIX,
+    FORMAT,
+    MARKER,
+    NAME,
+    SHARDS,
+    STATE,
+    TOKENIZER,
+    check_format,
+    checkpoint_name,
+    checkpoint_root,
+    complete_checkpoints,
+    is_complete,
+    state_key,
+)
+from model.hf.weight_reader import read_state as read_state  # the resume reads a checkpoint's state through here
 from parallel.state import ownership
 from parallel.state.registry import RunState
 from parallel.state.storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
@@ -146,13 +159,13 @@ def state_entries(engine, prefix: str = "", stage=None) -> dict[str, Any]:
     for fr in ownership.owned_slices(engine):
         n = fr.full_numel
         for kind, value in (("param", fr.master), *fr.states.items()):
-            key = fqn(kind, fr.name, prefix)
+            key = state_key(kind, fr.name, prefix)
             # a rank may own several separate slices of one tensor (experts placed by load)
             staged = own(key if fr.offset == 0 else f"{key}@{fr.offset}", value)
             slices.setdefault(key, []).append(FlatSlice(staged, fr.offset, n))
     sd: dict[str, Any] = {key: flat_entry(parts) for key, parts in slices.items()}
     for name, b in _bias_names(engine.module):
-        key = fqn("buffer", name, prefix)
+        key = state_key("buffer", name, prefix)
         sd[key] = own(key, b.float().cpu() if b.device.type != "cpu" else b)
     return sd
 
@@ -222,7 +235,8 @@ class Checkpointer:
         for key, (shape, offset, tensor) in run_state.tensor_state().items():
             sd[key] = FlatSlice(stage(key, tensor) if stage else tensor.detach(), offset, math.prod(shape))
         tensors, meta = _rng_state()
-        save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)   # sorted metadata: same bytes every run
+        # through the streaming writer: its metadata keys are sorted, so the file is the same every run
+        save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)
         if rank == 0:
             trainer_state = run_state.state_dict(dict(
                 step=step, format=FORMAT, tensors=full_shapes(engine.module),
@@ -362,7 +376,7 @@ def load(engine, path: Path, state: dict[str, Any], run_state: RunState | None =
         ownership.link_optimizer_state(engine)
         ownership.update_module_weights(engine)       # the module's weights from the loaded masters
         for name, b in _bias_names(engine.module):
-            b.copy_(sd[fqn("buffer", name, prefix)].to(device=b.device, dtype=b.dtype))
+            b.copy_(sd[state_key("buffer", name, prefix)].to(device=b.device, dtype=b.dtype))
     for key, value in state.get("engine_counters", {}).items():
         setattr(engine, key, int(value))               # DeepSpeed's own counters, as its loader sets them
     run_state.load_state_dict(state)                   # after the tensors: their JSON parts describe them

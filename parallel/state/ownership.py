@@ -82,7 +82,7 @@ def model_placement(model: nn.Module) -> list[list[list[int]]] | None:
     """The expert placement a sharded model runs under: per MoE layer, per EP rank, the global
     expert ids it holds (parallel/expert/placement.py; plain JSON). None when no MoE layer is sharded."""
     out = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         placement = getattr(getattr(module, "dispatcher", None), "placement", None)
         if placement is not None:
             out.append([list(ids) for ids in placement])

@@ -103,7 +103,7 @@ class Shares:
     def fractions(self) -> list[float]:
         return [n / self.global_rows for n in self.rows]
 
-    def adopt(self, other: "Shares") -> None:
+    def adopt(self, other: Shares) -> None:
         """Take ``other``'s rows in place (the sampler, the metrics and the checkpoint hold this object)."""
         self.rows, self.grad_accum, self.measured = list(other.rows), other.grad_accum, other.measured
 

@@ -7,10 +7,11 @@ solo speeds), with equal shares and with capacity-weighted shares and experts.
 Every process runs with one CPU thread (OMP_NUM_THREADS=1), so a rank alone and a rank of the pair
 have the same resources; the two solo runs run at the same time, one process per core, so each
 solo speed is measured beside a busy neighbour core, as a rank of the pair is (alone on the
-machine a process runs up to a third faster here: shared caches and memory bandwidth). configs/tiny.yaml on the embedded corpus, ``--mbs`` rows of ``--seq``
-tokens per rank per step (the global batch is 2 x mbs rows in every run), parallel.ep=2 for the
-pairs, rank 1 slowed by ``parallel.emulate_slowdown={1: 2.0}`` (it sleeps as long again as it
-computes). Runs, alternating in each round so drift hits them alike:
+machine a process runs up to a third faster here: shared caches and memory bandwidth).
+configs/tiny.yaml on the embedded corpus, ``--mbs`` rows of ``--seq`` tokens per rank per step (the
+global batch is 2 x mbs rows in every run), parallel.ep=2 for the pairs, rank 1 slowed by
+``parallel.emulate_slowdown={1: 2.0}`` (it sleeps as long again as it computes). Runs, alternating
+in each round so drift hits them alike:
 
     solo        two single processes at once (ep 1, all experts, the whole global batch each):
                 solo_fast, and solo_slow slowed x2 (2x fewer steps, so both run about as long)
@@ -222,7 +223,8 @@ def main() -> None:
         ideal = results["solo_fast"]["tokens_per_s"] + results["solo_slow"]["tokens_per_s"]
         print(f"ideal (solo fast + solo slow) {ideal:,.1f} tok/s "
               f"(solo {results['solo_fast']['tokens_per_s']:,.1f} + {results['solo_slow']['tokens_per_s']:,.1f})")
-    print(f"{'run':<10} {'tok/s':>9} {'x ideal':>8}  rounds        shares          step s (r0, r1)   compute s        wait s")
+    print(f"{'run':<10} {'tok/s':>9} {'x ideal':>8}  rounds        shares          step s (r0, r1)   "
+          "compute s        wait s")
     for n, r in results.items():
         ratio = f"{r['tokens_per_s'] / ideal:.3f}" if ideal else "-"
         extra = ""
@@ -231,7 +233,8 @@ def main() -> None:
                      f" {[round(x, 3) for x in r['rank_busy_s']]!s:<16} {[round(x, 3) for x in r['rank_wait_s']]}")
         print(f"{n:<10} {r['tokens_per_s']:>9,.1f} {ratio:>8}  {r['rounds']!s:<13} {extra}")
     if "homog" in results and "solo_fast" in results:
-        print(f"homog (no rank slowed) / (2 x solo_fast): {results['homog']['tokens_per_s'] / (2 * results['solo_fast']['tokens_per_s']):.3f}"
+        homog = results["homog"]["tokens_per_s"] / (2 * results["solo_fast"]["tokens_per_s"])
+        print(f"homog (no rank slowed) / (2 x solo_fast): {homog:.3f}"
               " (what ep=2 costs at equal speeds; solo_fast ran beside the slowed solo)")
     if "auto" in results:
         s = results["auto"]["rank_share"]

@@ -1,8 +1,8 @@
 """Expert placement benchmark (issue 19): the slowest EP rank's time in the expert GEMMs over the
 mean, for the even, capacity and load placements, on expert loads measured in a real run.
 
-    python benchmarks/studies/mixed_hardware/bench_placement.py --loads runs/X/metrics.jsonl   # or a checkpoint / run dir
-    python benchmarks/studies/mixed_hardware/bench_placement.py                                # trains the loads itself:
+    python benchmarks/studies/mixed_hardware/bench_placement.py --loads runs/X/metrics.jsonl  # or a checkpoint/run dir
+    python benchmarks/studies/mixed_hardware/bench_placement.py                               # trains the loads itself:
         python train.py train.max_steps=60 train.bias_update_speed=0 ... (tiny preset, bias updates off,
         so the router's skew stays), then reads its metrics.jsonl ("expert_load", summed)
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.timing import alternate  # noqa: E402
-from parallel.expert.placement import (build_placement, capacity_counts, rank_loads, read_expert_loads)  # noqa: E402
+from parallel.expert.placement import build_placement, capacity_counts, rank_loads, read_expert_loads  # noqa: E402
 
 
 def train_for_loads(out: Path, steps: int, extra: list[str]) -> Path:
@@ -149,31 +149,31 @@ def main(argv=None) -> int:
             work = {}
             for mode in modes:
                 pl = build_placement(mode, L, E, ep, caps, loads)
-                work[mode] = (pl, [[rank_work(loads[l], pl[l][r], copies, D, F, gen) for l in range(L)]
+                work[mode] = (pl, [[rank_work(loads[li], pl[li][r], copies, D, F, gen) for li in range(L)]
                                    for r in range(ep)])
             # interleaved: every (placement, rank, layer) once per round, so drift hits all alike
-            timed = alternate({(mode, r, l): gemm_step(*w) for mode in modes for r in range(ep)
-                               for l, w in enumerate(work[mode][1][r])}, args.repeats, args.warmup)
-            times = {m: [[[t / caps[r] for t in timed[m, r, l].seconds]           # [rank][layer]; a rank of
-                          for l in range(L)] for r in range(ep)] for m in modes}   # capacity c is 1/c as fast
+            timed = alternate({(mode, r, li): gemm_step(*w) for mode in modes for r in range(ep)
+                               for li, w in enumerate(work[mode][1][r])}, args.repeats, args.warmup)
+            times = {m: [[[t / caps[r] for t in timed[m, r, li].seconds]           # [rank][layer]; a rank of
+                          for li in range(L)] for r in range(ep)] for m in modes}   # capacity c is 1/c as fast
             print(f"\nep {ep}, capacities {caps} (counts by capacity {capacity_counts(E, caps)}):")
             print(f"  {'placement':<10} {'experts per rank (layer 0)':<28} {'ms per rank (all layers)':<36} "
                   f"{'slowest/mean':>12} {'modelled':>9}")
             for mode in modes:
                 pl = work[mode][0]
                 med = [[statistics.median(ts) * 1e3 for ts in per_layer] for per_layer in times[mode]]   # [r][l]
-                ratio = (sum(max(med[r][l] for r in range(ep)) for l in range(L))
-                         / sum(statistics.mean(med[r][l] for r in range(ep)) for l in range(L)))
-                tok = [[rank_loads(pl[l], loads[l].tolist())[r] / caps[r] for l in range(L)] for r in range(ep)]
-                modelled = (sum(max(tok[r][l] for r in range(ep)) for l in range(L))
-                            / sum(statistics.mean(tok[r][l] for r in range(ep)) for l in range(L)))
+                ratio = (sum(max(med[r][li] for r in range(ep)) for li in range(L))
+                         / sum(statistics.mean(med[r][li] for r in range(ep)) for li in range(L)))
+                tok = [[rank_loads(pl[li], loads[li].tolist())[r] / caps[r] for li in range(L)] for r in range(ep)]
+                modelled = (sum(max(tok[r][li] for r in range(ep)) for li in range(L))
+                            / sum(statistics.mean(tok[r][li] for r in range(ep)) for li in range(L)))
                 per_rank = [sum(m) for m in med]
                 counts = "/".join(str(len(ids)) for ids in pl[0])
                 print(f"  {mode:<10} {counts:<28} {' '.join(f'{m:7.1f}' for m in per_rank):<36} {ratio:12.3f} "
                       f"{modelled:9.3f}")
                 results.append({"ep": ep, "capacities": caps, "placement": mode, "ms_per_rank_layer": med,
                                 "slowest_over_mean": ratio, "modelled_slowest_over_mean": modelled,
-                                "step_ms": sum(max(med[r][l] for r in range(ep)) for l in range(L)),
+                                "step_ms": sum(max(med[r][li] for r in range(ep)) for li in range(L)),
                                 "experts_per_rank": [[len(ids) for ids in layer] for layer in pl]})
             base = next(r for r in results if r["ep"] == ep and r["capacities"] == caps and r["placement"] == modes[0])
             best = next(r for r in results if r["ep"] == ep and r["capacities"] == caps and r["placement"] == "load")

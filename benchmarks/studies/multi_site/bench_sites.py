@@ -2,7 +2,8 @@
 (ep=2 inside each) with the DiLoCo-style outer step, same global batch and token count.
 
     python benchmarks/studies/multi_site/bench_sites.py [--out runs/sites] [--steps 600] [--runs sync,h50_int8,...]
-    python benchmarks/studies/multi_site/bench_sites.py --runs sync,h50_int8_lr14_warm100e5 --utilisation  # 2026-12-04's
+    python benchmarks/studies/multi_site/bench_sites.py --runs sync,h50_int8_lr14_warm100e5 \
+        --utilisation                                                          # 2026-12-04's
     python benchmarks/studies/multi_site/bench_sites.py --report-only          # table + plot from finished runs
     python benchmarks/studies/multi_site/bench_sites.py --out /tmp/probe --stop-at 100 \
         --runs sync,every_step_fp32,every_step_fp32_noclip
