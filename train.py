@@ -20,6 +20,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -56,8 +58,14 @@ from parallel.state.registry import RunState
 from parallel.unequal.clock import RankClock, RankTimes
 from parallel.unequal.shares import CapacityProbe, check_capacity, initial_shares
 
+if TYPE_CHECKING:
+    from configs.schema import Config
+    from parallel.build import Built
+    from parallel.multisite.groups import Sites
+    from parallel.unequal.shares import Shares
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML preset (default: configs/tiny.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -65,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_config(cfg, world_size: int) -> None:
+def check_config(cfg: Config, world_size: int) -> None:
     """Every check that needs only the config and the world size, before any process group: a
     conflicting DeepSpeed key, a layout the world cannot hold, a missing corpus or tokenizer fails
     here, on each rank, with one line naming the field."""
@@ -80,7 +88,7 @@ def check_config(cfg, world_size: int) -> None:
         raise FileNotFoundError(f"data.tokenizer={d.tokenizer!r}: no such tokenizer directory")
 
 
-def prepare_data(cfg, rank: int, device) -> str:
+def prepare_data(cfg: Config, rank: int, device: torch.device) -> str:
     """Rank 0 builds (or finds) the token-shard cache; the others wait, then find it."""
     d = cfg.data
     build = lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,  # noqa: E731
@@ -115,7 +123,7 @@ class StopOnSignal:
         self.requested = False
         signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.requested:
             print(f"rank {os.environ.get('RANK', '0')}: SIGTERM received; saving at the end of this step",
                   file=sys.stderr, flush=True)
@@ -125,7 +133,8 @@ class StopOnSignal:
 class Trainer:
     """The pieces one optimizer step touches, and the step itself."""
 
-    def __init__(self, cfg, built, sampler, train_rows, shares, rank: int, device, sites, faults, stop_signal):
+    def __init__(self, cfg: Config, built: Built, sampler: ShardedSampler, train_rows: TokenShards, shares: Shares,
+                 rank: int, device: torch.device, sites: Sites | None, faults: Faults, stop_signal: StopOnSignal):
         self.cfg, self.t, self.engine, self.model = cfg, cfg.train, built.engine, built.model
         self.moes = built.model.moe_layers()
         self.sampler, self.train_rows, self.shares = sampler, train_rows, shares
@@ -192,7 +201,7 @@ class Trainer:
         return give_up
 
 
-def start_processes(cfg):
+def start_processes(cfg: Config) -> tuple[int, int, torch.device, Sites | None]:
     """-> (rank, world, device, sites): the process group, and the sites split of it (parallel.sites > 1)."""
     rank, world, local_rank = init_distributed(cfg.parallel.collective_timeout_s)
     # sites: EP, ZeRO and router counts inside each; only the outer step crosses (parallel/multisite/)
@@ -208,7 +217,7 @@ def start_processes(cfg):
     return rank, world, device, sites
 
 
-def load_data(cfg, rank: int, device):
+def load_data(cfg: Config, rank: int, device: torch.device) -> tuple[str, str, TokenShards, TokenShards | None]:
     """-> (shard dir, tokenizer fingerprint, train rows, val rows or None)."""
     shard_dir = prepare_data(cfg, rank, device)
     fingerprint = read_meta(shard_dir)["tokenizer_fingerprint"]
@@ -219,7 +228,7 @@ def load_data(cfg, rank: int, device):
     return shard_dir, fingerprint, train_rows, val_rows
 
 
-def find_resume(cfg, fingerprint: str):
+def find_resume(cfg: Config, fingerprint: str) -> tuple[Path | None, dict[str, Any]]:
     """-> (checkpoint dir or None, its trainer_state or {}), checked against this config first."""
     ckpt = checkpoint.resolve_resume(cfg.train.resume, cfg.train.out_dir)
     if ckpt is None:
@@ -231,7 +240,9 @@ def find_resume(cfg, fingerprint: str):
     return ckpt, state
 
 
-def start_metrics(cfg, trainer: Trainer, built, sampler, val_rows, rank: int, world: int, step: int, run_info: dict):
+def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedSampler, val_rows: TokenShards | None,
+                  rank: int, world: int, step: int,
+                  run_info: dict) -> tuple[Monitor, Metrics, RankTimes, Evaluation]:
     """The metrics object, its rank-0 writer and the fields of every feature, in a fixed order (some
     of them are collectives). -> (monitor, metrics, rank_times, evaluation)"""
     t, device = cfg.train, trainer.device
@@ -263,7 +274,7 @@ def start_metrics(cfg, trainer: Trainer, built, sampler, val_rows, rank: int, wo
     return monitor, metrics, rank_times, evaluation
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     # ---- config: parsed and validated before any process group exists ----
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -344,8 +355,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def describe_run(monitor, cfg, built, rank, world, device, metrics, ckpt, step, stop, shares,
-                 placement_note) -> None:
+def describe_run(monitor: Monitor, cfg: Config, built: Built, rank: int, world: int, device: torch.device,
+                 metrics: Metrics, ckpt: Path | None, step: int, stop: int, shares: Shares,
+                 placement_note: str) -> None:
     """The run's opening lines in the log."""
     t, p = cfg.train, cfg.parallel
     rep = built.fp8_report

@@ -176,7 +176,7 @@ def _check_type(where: str, value: Any, hint: Any) -> None:
         raise ValueError(f"{where}={value!r}: expected a string")
 
 
-def _build(cls, raw: dict[str, Any], section: str):
+def _build(cls: type[Any], raw: dict[str, Any], section: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{section}: expected a mapping, got {raw!r}")
     raw = dict(raw)   # values are normalised below; the caller's mapping stays as read

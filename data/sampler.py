@@ -13,11 +13,14 @@ is systematically skipped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .shards import TokenShards
 
 
 class ShardedSampler:
@@ -91,7 +94,7 @@ class ShardedSampler:
         self.epoch, self.position = epoch, position
 
 
-def batch_from_rows(shards, indices) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_from_rows(shards: TokenShards, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels), both int64 (B, seq_len): labels are inputs shifted left by one."""
     rows = torch.from_numpy(shards.get_rows(indices))  # (B, seq_len + 1)
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

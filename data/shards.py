@@ -17,14 +17,18 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
 
 from .tokenizer import tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +126,7 @@ def dataset_content_hash(dataset: datasets.Dataset) -> str:
     return h.hexdigest()
 
 
-def _build_key(tokenizer, seq_len: int, val_fraction: float, rows_per_shard: int,
+def _build_key(tokenizer: PreTrainedTokenizerBase, seq_len: int, val_fraction: float, rows_per_shard: int,
                source: str) -> dict[str, Any]:
     """Everything a build depends on; all of it must match for a cached build to be reused."""
     return {"format": FORMAT, "version": FORMAT_VERSION, "seq_len": seq_len,
@@ -130,8 +134,8 @@ def _build_key(tokenizer, seq_len: int, val_fraction: float, rows_per_shard: int
             "val_fraction": val_fraction, "rows_per_shard": rows_per_shard, "source": source}
 
 
-def cached_shards(out_dir: str, tokenizer, seq_len: int, source: str, val_fraction: float = 0.01,
-                  rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> dict[str, Any] | None:
+def cached_shards(out_dir: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, source: str,
+                  val_fraction: float = 0.01, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> dict[str, Any] | None:
     """Metadata of a complete, matching build in `out_dir`, or None: lets callers skip
     loading the corpus at all on a cache hit."""
     return _cache_hit(Path(out_dir), _build_key(tokenizer, seq_len, val_fraction, rows_per_shard, source))
@@ -197,7 +201,7 @@ class _RowWriter:
         os.replace(self.d / f".{name}.tmp", self.d / name)
 
 
-def prepare_shards(dataset: datasets.Dataset, tokenizer, out_dir: str, seq_len: int,
+def prepare_shards(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, out_dir: str, seq_len: int,
                    val_fraction: float = 0.01, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, num_proc: int = 1,
                    source: str | None = None) -> dict[str, Any]:
     """Tokenize `dataset` (column "text"), pack rows of seq_len + 1 tokens, write shards.
@@ -317,6 +321,6 @@ class TokenShards:
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
         return np.asarray(self._maps[s][i - self._starts[s]], dtype=np.int64)
 
-    def get_rows(self, indices) -> np.ndarray:
+    def get_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """(B, seq_len + 1) int64 array of the given rows."""
         return np.stack([self[i] for i in indices])

@@ -23,7 +23,7 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_func = None
 
 
-def eager_attention(q, k, v, scale: float) -> torch.Tensor:
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference causal attention: explicit scores, mask and fp32 softmax. (B,H,S,*) -> (B,H,S,dv)."""
     S = q.shape[-2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale                    # (B, H, S, S)
@@ -33,7 +33,8 @@ def eager_attention(q, k, v, scale: float) -> torch.Tensor:
     return torch.matmul(probs, v)
 
 
-def flash_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    dropout_p: float = 0.0) -> torch.Tensor:
     """flash-attn needs equal head dims for q/k and v: pad v from dv to dq, slice the output."""
     dv, dq = v.shape[-1], q.shape[-1]
     if dv < dq:
@@ -44,7 +45,8 @@ def flash_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tens
     return out[..., :dv].transpose(1, 2)
 
 
-def sdpa_attention(q, k, v, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   dropout_p: float = 0.0) -> torch.Tensor:
     """torch SDPA, causal. On CPU its fused (flash) kernel needs equal q/k and v head dims, else it
     falls back to the unfused math path (explicit S x S scores and softmax): pad v from dv to dq
     there, as for flash-attn; the padded columns come out zero and are sliced off."""

@@ -19,6 +19,7 @@ Kernels (see ``resolve_backend``):
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,7 +187,8 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, kernel: str, pow2: bool, cache_fp8: bool):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, pow2: bool,
+                cache_fp8: bool) -> torch.Tensor:
         """x (M, K), weight (N, K), bias (N,) or None -> (M, N) in x.dtype."""
         xq, wq = quantize_act(x, pow2), quantize_weight(weight, pow2)
         y = fp8_mm(xq, wq, kernel)                                           # (M, N) fp32
@@ -200,7 +202,7 @@ class _FP8LinearFn(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kernel, pow2, cache_fp8, x_shape, w_shape, x_dtype, w_dtype, has_bias = ctx.meta
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         wq = QTensor(w_data, w_scale, WEIGHT_TILE, w_shape)
@@ -217,7 +219,8 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def fp8_linear(x, weight, bias=None, kernel="emulated", pow2=False, cache_fp8=True):
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "emulated",
+               pow2: bool = False, cache_fp8: bool = True) -> torch.Tensor:
     """x (..., K) -> (..., N) with all three GEMMs in FP8."""
     y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, kernel, pow2, cache_fp8)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -253,7 +256,8 @@ def _rows(q: QTensor, lo: int, hi: int) -> QTensor:
 
 class _FP8GroupedFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, counts, kernel: str, pow2: bool, cache_fp8: bool):
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kernel: str, pow2: bool,
+                cache_fp8: bool) -> torch.Tensor:
         """x (N, K) sorted by expert, w (E, K, M), counts (E,) -> (N, M) in x.dtype."""
         E, K, M = w.shape
         xq = quantize_act(x, pow2)
@@ -281,7 +285,7 @@ class _FP8GroupedFn(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kernel, pow2, cache_fp8, x_shape, (E, K, M), x_dtype, w_dtype = ctx.meta
         x_data, x_scale, w_data, w_scale, counts = ctx.saved_tensors
         dy = dy.contiguous()                                                 # (N, M)
@@ -311,7 +315,8 @@ class _FP8GroupedFn(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
-def fp8_grouped_mm(x, w, counts, kernel="emulated", pow2=False, cache_fp8=True):
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kernel: str = "emulated",
+                   pow2: bool = False, cache_fp8: bool = True) -> torch.Tensor:
     """x (N, K) sorted by expert, w (E, K, M), counts (E,) -> (N, M); FP8 drop-in for grouped_mm."""
     return _FP8GroupedFn.apply(x.contiguous(), w, counts, kernel, pow2, cache_fp8)
 

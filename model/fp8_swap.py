@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import logging
 from fnmatch import fnmatch
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from model.fp8_linear import FP8Linear, FP8RoutedExperts, resolve_backend
 from model.moe import RoutedExperts
+
+if TYPE_CHECKING:
+    from configs.schema import FP8Config
 
 log = logging.getLogger(__name__)
 PROTECTED = ("embed_tokens", "lm_head", "gate", "eh_proj")
@@ -34,7 +38,7 @@ def _first_param_device(model: nn.Module):
     return None
 
 
-def apply_fp8(model: nn.Module, fp8_cfg) -> dict:
+def apply_fp8(model: nn.Module, fp8_cfg: FP8Config) -> dict:
     """Swap eligible modules of ``model`` to FP8 in place; returns a report:
 
     {"enabled": bool, "backend": requested, "kernel": emulated|rowwise|blockwise, "reason": str,
@@ -87,7 +91,7 @@ def apply_fp8(model: nn.Module, fp8_cfg) -> dict:
     return report
 
 
-def set_fp8_option(model: nn.Module, **opts) -> None:
+def set_fp8_option(model: nn.Module, **opts: str | bool) -> None:
     """Set fp8_kernel / fp8_pow2 / cache_fp8 on every FP8 module (benchmarks and tests)."""
     for m in model.modules():
         if isinstance(m, (FP8Linear, FP8RoutedExperts)):

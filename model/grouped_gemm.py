@@ -8,6 +8,8 @@ dx = dy @ w^T per segment,  dw[e] = x[seg_e]^T @ dy[seg_e].
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -51,7 +53,7 @@ def _native_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 @_native_mm.register_fake
-def _(x, w, offs):
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[2])
 
 
@@ -62,16 +64,16 @@ def _native_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torc
 
 
 @_native_wgrad.register_fake
-def _(x, dy, offs):
+def _(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
 
 
-def _native_setup(ctx, inputs, output):
+def _native_setup(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     x, w, offs = inputs
     ctx.save_for_backward(x, w, offs)
 
 
-def _native_backward(ctx, dy):
+def _native_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, w, offs = ctx.saved_tensors
     dy = dy.contiguous()  # autograd may hand us an expanded (stride-0) gradient
     dx = _native_mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
@@ -87,12 +89,12 @@ class _LoopGroupedMM(torch.autograd.Function):
     segments, with both backward GEMMs spelled out the same way."""
 
     @staticmethod
-    def forward(ctx, x, w, counts):
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w, counts)
         return _loop_mm(x, w, counts.tolist())
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w, counts = ctx.saved_tensors
         dy = dy.contiguous()  # autograd may hand us an expanded (stride-0) gradient
         c = counts.tolist()

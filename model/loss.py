@@ -16,6 +16,8 @@ that does not need one are not computed (evaluation computes the loss only).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
         # h (T, D), weight (V, D), labels (T,)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         T = h.shape[0]
@@ -69,7 +71,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss_sum / n_valid            # nan when every label is ignored, as F.cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         dh, dw, n_valid = ctx.saved_tensors
         # the mean's 1/n and the incoming gradient, applied once to the accumulated sums
         scale = grad_loss / n_valid.clamp_min(1)

@@ -11,7 +11,9 @@ shared experts and with other token chunks. Nothing here knows about ranks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,13 +140,14 @@ class LocalDispatcher:
 
 
 @torch.compiler.disable
-def _eager_dispatch(dispatcher, *args):
+def _eager_dispatch(dispatcher: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """An expert-parallel dispatcher runs eagerly even inside a compiled block (model/compile.py):
     it issues collectives with data-dependent split sizes. A plain call when nothing is compiled."""
     return dispatcher(*args)
 
 
-def _dispatch(dispatcher, x, topk_idx, topk_weight, experts, shared):
+def _dispatch(dispatcher: Callable[..., torch.Tensor], x: torch.Tensor, topk_idx: torch.Tensor,
+              topk_weight: torch.Tensor, experts: RoutedExperts, shared: nn.Module | None) -> torch.Tensor:
     """The local dispatcher with the plain grouped GEMM traces (a compiled block holds the whole MoE
     layer); an all-to-all one, or FP8 experts (host-side loops over expert segments), run eagerly."""
     args = (x, topk_idx, topk_weight, experts, shared)

@@ -1,4 +1,8 @@
 """RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek-V3 and HF do)."""
+from __future__ import annotations
+
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,14 +16,14 @@ class _RMSNormFn(torch.autograd.Function):
     dx = r * (gw - x^ * mean(gw * x^)),  dw = sum over rows of g * x^."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         D = x.shape[-1]
         r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()  # (..., 1)
         ctx.save_for_backward(x, weight, r)
         return (x * r).mul_(weight)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, r = ctx.saved_tensors
         D = x.shape[-1]
         xhat = x * r                                                             # (..., D)

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.moe import MoE
 
+if TYPE_CHECKING:
+    from model.transformer import DeepseekV3
+
 
 @contextlib.contextmanager
-def _no_counting(moes):
+def _no_counting(moes: list[MoE]) -> Iterator[None]:
     saved = [m.count_tokens for m in moes]
     for m in moes:
         m.count_tokens = False
@@ -27,7 +34,7 @@ def _no_counting(moes):
             m.count_tokens = s
 
 
-def apply_activation_checkpointing(model) -> int:
+def apply_activation_checkpointing(model: DeepseekV3) -> int:
     """Wrap every decoder block (main stack and MTP) of a DeepseekV3; returns how many."""
     blocks = list(model.layers) + [m.block for m in model.mtp]
     for block in blocks:
@@ -35,7 +42,10 @@ def apply_activation_checkpointing(model) -> int:
         inner = block.forward
         context = functools.partial(lambda ms: (contextlib.nullcontext(), _no_counting(ms)), moes)
 
-        def forward(*args, _inner=inner, _context=context, _block=block):
+        def forward(*args: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                    _inner: Callable[..., tuple[torch.Tensor, torch.Tensor]] = inner,
+                    _context: Callable[[], Any] = context,
+                    _block: nn.Module = block) -> tuple[torch.Tensor, torch.Tensor]:
             if not _block.training:
                 return _inner(*args)
             return checkpoint(_inner, *args, use_reentrant=False, context_fn=_context)

@@ -8,6 +8,7 @@ sigmoid scores, as in the DeepSeek-V3 report (eq. 16).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,7 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Router:
         # .to(bf16) / .half() must not round the bias: its updates (gamma ~ 1e-3) would vanish
         super()._apply(fn, recurse)
         self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()

@@ -5,9 +5,13 @@ section (configs/schema.py); ``step`` is the 0-based optimizer step about to be 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from configs.schema import TrainConfig
 
 
-def mtp_weight_at(step: int, t, early: float) -> float:
+def mtp_weight_at(step: int, t: TrainConfig, early: float) -> float:
     """MTP loss weight of optimizer step ``step`` (0-based): ``early`` (model.mtp_loss_weight)
     before mtp_late_fraction of max_steps, then train.mtp_loss_weight_late (if set)."""
     if t.mtp_loss_weight_late is None or step < t.mtp_late_fraction * t.max_steps:
@@ -15,7 +19,7 @@ def mtp_weight_at(step: int, t, early: float) -> float:
     return t.mtp_loss_weight_late
 
 
-def lr_at(step: int, t) -> float:
+def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based) for TrainConfig ``t``.
 
     Linear warmup over ``warmup_steps`` (step 0 gets lr / warmup_steps), then
@@ -40,6 +44,6 @@ def lr_at(step: int, t) -> float:
     return t.lr + (t.min_lr - t.lr) * progress
 
 
-def gamma_at(step: int, t) -> float:
+def gamma_at(step: int, t: TrainConfig) -> float:
     """Bias update speed after optimizer step ``step`` (0-based) for TrainConfig ``t``."""
     return t.bias_update_speed if step < t.bias_update_stop_fraction * t.max_steps else 0.0

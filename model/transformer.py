@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.self_attn(self.input_layernorm(x), rope)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -66,7 +66,8 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))  # (B, S, D)
         return self.block(h, rope)
 

@@ -14,11 +14,16 @@ Shapes: L MoE layers (MTP's included), E routed experts.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from model.moe import MoE
 
-def gather_counts(moe_layers, group=None) -> torch.Tensor:
+
+def gather_counts(moe_layers: list[MoE], group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """(L, E) routed-token counts summed over the ranks of ``group``; zeroes the local ones."""
     if not moe_layers:
         return torch.zeros(0, 0)
@@ -31,7 +36,7 @@ def gather_counts(moe_layers, group=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_biases(moe_layers, counts: torch.Tensor, gamma: float) -> None:
+def update_biases(moe_layers: list[MoE], counts: torch.Tensor, gamma: float) -> None:
     """bias += gamma * sign(mean - count), per layer. counts (L, E) as from gather_counts."""
     if gamma == 0.0:
         return

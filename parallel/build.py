@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_
 from parallel.link import EmulatedLink
 from parallel.multisite.groups import SiteMPU, create_site_expert_groups
 from parallel.state.init_from import load_init_weights
+
+if TYPE_CHECKING:
+    from configs.schema import Config
+    from parallel.expert.placement import Placement
+    from parallel.multisite.groups import Sites
 
 
 @dataclass
@@ -52,8 +57,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_training(cfg, device: torch.device, dp_size: int, *, sites=None, placement=None,
-                   init_from: str | None = None, module_transforms: bool = True) -> Built:
+def build_training(cfg: Config, device: torch.device, dp_size: int, *, sites: Sites | None = None,
+                   placement: Placement | None = None, init_from: str | None = None,
+                   module_transforms: bool = True) -> Built:
     """Build the model and engine for this rank, in the order above.
 
     ``dp_size``: DeepSpeed's data-parallel size (the world, or one site's ranks under ``sites``);

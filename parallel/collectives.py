@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 
-def mean_over_ranks(values: list[float], device) -> list[float]:
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """The element-wise mean of ``values`` over all ranks (one all-reduce; none on one rank)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
@@ -15,14 +15,15 @@ def mean_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def gather_rank_times(times: torch.Tensor, device) -> list[list[float]]:
+def gather_rank_times(times: torch.Tensor, device: torch.device) -> list[list[float]]:
     """(3,) this rank's seconds per step (wall, busy, wait) -> [[wall by rank], [busy..], [wait..]]."""
     parts = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, times.to(device))
     return [[round(float(p[i]), 6) for p in parts] for i in range(3)]
 
 
-def agree_on_step(stop_requested: bool, skipped: bool, device, site_group=None) -> tuple[bool, bool, bool]:
+def agree_on_step(stop_requested: bool, skipped: bool, device: torch.device,
+                  site_group: dist.ProcessGroup | None = None) -> tuple[bool, bool, bool]:
     """One all-reduce per step: stop if any rank was asked to; and check that every rank made the
     same skip decision (DeepSpeed all-reduces the overflow flag, so a mismatch is a bug). With
     sites, a skip is a site's own decision (its ZeRO group reduced the flag), while the stop and

@@ -15,12 +15,21 @@ import copy
 import datetime
 import os
 import socket
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from model.schedules import lr_at
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from deepspeed import DeepSpeedEngine
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from configs.schema import Config
+    from parallel.multisite.groups import SiteMPU
 
 # Keys of the deepspeed section the trainer rejects: it builds these itself.
 _OWNED = {"optimizer": "the trainer builds AdamW from train.lr/beta1/beta2/weight_decay",
@@ -28,7 +37,7 @@ _OWNED = {"optimizer": "the trainer builds AdamW from train.lr/beta1/beta2/weigh
           "fp16": "only fp32 and bf16 (train.dtype) are supported"}
 
 
-def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The dict handed to deepspeed.initialize; raises ValueError naming a conflicting key.
 
     A DeepSpeed user's habit: ``deepspeed.gradient_accumulation_steps`` or
@@ -79,7 +88,7 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def check_supported(cfg, world_size: int) -> None:
+def check_supported(cfg: Config, world_size: int) -> None:
     """Layout checks that need the world size, and features not built yet: fail loudly, early."""
     ep = cfg.parallel.ep
     if world_size % ep:
@@ -200,7 +209,7 @@ def keep_freed_memory() -> bool:
     return bool(ok)
 
 
-def build_engine(model: nn.Module, cfg, world_size: int, mpu=None):
+def build_engine(model: nn.Module, cfg: Config, world_size: int, mpu: SiteMPU | None = None) -> DeepSpeedEngine:
     """deepspeed.initialize with AdamW (DeepSpeedCPUAdam under ZeRO-Offload) -> engine; keeps the
     router state in fp32. ``world_size`` is the data-parallel size; ``mpu`` (parallel/multisite/groups.py) gives
     DeepSpeed a data-parallel group smaller than the world (one site)."""
@@ -253,7 +262,7 @@ def offload_device(ds: dict[str, Any]) -> str:
     return str(offload.get("device", "none") if isinstance(offload, dict) else offload).lower()
 
 
-def cpu_adamw(groups: list[dict[str, Any]], **adam):
+def cpu_adamw(groups: list[dict[str, Any]], **adam: Any) -> DeepSpeedCPUAdam:
     """DeepSpeedCPUAdam in AdamW mode with the same groups and hyper-parameters as the AdamW of the
     other modes. ZeRO-Offload keeps the fp32 masters and both moments in CPU memory and runs the
     update there; DeepSpeed refuses a client torch optimizer for that (unless
@@ -291,19 +300,20 @@ class FiniteAdamW(torch.optim.AdamW):
     overflow = False
     _global_grad_norm = None
 
-    def __init__(self, params, max_grad_norm: float = 0.0, group=None, **kwargs):
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], max_grad_norm: float = 0.0,
+                 group: dist.ProcessGroup | None = None, **kwargs: Any):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self.group = group                    # the data-parallel ranks (a site; None: the world)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         import torch.distributed as dist
         from deepspeed.utils import groups as ds_groups
 
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         device = params[0].device if params else "cpu"                 # nccl needs it on the GPU
-        def sum_sq(ps) -> torch.Tensor:                                 # one foreach kernel per list
+        def sum_sq(ps: list[torch.Tensor]) -> torch.Tensor:            # one foreach kernel per list
             if not ps:
                 return torch.zeros((), device=device)
             return torch.stack(torch._foreach_norm([p.grad for p in ps])).float().pow(2).sum()
@@ -335,6 +345,6 @@ class FiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def set_lr(engine, lr: float) -> None:
+def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

@@ -4,12 +4,21 @@ rank under an uneven expert placement (the placement is built exactly as the tra
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from model.memory_plan import DEFAULT_BUCKET, PLAN_FIELDS, Layout, moe_layer_count
 from parallel.engine import check_offload, offload_device
 from parallel.expert.placement import build_placement, describe, ep_capacities, rank_loads, read_expert_loads
 
+if TYPE_CHECKING:
+    import torch
 
-def parse_plan(text: str, cfg) -> Layout:
+    from configs.schema import Config
+    from parallel.expert.placement import Placement
+    from parallel.unequal.shares import Shares
+
+
+def parse_plan(text: str, cfg: Config) -> Layout:
     """``world=W,ep=E,zero=Z,dtype=D[,offload=cpu][,mbs=B,seq=S]`` -> Layout. Fields not given come
     from the config (parallel.ep, deepspeed.zero_optimization, train.dtype, micro batch, seq_len);
     world is required. A ValueError names the bad field and its value."""
@@ -69,7 +78,7 @@ def parse_plan(text: str, cfg) -> Layout:
                   rank_experts=rank_experts, rank_copies=rank_copies)
 
 
-def configured_placement(cfg, ep: int):
+def configured_placement(cfg: Config, ep: int) -> tuple[Placement | None, torch.Tensor | None]:
     """parallel.expert_placement as the trainer would build it before any measurement -> (placement,
     (L, E) loads or None); (None, None) for the even placement. capacity: from parallel.rank_capacity
     (a list: "auto" is measured at run time, so it cannot be planned); load: from the router counts of
@@ -86,7 +95,7 @@ def configured_placement(cfg, ep: int):
     return placement, loads
 
 
-def placement_bounds(cfg, ep: int) -> tuple[int, float]:
+def placement_bounds(cfg: Config, ep: int) -> tuple[int, float]:
     """-> (the most experts an EP rank holds in a MoE layer, the most routed copies an EP rank computes
     as a multiple of the balanced T * K); (0, 1.0) for the even placement. Routing is taken as
     balanced over experts (what the bias-steered router aims at), except under the load placement,
@@ -105,7 +114,8 @@ def placement_bounds(cfg, ep: int) -> tuple[int, float]:
     return most, copies
 
 
-def run_placement(cfg, shares, saved_loads, n_layers: int):
+def run_placement(cfg: Config, shares: Shares, saved_loads: list[list[float]] | None,
+                  n_layers: int) -> tuple[Placement | None, str]:
     """parallel.expert_placement for a run -> (placement or None for the even one, a line for the log).
 
     capacity: the configured rank capacities, or auto's measured shares (known from the resume

@@ -9,6 +9,12 @@ meantime: exactly what lets overlap show on one machine. Off by default (bandwid
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as tdist
 
 
 class EmulatedLink:
@@ -53,7 +59,7 @@ class WanLink(EmulatedLink):
         self.sent_bytes += int(nbytes)
         return self.schedule(nbytes)
 
-    def block_until(self, t: float, real_wait=None) -> None:
+    def block_until(self, t: float, real_wait: Callable[[], object] | None = None) -> None:
         """Wait for the real collective (``real_wait()``), then for the emulated completion time;
         the whole wait counts as time blocked on the link."""
         t0 = time.perf_counter()
@@ -79,7 +85,7 @@ def emulate_wan_on_deepspeed(bandwidth_gbps: float, latency_ms: float, site_size
 
     link = WanLink(bandwidth_gbps, latency_ms, share=site_size)
 
-    def crossing_bytes(tensor, group) -> int:
+    def crossing_bytes(tensor: torch.Tensor, group: tdist.ProcessGroup | None) -> int:
         ranks = tdist.get_process_group_ranks(group) if group is not None else range(tdist.get_world_size())
         per_site = {}
         for r in ranks:
@@ -91,19 +97,19 @@ def emulate_wan_on_deepspeed(bandwidth_gbps: float, latency_ms: float, site_size
         return 2 * (S - 1) * tensor.numel() * tensor.element_size() // (S * m)
 
     class _Delayed:
-        def __init__(self, work, done_at):
+        def __init__(self, work: tdist.Work | None, done_at: float):
             self.work, self.done_at = work, done_at
 
-        def wait(self, *a, **k):
+        def wait(self, *a: Any, **k: Any) -> bool:
             link.block_until(self.done_at, lambda: self.work.wait(*a, **k) if self.work is not None else None)
             return True
 
-        def __getattr__(self, name):
+        def __getattr__(self, name: str) -> Any:
             return getattr(self.work, name)
 
-    def wrap(fn, params):
+    def wrap(fn: Callable[..., Any], params: tuple[str, ...]) -> Callable[..., Any]:
         # deepspeed.comm's timed_op wrapper hides the signature (*args, **kwargs): name them here
-        def wrapped(*args, **kwargs):
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
             a = {**dict(zip(params, args)), **kwargs}
             nbytes = crossing_bytes(a["tensor"], a.get("group"))
             done_at = link.send(nbytes) if nbytes else 0.0

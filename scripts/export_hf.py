@@ -106,7 +106,7 @@ def export(checkpoint_dir: str, out: str, dtype: str = "auto", max_shard_size: s
     return out_p
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, or import_hf.py dir")
     p.add_argument("--out", required=True, help="output Hugging Face directory")

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,6 +36,9 @@ from model.hf import (
 )
 from model.hf.manifest import write_manifest  # noqa: E402
 from model.hf.read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
@@ -96,13 +100,13 @@ class _InitHolder(torch.nn.Module):
     """DeepseekV3.init_weights reads only ``self.config`` and ``self.modules()``: holding one submodule
     lets it initialise that submodule alone, by the same rules as a freshly built model."""
 
-    def __init__(self, cfg, part: torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, part: torch.nn.Module):
         super().__init__()
         self.config = cfg
         self.part = part
 
 
-def fresh_mtp(cfg, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def fresh_mtp(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Freshly initialised MTP layers in our naming. Built on the meta device and materialised one
     submodule at a time, so at most one tensor (a stacked expert tensor) is ever in fp32."""
     from model.transformer import DeepseekV3, MTPModule
@@ -127,7 +131,7 @@ def fresh_mtp(cfg, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_mtp_copies(ckpt: HFCheckpoint, cfg) -> None:
+def _check_mtp_copies(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
     """DeepSeek's MTP layers repeat the shared embedding and head; the import keeps one copy, so they
     must be equal to the main ones (else the export would not give back the same tensors)."""
     L = cfg.num_hidden_layers
@@ -141,7 +145,7 @@ def _check_mtp_copies(ckpt: HFCheckpoint, cfg) -> None:
                                  "are not supported (this model shares them)")
 
 
-def _check_keys(shapes: dict[str, tuple[int, ...]], cfg, src: Path) -> None:
+def _check_keys(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, src: Path) -> None:
     from model.transformer import DeepseekV3
 
     with torch.device("meta"):
@@ -154,7 +158,7 @@ def _check_keys(shapes: dict[str, tuple[int, ...]], cfg, src: Path) -> None:
                          f"{unexpected[:4]}, wrong shape {[(k, tuple(shapes[k])) for k in bad[:4]]}")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="local Hugging Face DeepSeek-V3 directory (bf16/fp32 or FP8)")
     p.add_argument("--out", required=True, help="output directory for train.init_from")

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,6 +19,9 @@ from configs import load_config  # noqa: E402
 from model.flops import count_params  # noqa: E402
 from model.memory_plan import GiB, fits, plan, smallest_worlds  # noqa: E402
 from parallel.layout import parse_plan  # noqa: E402
+
+if TYPE_CHECKING:
+    from configs.schema import Config
 
 VARIANTS = (("plain", "no activation checkpointing"), ("checkpointed", "activation checkpointing"),
             ("fp8", "FP8 (cached E4M3 inputs)"), ("fp8+checkpointed", "FP8 + activation checkpointing"))
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def print_plan(cfg, args) -> dict:
+def print_plan(cfg: Config, args: argparse.Namespace) -> dict:
     lay = parse_plan(args.plan, cfg)
     pl = plan(cfg.model, lay)
     out = pl.as_dict()

@@ -62,7 +62,7 @@ def plot(records: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default OUT_DIR/metrics.png)")

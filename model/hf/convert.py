@@ -17,7 +17,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -40,6 +41,11 @@ from model.hf.export import (  # noqa: F401
     write_files,
 )
 from model.hf.read import HFCheckpoint, import_targets, read_target, resolve_mtp, warn_no_mtp
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from model.transformer import DeepseekV3
 
 _HF_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -67,7 +73,7 @@ def to_hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def to_hf_config(cfg: ModelConfig):
+def to_hf_config(cfg: ModelConfig) -> DeepseekV3Config:
     from transformers import DeepseekV3Config
 
     d = to_hf_config_dict(cfg)
@@ -104,7 +110,8 @@ def _meta(sd: dict[str, torch.Tensor]) -> Meta:
     return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 
-def to_hf_state_dict(model, cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: DeepseekV3 | dict[str, torch.Tensor],
+                     cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """Our state dict -> HF/DeepSeek on-disk keys (per-expert, MTP as extra layers).
 
     ``model`` is a DeepseekV3, or a full (EP-gathered) state dict in our naming with ``cfg``:
@@ -221,7 +228,7 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any):
+def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> DeepseekV3:
     """Load an HF DeepSeek-V3 directory into this project's model (eval mode).
 
     Reads bf16/fp32 and DeepSeek's native FP8 (dequantised tensor by tensor). A directory whose
@@ -250,8 +257,9 @@ def write_hf_dir(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, path: str, dt
     return write_hf_entries(identity_entries(hf_sd), hf_sd.__getitem__, cfg, path, dtype, max_shard_size, mtp)
 
 
-def write_hf_entries(entries: list[Entry], read, cfg: ModelConfig, path: str, dtype: torch.dtype | None = None,
-                     max_shard_size: int | str | None = None, mtp: str = "auto") -> list[str]:
+def write_hf_entries(entries: list[Entry], read: Callable[[str], torch.Tensor], cfg: ModelConfig, path: str,
+                     dtype: torch.dtype | None = None, max_shard_size: int | str | None = None,
+                     mtp: str = "auto") -> list[str]:
     """An HF directory from planned entries, ``read(source)`` giving one source tensor at a time.
 
     ``dtype`` None keeps each tensor's dtype; torch.float8_e4m3fn writes DeepSeek's FP8 format
@@ -287,7 +295,7 @@ def write_hf_entries(entries: list[Entry], read, cfg: ModelConfig, path: str, dt
     return files
 
 
-def save_hf(model, path: str, dtype: torch.dtype | None = None, max_shard_size: int | str | None = None,
+def save_hf(model: DeepseekV3, path: str, dtype: torch.dtype | None = None, max_shard_size: int | str | None = None,
             mtp: str = "auto") -> None:
     """Write an HF directory (config.json, generation_config.json, (sharded) safetensors)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -295,7 +303,7 @@ def save_hf(model, path: str, dtype: torch.dtype | None = None, max_shard_size: 
                      max_shard_size, mtp)
 
 
-def enable_transformers_mtp(hf_model) -> None:
+def enable_transformers_mtp(hf_model: DeepseekV3ForCausalLM) -> None:
     """Let a transformers DeepseekV3ForCausalLM find this export's MTP layers, for
     ``generate(..., use_mtp=True)``: transformers 5.23 takes the MTP key patterns from
     ``_keys_to_ignore_on_load_unexpected``, which it hard-codes to layer 61 (DeepSeek-V3's own)."""

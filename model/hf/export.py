@@ -15,11 +15,15 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.hf import fp8_format
 from model.hf.safetensors_stream import SafetensorsWriter
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -88,7 +92,7 @@ def _block_entries(prefix_in: str, meta: Meta, out_prefix: str) -> list[Entry]:
     return out
 
 
-def hf_entries(meta: Meta, cfg) -> list[Entry]:
+def hf_entries(meta: Meta, cfg: ModelConfig) -> list[Entry]:
     """Our tensors (name -> (shape, dtype), in the order to write them) -> HF entries."""
     def whole(hf_name: str, ours: str) -> Entry:
         if ours not in meta:
@@ -118,7 +122,7 @@ def identity_entries(tensors: dict[str, torch.Tensor]) -> list[Entry]:
     return [Entry(k, k, "all", 0, tuple(v.shape), v.dtype) for k, v in tensors.items()]
 
 
-def mtp_key_pattern(cfg) -> str | None:
+def mtp_key_pattern(cfg: ModelConfig) -> str | None:
     """Regex of the on-disk MTP keys (``model.layers.{L..L+D-1}.*``), None without MTP."""
     D, L = cfg.num_nextn_predict_layers, cfg.num_hidden_layers
     if not D:
@@ -164,7 +168,7 @@ class FilePlan:
     mtp_dropped: bool
 
 
-def plan_files(entries: list[Entry], cfg, dtype: torch.dtype | None = None,
+def plan_files(entries: list[Entry], cfg: ModelConfig, dtype: torch.dtype | None = None,
                max_shard_size: int | str | None = None, mtp: str = "auto") -> FilePlan:
     """Which tensor goes where: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards
     plus an index when the weights exceed ``max_shard_size`` (split in entry order, as

@@ -15,12 +15,16 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from model.hf import fp8_format
 from model.hf.safetensors_stream import SafetensorsWriter
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 MTP_NAME = "mtp.safetensors"
@@ -134,7 +138,7 @@ class HFCheckpoint:
 _EXPERT_KEY = re.compile(r"(.*)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def ours(key: str, cfg) -> str | None:
+def ours(key: str, cfg: ModelConfig) -> str | None:
     """Our name for a non-expert HF key (None: not ours, e.g. the MTP layers' copies of the shared
     embedding and head, or layers beyond the config)."""
     if key == "lm_head.weight":
@@ -173,7 +177,7 @@ class Target:
     sources: list = field(default_factory=list)
 
 
-def import_targets(ckpt: HFCheckpoint, cfg) -> dict[str, Target]:
+def import_targets(ckpt: HFCheckpoint, cfg: ModelConfig) -> dict[str, Target]:
     """Plan every tensor of our state dict from the headers (nothing is read)."""
     out: dict[str, Target] = {}
     experts: dict[str, dict[str, dict[int, str]]] = {}
@@ -215,7 +219,7 @@ def import_targets(ckpt: HFCheckpoint, cfg) -> dict[str, Target]:
     return out
 
 
-def resolve_mtp(ckpt: HFCheckpoint, cfg, where: str) -> list[str]:
+def resolve_mtp(ckpt: HFCheckpoint, cfg: ModelConfig, where: str) -> list[str]:
     """The HF names of the MTP tensors the config implies but the directory lacks ([] when it has
     them all; the MTP layers' copies of the shared embedding and head are optional). Raises a
     ValueError naming the missing ones when only some are there."""
@@ -246,7 +250,7 @@ def _fused_form(name: str) -> str | None:
     return m.group(1) + "mlp.experts." + ("down_proj" if m.group(3) == "down_proj" else "gate_up_proj")
 
 
-def warn_no_mtp(where: str, cfg, missing: list[str]) -> None:
+def warn_no_mtp(where: str, cfg: ModelConfig, missing: list[str]) -> None:
     warnings.warn(f"{where}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no MTP "
                   f"weights (missing {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}: {len(missing)} "
                   "tensors; transformers never saves them): loaded without MTP layers", stacklevel=3)

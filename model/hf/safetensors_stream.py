@@ -19,6 +19,7 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 import torch
 from safetensors.torch import save
@@ -115,7 +116,8 @@ class SafetensorsWriter:
     def __enter__(self) -> SafetensorsWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:

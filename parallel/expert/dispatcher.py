@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,12 +33,18 @@ from model.fp8 import ACT_TILE, FP8_DTYPE, QTensor, quantize_act
 from model.moe import permute, unpermute
 from parallel.link import EmulatedLink
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from model.moe import RoutedExperts
+    from parallel.expert.placement import Layer
+
 
 class _Transfer:
     """One all-to-all and its backward twin: split sizes, async handles, emulated completion."""
 
-    def __init__(self, group, send_splits: list[int], recv_splits: list[int], link: EmulatedLink,
-                 rank: int, stats: dict, kind: str, fp8: bool = False, owner=None):
+    def __init__(self, group: dist.ProcessGroup, send_splits: list[int], recv_splits: list[int], link: EmulatedLink,
+                 rank: int, stats: dict, kind: str, fp8: bool = False, owner: AllToAllDispatcher | None = None):
         self.group, self.send, self.recv, self.link = group, send_splits, recv_splits, link
         self.rank, self.stats, self.kind, self.fp8 = rank, stats, kind, fp8
         self.owner = owner                      # the dispatcher: its wait_s counts the time blocked here
@@ -92,14 +99,14 @@ def unpack_fp8(buf: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
 
 class _A2AStart(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, tr: _Transfer):
+    def forward(ctx: Any, x: torch.Tensor, tr: _Transfer) -> torch.Tensor:
         ctx.tr = tr
         tr.width, tr.dtype = x.shape[1], x.dtype
         payload = pack_fp8(x) if tr.fp8 else x
         return tr.launch(payload, tr.send, tr.recv, f"{tr.kind}_bytes")
 
     @staticmethod
-    def backward(ctx, _unused):
+    def backward(ctx: Any, _unused: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         tr = ctx.tr
         tr.wait()                         # the gradient launched by _A2AWait.backward has landed
         grad, tr.grad_out = tr.grad_out, None
@@ -108,13 +115,13 @@ class _A2AStart(torch.autograd.Function):
 
 class _A2AWait(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buf, tr: _Transfer):
+    def forward(ctx: Any, buf: torch.Tensor, tr: _Transfer) -> torch.Tensor:
         ctx.tr, ctx.buf_shape, ctx.buf_dtype = tr, buf.shape, buf.dtype
         tr.wait()
         return unpack_fp8(buf, tr.width, tr.dtype) if tr.fp8 else buf.view_as(buf)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         # send the gradient back the way the rows came; _A2AStart.backward collects it later,
         # so whatever autograd runs in between overlaps this transfer. The buffer itself has no
         # gradient of its own: hand autograd a placeholder of its shape.
@@ -137,8 +144,8 @@ class AllToAllDispatcher:
     ``placement``: one layer's placement (parallel/expert/placement.py), ``placement[r]`` the global ids of
     EP rank r's experts in its local order; None: the even placement."""
 
-    def __init__(self, group, n_experts: int, overlap: bool = True, chunks: int = 2,
-                 link: EmulatedLink | None = None, fp8_dispatch: bool = False, placement=None):
+    def __init__(self, group: dist.ProcessGroup, n_experts: int, overlap: bool = True, chunks: int = 2,
+                 link: EmulatedLink | None = None, fp8_dispatch: bool = False, placement: Layer | None = None):
         from parallel.expert.placement import check_layer, even_placement
 
         self.group = group
@@ -176,7 +183,8 @@ class AllToAllDispatcher:
             t = self._maps[name] = t.to(device)
         return t
 
-    def __call__(self, x, topk_idx, topk_weight, experts, shared):
+    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts: RoutedExperts,
+                 shared: nn.Module | None) -> torch.Tensor:
         T = x.shape[0]
         C = self.chunks if self.overlap else 1
         bounds = [T * c // C for c in range(C + 1)]                          # contiguous token chunks

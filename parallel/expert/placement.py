@@ -125,7 +125,8 @@ def capacity_placement(n_experts: int, capacities: Sequence[float], unit: int = 
     return out
 
 
-def load_placement(loads, capacities: Sequence[float], counts: Sequence[int] | str | None = None) -> Placement:
+def load_placement(loads: torch.Tensor | Sequence[Sequence[float]], capacities: Sequence[float],
+                   counts: Sequence[int] | str | None = None) -> Placement:
     """Per layer, pack experts onto EP ranks by measured token load relative to capacity.
 
     loads (L, E): tokens routed to each expert (any non-negative scale). A rank's expert-GEMM time
@@ -186,7 +187,8 @@ def _pack(load: list[float], caps: list[float], counts: list[int] | None) -> Lay
     return [sorted(ids) for ids in owned]
 
 
-def _refine(load, caps, owned, total, free: bool, max_rounds: int = 1000) -> None:
+def _refine(load: list[float], caps: list[float], owned: list[list[int]], total: list[float], free: bool,
+            max_rounds: int = 1000) -> None:
     """Swaps (and moves, when counts are free) out of the most loaded rank while they lower its time
     and leave the other rank below the old maximum. Deterministic (ties: lowest ids)."""
     ep = len(caps)
@@ -332,7 +334,7 @@ def is_even(layer: Layer, n_experts: int) -> bool:
 
 
 def build_placement(mode: str, n_layers: int, n_experts: int, ep: int, capacities: Sequence[float] | None = None,
-                    loads=None) -> Placement:
+                    loads: torch.Tensor | Sequence[Sequence[float]] | None = None) -> Placement:
     """The placement of ``parallel.expert_placement=mode`` for a model with n_layers MoE layers.
 
     capacities: one per EP index (``ep_capacities(parallel.rank_capacity, ep)``; None: equal);

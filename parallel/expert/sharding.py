@@ -14,6 +14,9 @@ points on every rank, so the data-parallel collectives still match.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
+
 import torch
 from torch import nn
 
@@ -21,12 +24,17 @@ from parallel.expert.dispatcher import AllToAllDispatcher
 from parallel.link import EmulatedLink
 from parallel.state.ownership import model_placement  # noqa: F401  (the placement a sharded model runs under)
 
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from parallel.expert.placement import Layer, Placement
+
 
 def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-def create_groups(ep: int):
+def create_groups(ep: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """Create (once) and return (ep_group, expert_data_parallel_group) for this rank."""
     from deepspeed.utils import groups
 
@@ -36,7 +44,7 @@ def create_groups(ep: int):
     return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
 
 
-def keep_experts(experts: nn.Module, ids) -> None:
+def keep_experts(experts: nn.Module, ids: Iterable[int]) -> None:
     """Keep only the experts ``ids`` (global ids, in this order) of a RoutedExperts that holds all
     E; records them as ``experts.expert_ids`` (parallel/state/ownership.py addresses state by them)."""
     ids = [int(i) for i in ids]
@@ -62,9 +70,9 @@ def keep_local_experts(experts: nn.Module, rank: int, ep: int) -> None:
     keep_experts(experts, range(rank * El, (rank + 1) * El))
 
 
-def shard_experts(model: nn.Module, ep_group, ep: int, overlap: bool = True, chunks: int = 2,
+def shard_experts(model: nn.Module, ep_group: dist.ProcessGroup, ep: int, overlap: bool = True, chunks: int = 2,
                   link: EmulatedLink | None = None, fp8_dispatch: bool = False,
-                  placement=None) -> list[AllToAllDispatcher]:
+                  placement: Placement | Layer | None = None) -> list[AllToAllDispatcher]:
     """Keep only this rank's experts in every MoE layer (MTP included), tag them for DeepSpeed,
     and install the all-to-all dispatcher. Returns the dispatchers.
 
@@ -117,12 +125,12 @@ def align_zero_buckets() -> None:
         return
     original = DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads
 
-    def flush(opt, dtype) -> None:
+    def flush(opt: Any, dtype: torch.dtype) -> None:
         opt.reduce_ipg_grads(comm_dtype=dtype)
         if opt.contiguous_gradients and opt.overlap_comm:
             opt.ipg_buckets[dtype].index = 1 - opt.ipg_buckets[dtype].index
 
-    def reduce_aligned(self, param, i):
+    def reduce_aligned(self: Any, param: torch.Tensor, i: int) -> None:
         uneven = self.__dict__.get("_ep_uneven")
         if uneven is None:
             uneven = self._ep_uneven = any(getattr(p, "ep_padded_numel", p.numel()) != p.numel()
@@ -151,7 +159,7 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
-def _marker_class():
+def _marker_class() -> type[nn.Module]:
     """A parameter-less stand-in for ``deepspeed.moe.layer.MoE``.
 
     DeepSpeed switches on its MoE support (expert-data-parallel gradient reduction in ZeRO-1/2,
@@ -172,7 +180,7 @@ def _marker_class():
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             create_groups(self.ep_size)
 
-        def forward(self, *args, **kwargs):  # never called
+        def forward(self, *args: Any, **kwargs: Any) -> NoReturn:  # never called
             raise RuntimeError("ExpertParallelMarker is a declaration, not a layer")
 
     return ExpertParallelMarker

@@ -2,14 +2,24 @@
 global batches of the validation split, every ``train.eval_every`` steps and at ``train.max_steps``."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from data import batch_from_rows
 from parallel.collectives import mean_over_ranks
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from configs.schema import Config
+    from data.shards import TokenShards
+    from parallel.metrics.record import StepStats
+
 
 class Evaluation:
-    def __init__(self, engine, val_rows, cfg, rank: int, world: int, device):
+    def __init__(self, engine: DeepSpeedEngine, val_rows: TokenShards | None, cfg: Config, rank: int, world: int,
+                 device: torch.device):
         self.engine, self.val_rows, self.rank, self.world, self.device = engine, val_rows, rank, world, device
         self.t = cfg.train
 
@@ -28,5 +38,5 @@ class Evaluation:
         self.engine.train()
         return mean_over_ranks([total / max(1, self.t.eval_batches)], self.device)[0]
 
-    def fields(self, s) -> dict:
+    def fields(self, s: StepStats) -> dict:
         return {"val_loss": self.loss()} if self.due(s.step) else {}

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from configs.schema import Config
 
 
 class Monitor:
     """Only rank 0 writes; other ranks get a Monitor whose methods do nothing."""
 
-    def __init__(self, cfg, rank: int, start_step: int, run_info: dict[str, Any]):
+    def __init__(self, cfg: Config, rank: int, start_step: int, run_info: dict[str, Any]):
         self.enabled = rank == 0
         self.pbar = self.wandb = self.file = None
         if not self.enabled:

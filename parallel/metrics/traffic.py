@@ -1,8 +1,14 @@
 """Bytes sent per rank, for the metrics record: the expert all-to-alls and DeepSpeed's own collectives."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def comm_bytes(dispatchers) -> dict[str, int]:
+if TYPE_CHECKING:
+    from parallel.expert.dispatcher import AllToAllDispatcher
+    from parallel.metrics.record import StepStats
+
+
+def comm_bytes(dispatchers: list[AllToAllDispatcher]) -> dict[str, int]:
     """Cumulative all-to-all bytes this rank sent, by kind (dispatch, combine, and their gradients)."""
     total: dict[str, int] = {}
     for d in dispatchers:
@@ -31,10 +37,10 @@ class TrafficFields:
     """Metrics fields: the all-to-all bytes this rank sent per step since the last record, by kind, and
     DeepSpeed's own cumulative payloads (when its comms logger is on)."""
 
-    def __init__(self, dispatchers, start_step: int):
+    def __init__(self, dispatchers: list[AllToAllDispatcher], start_step: int):
         self.dispatchers, self.seen, self.since = dispatchers, {}, start_step
 
-    def fields(self, s) -> dict:
+    def fields(self, s: StepStats) -> dict:
         out = {}
         if self.dispatchers:
             sent = comm_bytes(self.dispatchers)

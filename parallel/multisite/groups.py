@@ -16,12 +16,17 @@ stage" stride set to the site size, so they never leave a site either.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    import torch
 
-def check_sites(cfg, world_size: int) -> None:
+    from configs.schema import Config
+
+
+def check_sites(cfg: Config, world_size: int) -> None:
     """Layout checks that need the world size: fail before any process group exists."""
     p = cfg.parallel
     if world_size % p.sites:
@@ -68,7 +73,7 @@ def build_sites(count: int) -> Sites:
     return Sites(count, n, me // n, me % n, **mine)
 
 
-def create_site_expert_groups(ep: int, sites: Sites):
+def create_site_expert_groups(ep: int, sites: Sites) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """DeepSpeed's expert groups (named ``ep_size_{ep}``), kept inside each site -> (ep_group,
     expert_data_parallel_group). Its "pipeline stage" stride is the site size, which makes the
     expert-data-parallel groups the ranks of one site with the same ep index; the ep groups are
@@ -91,7 +96,7 @@ class SiteMPU:
     def __init__(self, sites: Sites):
         self.sites = sites
 
-    def get_data_parallel_group(self):
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
         return self.sites.group
 
     def get_data_parallel_world_size(self) -> int:
@@ -103,7 +108,7 @@ class SiteMPU:
     def get_data_parallel_group_ranks(self) -> list[int]:
         return self.sites.site_ranks(self.sites.index)
 
-    def get_model_parallel_group(self):
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
         return self.sites.singleton
 
     def get_model_parallel_world_size(self) -> int:
@@ -120,7 +125,7 @@ class SiteMPU:
         return dist.get_rank()
 
 
-def site_losses(loss: float, sites: Sites, device) -> list[float]:
+def site_losses(loss: float, sites: Sites, device: torch.device) -> list[float]:
     """Each site's mean loss (collective over the world)."""
     import torch
 

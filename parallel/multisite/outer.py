@@ -43,7 +43,10 @@ delayed sync follow Streaming DiLoCo (arXiv 2501.18512).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,13 @@ from parallel.state.ownership import (
     trainable,
     update_module_weights,
 )
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from configs.schema import Config, ParallelConfig
+    from model.moe import MoE
+    from parallel.multisite.groups import Sites
 
 BLOCK = 256                                  # values per scale in the int8 / fp8 encodings
 _QMAX = {"int8": 127.0, "fp8": 448.0}        # largest code: int8, float8 e4m3
@@ -114,7 +124,7 @@ class OuterSync:
     """The outer state and step of one rank. ``after_inner_step(t)`` after every optimizer step
     (t = inner steps done); collective over the world's counterpart groups."""
 
-    def __init__(self, engine, sites, p, moes=()):
+    def __init__(self, engine: DeepSpeedEngine, sites: Sites, p: ParallelConfig, moes: Iterable[MoE] = ()):
         self.engine, self.sites, self.moes = engine, sites, list(moes)
         self.H, self.P, self.tau = p.outer_every, p.outer_fragments, p.outer_overlap
         self.lr, self.mu, self.dtype = p.outer_lr, p.outer_momentum, p.outer_dtype
@@ -299,7 +309,7 @@ class OuterSync:
                 pos += u.frag.numel
 
     # ---- metrics and state ----
-    def metrics(self, step: int, device) -> dict[str, float]:
+    def metrics(self, step: int, device: torch.device) -> dict[str, float]:
         """Since the last call, per inner step: bytes all ranks sent across sites and seconds a rank
         was blocked on that link (mean over ranks); and the totals. Collective over the world."""
         t = torch.tensor([self.link.sent_bytes, self.link.blocked_s], dtype=torch.float64, device=device)
@@ -386,7 +396,7 @@ def check_layout(meta: dict, sites: int, H: int, P: int, tau: int, where: str = 
                              f"layout, so resume with parallel.{key}={saved[key]}")
 
 
-def check_outer_resume(state: dict, cfg, path) -> None:
+def check_outer_resume(state: dict, cfg: Config, path: str | os.PathLike) -> None:
     """Before anything is built: a resume with another parallel.sites (or round layout) fails."""
     p = cfg.parallel
     check_layout(state.get("outer", {}), p.sites, p.outer_every, p.outer_fragments, p.outer_overlap,

@@ -37,8 +37,9 @@ import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -68,6 +69,12 @@ from model.hf.weight_reader import read_state as read_state  # the resume reads 
 from parallel.state import ownership
 from parallel.state.registry import RunState
 from parallel.state.storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from torch import nn
+
+    from parallel.faults import Faults
 
 # Model fields that only affect training, not the weights' meaning: may change on resume.
 TRAINING_ONLY = {"aux_loss_alpha", "mtp_loss_weight", "moe_impl", "attn_impl", "loss_impl", "loss_chunk",
@@ -133,11 +140,11 @@ def _set_rng_state(path: Path) -> None:
 
 # ---------------------------------------------------------------- the sharded training state
 
-def _bias_names(model) -> list[tuple[str, torch.Tensor]]:
+def _bias_names(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, b) for n, b in model.named_buffers() if n.endswith(BIAS_SUFFIX)]
 
 
-def full_shapes(model) -> dict[str, list[int]]:
+def full_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Full parameter name -> full shape (experts: all E), the shapes the flat entries fold back to."""
     layouts = ownership.expert_layouts(model)
     out = {}
@@ -149,7 +156,8 @@ def full_shapes(model) -> dict[str, list[int]]:
     return out
 
 
-def state_entries(engine, prefix: str = "", stage=None) -> dict[str, Any]:
+def state_entries(engine: DeepSpeedEngine, prefix: str = "",
+                  stage: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """The DCP state dict of this rank: every owned slice's fp32 master and AdamW moments as a
     slice of its flat full tensor, and the router biases (replicated: DCP keeps one copy).
     ``stage(key, tensor)`` returns a copy to write instead (an async save writes copies while
@@ -215,8 +223,8 @@ class Checkpointer:
             e, self._error = self._error, None
             raise RuntimeError(f"the background checkpoint save failed: {e}") from e
 
-    def save(self, engine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
-             faults=None) -> Path:
+    def save(self, engine: DeepSpeedEngine, out_dir: str, step: int, run_state: RunState | dict[str, Any],
+             keep_last: int, faults: Faults | None = None) -> Path:
         """Save ``engine``'s sharded state and everything registered in ``run_state`` (a plain dict:
         constant values only). Collective: every rank calls it. Returns the checkpoint directory."""
         t0 = time.perf_counter()
@@ -253,13 +261,14 @@ class Checkpointer:
         self.last_stall_s = time.perf_counter() - t0
         return path
 
-    def _write_guarded(self, *args) -> None:
+    def _write_guarded(self, *args: Any) -> None:
         try:
             self._write(*args)
         except BaseException as e:   # surfaced by the next wait(), on the training thread
             self._error = e
 
-    def _write(self, sd, path: Path, out_dir: str, step: int, keep_last: int, faults) -> None:
+    def _write(self, sd: dict[str, Any], path: Path, out_dir: str, step: int, keep_last: int,
+               faults: Faults | None) -> None:
         rank = dist.get_rank()
         dcp.save(sd, storage_writer=ShardWriter(path / SHARDS, rank), planner=SavePlanner(),
                  process_group=self.group)
@@ -273,8 +282,8 @@ class Checkpointer:
         dist.barrier(group=self.group)
 
 
-def save(engine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
-         faults=None) -> Path:
+def save(engine: DeepSpeedEngine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
+         faults: Faults | None = None) -> Path:
     """A synchronous save (collective: every rank calls it). Returns the checkpoint directory."""
     return Checkpointer(async_save=False).save(engine, out_dir, step, run_state, keep_last, faults)
 
@@ -292,7 +301,7 @@ def as_run_state(run_state: RunState | dict[str, Any]) -> RunState:
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-def _engine_counters(engine) -> dict[str, int]:
+def _engine_counters(engine: DeepSpeedEngine) -> dict[str, int]:
     return {k: int(getattr(engine, k)) for k in _COUNTERS if hasattr(engine, k)}
 
 
@@ -334,7 +343,7 @@ def check_compatible(state: dict[str, Any], path: Path, model_cfg: dict[str, Any
                          f"{fingerprint[:12]}...): check data.tokenizer / data.path")
 
 
-def check_global_batch(engine, state: dict, path: Path) -> None:
+def check_global_batch(engine: DeepSpeedEngine, state: dict, path: Path) -> None:
     """ValueError naming the fields when this run's global batch differs from the checkpoint's:
     the sampler's data order (and the step's gradient) depend on it, not on the layout."""
     saved = state.get("sampler", {}).get("global_batch_size")
@@ -352,7 +361,8 @@ def check_global_batch(engine, state: dict, path: Path) -> None:
         f"is {saved}")
 
 
-def load(engine, path: Path, state: dict[str, Any], run_state: RunState | None = None, state_prefix: str = "") -> None:
+def load(engine: DeepSpeedEngine, path: Path, state: dict[str, Any], run_state: RunState | None = None,
+         state_prefix: str = "") -> None:
     """Collective: load checkpoint ``path`` (saved on any world size, ``parallel.ep`` or ZeRO stage)
     into this engine, and hand every component registered in ``run_state`` its saved state. Each rank
     reads only the slices it owns; DCP reshards. ``state`` is the checkpoint's trainer_state.json

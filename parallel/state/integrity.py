@@ -8,7 +8,13 @@ is model/hf/manifest.py.)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from torch.serialization import MAP_LOCATION
 
 
 def _allowed_globals() -> list:
@@ -20,7 +26,7 @@ def _allowed_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _safe_load(path: str, map_location=None):
+def _safe_load(path: str, map_location: MAP_LOCATION = None) -> Any:
     with torch.serialization.safe_globals(_allowed_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -29,7 +35,7 @@ def _safe_load(path: str, map_location=None):
                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
 
 
-def safe_checkpoint_engine(engine) -> None:
+def safe_checkpoint_engine(engine: DeepSpeedEngine) -> None:
     """Make ``engine`` read its checkpoint files with ``weights_only=True`` (call after initialize;
     DeepSpeed creates its checkpoint engine once, in initialize)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

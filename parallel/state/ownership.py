@@ -22,9 +22,13 @@ Shape legend: E experts in the model, El experts on this rank, N = numel of one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")   # torch.optim.AdamW (amsgrad off), as parallel.engine builds it
 _EXPERT_WEIGHTS = ("w_gate_up", "w_down")
@@ -117,7 +121,7 @@ def _to_global(name: str, p: torch.Tensor, start: int, numel: int,
     return out
 
 
-def _fp16_optimizer_masters(engine) -> dict[int, tuple[torch.Tensor, int]]:
+def _fp16_optimizer_masters(engine: DeepSpeedEngine) -> dict[int, tuple[torch.Tensor, int]]:
     """id(param) -> (fp32 master tensor, offset) for DeepSpeed's FP16 optimizers, which bf16
     without ZeRO uses: the fused one keeps one unpadded flat fp32 copy per parameter group (in
     the group's parameter order), the unfused one an fp32 copy per parameter."""
@@ -138,11 +142,11 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def has_optimizer_state(engine) -> bool:
+def has_optimizer_state(engine: DeepSpeedEngine) -> bool:
     return any("step" in s for s in engine.basic_optimizer.state.values())
 
 
-def link_optimizer_state(engine) -> None:
+def link_optimizer_state(engine: DeepSpeedEngine) -> None:
     """Point DeepSpeed's per-parameter views at AdamW's current state tensors (DeepSpeed links them
     only after an applied optimizer step; a load or a skipped step can leave them stale or unset)."""
     wrapper = engine.optimizer
@@ -151,7 +155,7 @@ def link_optimizer_state(engine) -> None:
         wrapper._lazy_init_hp_params_optimizer_state()
 
 
-def ensure_optimizer_state(engine, step: int = 0) -> None:
+def ensure_optimizer_state(engine: DeepSpeedEngine, step: int = 0) -> None:
     """Give every tensor AdamW works on a state (zero moments, ``step``) if it has none yet, so the
     owned slices have moment views to save into or load into before the first optimizer step."""
     opt = engine.basic_optimizer
@@ -167,7 +171,7 @@ def ensure_optimizer_state(engine, step: int = 0) -> None:
     link_optimizer_state(engine)
 
 
-def set_optimizer_step(engine, step: int) -> None:
+def set_optimizer_step(engine: DeepSpeedEngine, step: int) -> None:
     for st in engine.basic_optimizer.state.values():
         if isinstance(st.get("step"), torch.Tensor):
             st["step"].fill_(float(step))
@@ -175,12 +179,12 @@ def set_optimizer_step(engine, step: int) -> None:
             st["step"] = int(step)
 
 
-def optimizer_step(engine) -> int:
+def optimizer_step(engine: DeepSpeedEngine) -> int:
     steps = [int(s["step"]) for s in engine.basic_optimizer.state.values() if "step" in s]
     return max(steps, default=0)
 
 
-def owned_slices(engine, with_states: bool = True) -> list[OwnedSlice]:
+def owned_slices(engine: DeepSpeedEngine, with_states: bool = True) -> list[OwnedSlice]:
     """This rank's fragments of every trainable parameter, in parameter order. ``with_states``
     needs the optimizer state to exist (``ensure_optimizer_state``)."""
     layouts = expert_layouts(engine.module)
@@ -213,7 +217,7 @@ def owned_slices(engine, with_states: bool = True) -> list[OwnedSlice]:
 
 
 @torch.no_grad()
-def update_module_weights(engine) -> None:
+def update_module_weights(engine: DeepSpeedEngine) -> None:
     """After the fp32 masters were written: make the module's (possibly bf16, possibly only
     partly owned) weights equal to them on every rank, as the optimizer step does."""
     opt = engine.optimizer

@@ -28,6 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -41,12 +42,15 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from model.hf.flat_shards import INDEX, check_shards
 from model.hf.safetensors_stream import SafetensorsWriter
+
+if TYPE_CHECKING:
+    import torch.distributed.checkpoint.planner as dcp_planner
 
 
 @dataclass
@@ -61,7 +65,7 @@ class FlatSlice:
         return ChunkStorageMetadata(offsets=torch.Size([self.offset]), sizes=torch.Size([self.tensor.numel()]))
 
     # DCP's _Checkpointable protocol (as DTensor implements it)
-    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         return [WriteItem(index=MetadataIndex(fqn, torch.Size([self.offset])), type=WriteItemType.SHARD,
                           tensor_data=TensorWriteData(chunk=self._chunk(),
                                                       properties=TensorProperties(dtype=self.tensor.dtype),
@@ -80,7 +84,7 @@ class FlatSlices:
     parts: list[FlatSlice]
     numel: int
 
-    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         return [w for p in self.parts for w in p.__create_write_items__(fqn, p)]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
@@ -103,7 +107,7 @@ def flat_entry(slices: list[FlatSlice]) -> FlatSlice | FlatSlices:
     return slices[0] if len(slices) == 1 else FlatSlices(slices, slices[0].numel)
 
 
-def _tensor_of(obj, index: MetadataIndex):
+def _tensor_of(obj: Any, index: MetadataIndex) -> torch.Tensor | None:
     if isinstance(obj, FlatSlice):
         return obj.tensor
     if isinstance(obj, FlatSlices):
@@ -120,7 +124,7 @@ class SavePlanner(DefaultSavePlanner):
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
-    def lookup_object(self, index: MetadataIndex):
+    def lookup_object(self, index: MetadataIndex) -> Any:
         t = _tensor_of(self.state_dict[index.fqn], index)
         return t if t is not None else super().lookup_object(index)
 
@@ -129,7 +133,8 @@ class LoadPlanner(DefaultLoadPlanner):
     def __init__(self):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
         # the default one first maps every value it does not know (FlatSlice) to None; the state
         # dict here is already flat and every destination exists
         self.original_state_dict = self.state_dict = state_dict
@@ -151,7 +156,7 @@ class ShardWriter(HuggingFaceStorageWriter):
         super().__init__(str(path), save_distributed=True)
         self.rank = rank
 
-    def write_data(self, plan, planner) -> Future:
+    def write_data(self, plan: SavePlan, planner: dcp_planner.SavePlanner) -> Future:
         fut: Future = Future()
         items = [w for w in plan.items if w.type != WriteItemType.BYTE_IO]
         if len(items) != len(plan.items):
@@ -230,7 +235,7 @@ class ShardReader(HuggingFaceStorageReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
-    def _process_read_request(self, f, req, planner) -> None:
+    def _process_read_request(self, f: Any, req: ReadItem, planner: dcp_planner.LoadPlanner) -> None:
         key = self._keys[(req.storage_index.fqn, tuple(req.storage_index.offset))]
         slices = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))
         tensor = f.get_slice(key)[slices]

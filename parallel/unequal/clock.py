@@ -27,17 +27,26 @@ micro-step it totals (factor - 1) x the micro-step's compute.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
-def dispatcher_wait_s(dispatchers) -> float:
+    from parallel.expert.dispatcher import AllToAllDispatcher
+    from parallel.metrics.record import StepStats
+    from parallel.unequal.shares import Shares
+
+
+def dispatcher_wait_s(dispatchers: list[AllToAllDispatcher]) -> float:
     """Seconds this rank spent blocked in the expert all-to-alls so far."""
     return sum(getattr(d, "wait_s", 0.0) for d in dispatchers)
 
 
 class RankClock:
-    def __init__(self, engine, dispatchers, slowdown: float = 1.0, device: torch.device | None = None):
+    def __init__(self, engine: DeepSpeedEngine, dispatchers: list[AllToAllDispatcher], slowdown: float = 1.0,
+                 device: torch.device | None = None):
         self.dispatchers, self.slowdown = dispatchers, slowdown
         self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
         self._reduce_gradients = engine.allreduce_gradients
@@ -64,7 +73,7 @@ class RankClock:
         self.busy_s += busy
         self._t0, self._w0 = time.perf_counter(), dispatcher_wait_s(self.dispatchers)
 
-    def _at_reduction(self, *args, **kwargs):
+    def _at_reduction(self, *args: Any, **kwargs: Any) -> Any:
         self.micro_end()             # the backward's own compute ends here; the reduction is waiting
         return self._reduce_gradients(*args, **kwargs)
 
@@ -84,7 +93,7 @@ class RankTimes:
     """Each rank's seconds per step since the last record (wall, own compute, waiting for the others),
     gathered for the metrics record: which rank holds the job back, and its share of the batch."""
 
-    def __init__(self, shares, device, start_step: int):
+    def __init__(self, shares: Shares, device: torch.device, start_step: int):
         self.shares, self.device = shares, device
         self.sums = torch.zeros(3, dtype=torch.float64)          # wall, busy, wait seconds
         self.since = start_step
@@ -92,7 +101,7 @@ class RankTimes:
     def add(self, seconds: float, busy_s: float, wait_s: float) -> None:
         self.sums += torch.tensor([seconds, busy_s, wait_s], dtype=torch.float64)
 
-    def fields(self, s) -> dict:
+    def fields(self, s: StepStats) -> dict:
         """Metrics fields (parallel/metrics/record.py); a collective over the world when it has several ranks."""
         import torch.distributed as dist
 

@@ -28,12 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from configs.schema import Config
+    from data.sampler import ShardedSampler
 
-def check_capacity(cfg, world_size: int) -> None:
+
+def check_capacity(cfg: Config, world_size: int) -> None:
     """Checks of the mixed-hardware fields that need the world size: before any process group."""
     p, t = cfg.parallel, cfg.train
     caps = p.rank_capacity
@@ -113,7 +118,7 @@ class Shares:
         return {"rows": list(self.rows), "grad_accum": self.grad_accum, "measured": self.measured}
 
 
-def initial_shares(cfg, world_size: int, saved: dict | None = None) -> Shares:
+def initial_shares(cfg: Config, world_size: int, saved: dict | None = None) -> Shares:
     """The shares a run starts with: a resumed run's saved ones when it had them from ``auto``'s
     probe (or the same configured list); else the configured capacities, else equal."""
     t, caps = cfg.train, cfg.parallel.rank_capacity
@@ -126,7 +131,7 @@ def initial_shares(cfg, world_size: int, saved: dict | None = None) -> Shares:
     return Shares([total // world_size] * world_size, t.grad_accum)
 
 
-def measured_shares(rows: int, busy_s: float, shares: Shares, device) -> tuple[Shares, list[float]]:
+def measured_shares(rows: int, busy_s: float, shares: Shares, device: torch.device) -> tuple[Shares, list[float]]:
     """auto's probe result (collective over the world): every rank's rows per compute-second ->
     (the new shares, the capacities normalised to the fastest rank = 1)."""
     speed = torch.tensor([rows / max(busy_s, 1e-9)], dtype=torch.float64, device=device)
@@ -144,7 +149,8 @@ class CapacityProbe:
     (step 1 warms up) and, at the last of them, the shares fixed from their median (one step still
     warming up, as the second after a resume often is, or a hiccup does not move them)."""
 
-    def __init__(self, cfg, shares: Shares, sampler, rank: int, start_step: int, device):
+    def __init__(self, cfg: Config, shares: Shares, sampler: ShardedSampler, rank: int, start_step: int,
+                 device: torch.device):
         self.active = cfg.parallel.rank_capacity == "auto" and not shares.measured
         self.steps = cfg.parallel.capacity_probe_steps
         self.shares, self.sampler, self.rank, self.start, self.device = shares, sampler, rank, start_step, device
