@@ -18,8 +18,11 @@ import hashlib
 import os
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
+
 
 TEXT_SUFFIXES = {
     ".txt", ".text", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp",
@@ -85,11 +88,15 @@ def _read_text(path: Path) -> str | None:
 
 
 def _text_dataset(files: list[Path]) -> datasets.Dataset:
+    import datasets  # on demand: only preparation needs it
+
     texts = [t for t in map(_read_text, files) if t and t.strip()]
     return datasets.Dataset.from_dict({"text": texts})
 
 
 def _pick_text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
+    import datasets  # on demand: only preparation needs it
+
     if text_field not in ds.column_names:
         raise ValueError(f"text field {text_field!r} not found in {where}; "
                          f"available columns: {ds.column_names}")
@@ -129,6 +136,8 @@ def _cause(e: BaseException) -> str:
 def load_corpus(path: str | None, text_field: str = "text",
                 max_files: int | None = None) -> datasets.Dataset:
     """Load a local corpus as a Dataset with a single "text" column (one row per document)."""
+    import datasets  # on demand: only preparation needs it
+
     if max_files is not None and max_files < 1:
         raise ValueError(f"max_files must be >= 1 or None, got {max_files}")
     if path is None:
@@ -162,6 +171,8 @@ def load_corpus(path: str | None, text_field: str = "text",
 
 def _load_files(files: list[Path], text_field: str, where: str) -> list[datasets.Dataset]:
     """Group files by kind and load each group with the matching local `datasets` loader."""
+    import datasets  # on demand: only preparation needs it
+
     by_kind: dict[str, list[str]] = {"json": [], "parquet": [], "text": []}
     for f in files:
         suffix = f.suffix.lower()

@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from .tokenizer import tokenizer_fingerprint
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -210,6 +209,9 @@ def prepare_shards(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
     tokenizer fingerprint, seq_len, val_fraction, rows_per_shard and source (`source`, or a
     hash of the text when None), it is reused untouched; otherwise it is rebuilt.
     """
+    import datasets  # on demand: only preparation needs it
+    import pyarrow.compute as pc  # on demand: only preparation needs it
+
     if seq_len < 1 or rows_per_shard < 1:
         raise ValueError(f"seq_len and rows_per_shard must be >= 1, got {seq_len}, {rows_per_shard}")
     if not 0.0 <= val_fraction < 1.0:

@@ -18,6 +18,9 @@ from torch import nn
 def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     """Compile every decoder block and the final norm of a DeepseekV3 in place; returns how many
     modules. ``mode``: torch.compile's mode (None: its default)."""
+    from model.moe import run_dispatch_eagerly_under_compile
+
+    run_dispatch_eagerly_under_compile()
     modules = list(model.layers) + [m.block for m in model.mtp] + [model.norm]
     for m in modules:
         m.compile(mode=mode)

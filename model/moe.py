@@ -139,10 +139,28 @@ class LocalDispatcher:
         return y if shared is None else y + shared(x)
 
 
-@torch.compiler.disable
+def _plain_call(dispatcher: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    return dispatcher(*args)
+
+
+# torch.compiler.disable(_plain_call), set by model/compile.py before it compiles anything: built on
+# demand because it imports torch._dynamo (about a second of every process start otherwise)
+_eager_under_compile: Callable[..., torch.Tensor] | None = None
+
+
+def run_dispatch_eagerly_under_compile() -> None:
+    """Called before blocks are compiled (model/compile.py): from then on an all-to-all dispatcher or
+    FP8 experts run behind a graph break, eagerly, even inside a compiled block (they issue
+    collectives with data-dependent split sizes, or loop on the host)."""
+    global _eager_under_compile
+    if _eager_under_compile is None:
+        _eager_under_compile = torch.compiler.disable(_plain_call)
+
+
 def _eager_dispatch(dispatcher: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """An expert-parallel dispatcher runs eagerly even inside a compiled block (model/compile.py):
-    it issues collectives with data-dependent split sizes. A plain call when nothing is compiled."""
+    """A plain call when nothing is compiled; behind a graph break once blocks are compiled."""
+    if _eager_under_compile is not None:
+        return _eager_under_compile(dispatcher, *args)
     return dispatcher(*args)
 
 

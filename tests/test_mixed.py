@@ -3,8 +3,6 @@ global batch give the equal split's update; the sampler still visits every row o
 auto's measured shares survive a resume; bad capacities fail naming the field."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ from data import ShardedSampler
 from parallel.expert.placement import capacity_counts
 from parallel.state import checkpoint
 from parallel.unequal.shares import Shares, apportion, check_capacity, initial_shares
-from tests.train_helpers import launch, make_corpus, metrics, run_args, train
+from tests.train_helpers import make_corpus, metrics, run_args, spawn_ranks, train
 
 # ---------------------------------------------------------------- shares (no processes)
 
@@ -104,11 +102,9 @@ def _rel(a: float, b: float) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed launcher not on PATH")
     root = tmp_path_factory.mktemp("mixed")
     corpus = make_corpus(root)
-    launch(2, run_args(root, corpus, "equal", COMMON + ["train.save_every=100"]))
+    spawn_ranks(2, run_args(root, corpus, "equal", COMMON + ["train.save_every=100"]))
     return root, corpus, metrics(root / "equal")
 
 
@@ -135,7 +131,7 @@ def test_shares_and_placement_keep_the_equal_split_update_through_reshards(runs)
             assert _rel(a["grad_norm"], b["grad_norm"]) < 1e-4, (a["step"], a["grad_norm"], b["grad_norm"])
 
     a = COMMON + ["train.save_every=4", "parallel.rank_capacity=[10, 6]", "parallel.expert_placement=capacity"]
-    launch(2, run_args(root, corpus, "A", a))
+    spawn_ranks(2, run_args(root, corpus, "A", a))
     got = metrics(root / "A")
     close(got, 1)
     assert all(r["rank_share"] == [pytest.approx(2 / 3, abs=1e-6), pytest.approx(1 / 3, abs=1e-6)] for r in got)
@@ -147,7 +143,7 @@ def test_shares_and_placement_keep_the_equal_split_update_through_reshards(runs)
 
     auto = COMMON + ["train.save_every=4", "parallel.rank_capacity=auto", "parallel.capacity_probe_steps=3",
                      "parallel.emulate_slowdown={1: 2.0}"]
-    p = launch(2, run_args(root, corpus, "B", auto + ["parallel.expert_placement=capacity", f"train.resume={a4}"]))
+    p = spawn_ranks(2, run_args(root, corpus, "B", auto + ["parallel.expert_placement=capacity", f"train.resume={a4}"]))
     assert "EMULATED SLOWDOWN x2.0" in p.stdout + p.stderr
     b_run = metrics(root / "B")
     close(b_run, 5)
@@ -159,10 +155,10 @@ def test_shares_and_placement_keep_the_equal_split_update_through_reshards(runs)
     assert saved["measured"] and sum(saved["rows"]) == 6 and min(saved["rows"]) >= 1
     assert b_run[-1]["rank_share"] == [pytest.approx(n / 6, abs=1e-6) for n in saved["rows"]]
 
-    launch(2, run_args(root, corpus, "C", auto + [f"train.resume={b8}"]))
+    spawn_ranks(2, run_args(root, corpus, "C", auto + [f"train.resume={b8}"]))
     assert [r["loss"] for r in metrics(root / "C")] == [r["loss"] for r in b_run[4:]]
 
-    launch(2, run_args(root, corpus, "D", auto + ["parallel.expert_placement=capacity", f"train.resume={b8}"]))
+    spawn_ranks(2, run_args(root, corpus, "D", auto + ["parallel.expert_placement=capacity", f"train.resume={b8}"]))
     close(metrics(root / "D"), 9)
     counts = [len(ids) for ids in checkpoint.read_state(checkpoint.complete_checkpoints(str(root / "D"))[-1])
               ["expert_placement"][0]]

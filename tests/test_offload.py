@@ -7,7 +7,7 @@ import pytest
 
 from configs.schema import load_config
 from parallel.engine import check_supported
-from tests.train_helpers import launch, make_corpus, metrics, run_args
+from tests.train_helpers import make_corpus, metrics, run_args, spawn_ranks
 
 OFFLOAD = "deepspeed.zero_optimization.offload_optimizer.device=cpu"
 
@@ -41,8 +41,8 @@ def test_offload_with_ep_trains_like_the_run_without_it(tmp_path):
     common = ["train.max_steps=3", "train.save_every=1000", "train.eval_every=1000", "parallel.ep=2",
               "deepspeed.zero_optimization.stage=2"]
     faults = {"MOE_FAULTS": "nan_loss@2/1"}
-    launch(2, run_args(tmp_path, corpus, "offload", common + [OFFLOAD]), env=faults)
-    launch(2, run_args(tmp_path, corpus, "device", common), env=faults)
+    spawn_ranks(2, run_args(tmp_path, corpus, "offload", common + [OFFLOAD]), env=faults)
+    spawn_ranks(2, run_args(tmp_path, corpus, "device", common), env=faults)
     off, dev = metrics(tmp_path / "offload"), metrics(tmp_path / "device")
     assert [r["step"] for r in off] == [r["step"] for r in dev] == [1, 2, 3]
     assert [r["skipped"] for r in off] == [r["skipped"] for r in dev] == [False, True, False]

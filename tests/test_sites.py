@@ -1,6 +1,6 @@
 """Multi-site training: config and layout errors, the delta encodings, the outer step against
-reference computations (4 gloo processes, 2 sites x 2 ranks), and a 2-site training run through
-the launcher with a resume in the middle of an outer round."""
+reference computations (4 gloo processes, 2 sites x 2 ranks), and a 2-site training run of
+train.py (4 ranks, tests.train_helpers.spawn_ranks) with a resume in the middle of an outer round."""
 from __future__ import annotations
 
 import os
@@ -291,7 +291,7 @@ def test_deepspeed_reductions_over_emulated_wan():
         assert dt >= 0.05
 
 
-# ---------------------------------------------------------------- through the launcher
+# ---------------------------------------------------------------- train.py on 4 ranks
 
 @pytest.mark.slow
 def test_two_sites_train_and_resume_mid_round(tmp_path):
@@ -301,12 +301,12 @@ def test_two_sites_train_and_resume_mid_round(tmp_path):
     (fragment 1's exchange in flight, fragment 0 half-way through its round) continues with the same
     losses, bit for bit;
     a resume with another parallel.sites fails naming it."""
-    from tests.train_helpers import launch, make_corpus, metrics, run_args, train
+    from tests.train_helpers import make_corpus, metrics, run_args, spawn_ranks, train
 
     corpus = make_corpus(tmp_path)
     sites = ["parallel.ep=2", "parallel.sites=2", "parallel.outer_every=4", "parallel.outer_fragments=2",
              "parallel.outer_overlap=1", "parallel.outer_dtype=int8", "train.max_steps=7", "train.save_every=4"]
-    launch(4, run_args(tmp_path, corpus, "full", sites), env={"MOE_FAULTS": "nan_loss@3/2"})
+    spawn_ranks(4, run_args(tmp_path, corpus, "full", sites), env={"MOE_FAULTS": "nan_loss@3/2"})
     full = {r["step"]: r for r in metrics(tmp_path / "full")}
     # fragment 0 sends at steps 2, 6 and lands at 3, 7; fragment 1 sends at 4 and lands at 5
     assert [full[s]["outer_steps"] for s in range(1, 8)] == [0, 0, 1, 1, 2, 2, 3]
@@ -315,7 +315,7 @@ def test_two_sites_train_and_resume_mid_round(tmp_path):
     assert full[3]["site_loss"][0] < 10 and full[3]["site_loss"][1] != full[3]["site_loss"][1]   # NaN in site 1
     assert not full[3]["skipped"]                                   # rank 0's site applied step 3
     ckpt = tmp_path / "full" / "checkpoints" / "step_0000004"
-    launch(4, run_args(tmp_path, corpus, "resumed", sites + [f"train.resume={ckpt}"]))
+    spawn_ranks(4, run_args(tmp_path, corpus, "resumed", sites + [f"train.resume={ckpt}"]))
     resumed = {r["step"]: r for r in metrics(tmp_path / "resumed")}
     assert sorted(resumed) == [5, 6, 7]
     for s in (5, 6, 7):

@@ -1,17 +1,15 @@
-"""Expert parallelism through the real entry point: ``deepspeed --num_gpus N train.py
-parallel.ep=N`` on CPU (gloo) against one process that sees the same global batch through
-gradient accumulation. Per-step losses and the balancing biases must agree, with the
-all-to-all overlap on and off."""
+"""Expert parallelism through the real entry point: ``train.py parallel.ep=N`` on N ranks (gloo,
+started as DeepSpeed's launcher starts them: tests.train_helpers.spawn_ranks) against one process
+that sees the same global batch through gradient accumulation. Per-step losses and the balancing
+biases must agree, with the all-to-all overlap on and off."""
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
 
 from model.hf import weight_reader
 from parallel.state import checkpoint
-from tests.train_helpers import launch, make_corpus, metrics, run_args, train
+from tests.train_helpers import make_corpus, metrics, run_args, spawn_ranks, train
 
 STEPS = 5
 CLIP = 0.05      # below every step's gradient norm: clipping is active throughout
@@ -47,13 +45,11 @@ def test_ep_training_equals_one_process_with_accumulation(reference, world, ep, 
     global one (expert and non-expert, over every rank) changes the next step's loss. (4, 2, 0):
     expert gradients are averaged over an expert-data-parallel group of 2, and ZeRO stage 0
     clips through the trainer's own optimizer (DeepSpeed's averages per-rank norms)."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed launcher not on PATH")
     root, corpus, (ref, ref_bias) = reference(world)
     assert all(r["grad_norm"] > CLIP for r in ref), [r["grad_norm"] for r in ref]
     for overlap in overlaps:
         out = f"ep{ep}_of_{world}_stage{stage}_{overlap}"
-        launch(world, run_args(root, corpus, out, COMMON + [
+        spawn_ranks(world, run_args(root, corpus, out, COMMON + [
             f"parallel.ep={ep}", f"parallel.overlap={overlap}", f"deepspeed.zero_optimization.stage={stage}"]))
         got = metrics(root / out)
         assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -69,14 +65,12 @@ def test_ep_training_equals_one_process_with_accumulation(reference, world, ep, 
 @pytest.mark.slow
 def test_ep_resume_continues_like_an_uninterrupted_run(tmp_path):
     """ep=2: 3 steps, stop, resume to 6 == 6 uninterrupted steps (each rank gets its own experts back)."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed launcher not on PATH")
     corpus = make_corpus(tmp_path)
     common = ["train.max_steps=6", "train.save_every=100", "train.micro_batch_size=2", "parallel.ep=2"]
-    launch(2, run_args(tmp_path, corpus, "full", common))
+    spawn_ranks(2, run_args(tmp_path, corpus, "full", common))
     split = run_args(tmp_path, corpus, "split", common)
-    launch(2, split + ["train.stop_at=3"])
-    launch(2, split + ["train.resume=auto"])
+    spawn_ranks(2, split + ["train.stop_at=3"])
+    spawn_ranks(2, split + ["train.resume=auto"])
     full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "split")
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(full, resumed):
@@ -85,17 +79,15 @@ def test_ep_resume_continues_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_fp8_training_with_fp8_dispatch_through_the_launcher(tmp_path):
+def test_fp8_training_with_fp8_dispatch_through_train_py(tmp_path):
     """fp8.enabled (emulated on CPU) and parallel.fp8_dispatch through the real entry point:
     the backend choice is logged, and ep=2 with E4M3 dispatch tracks one process running the
     same FP8 model on the same global batch (dispatch rounding is the only difference)."""
-    if shutil.which("deepspeed") is None:
-        pytest.skip("deepspeed launcher not on PATH")
     corpus = make_corpus(tmp_path)
     common = ["train.max_steps=4", "train.save_every=100", "train.micro_batch_size=2", "fp8.enabled=true"]
     one = train(run_args(tmp_path, corpus, "one", common + ["train.grad_accum=2"]))
     assert "fp8: backend auto (emulated" in one.stdout
-    two = launch(2, run_args(tmp_path, corpus, "ep2", common + ["parallel.ep=2", "parallel.fp8_dispatch=true"]))
+    two = spawn_ranks(2, run_args(tmp_path, corpus, "ep2", common + ["parallel.ep=2", "parallel.fp8_dispatch=true"]))
     assert "fp8: backend auto (emulated" in two.stdout + two.stderr
     ref, got = metrics(tmp_path / "one"), metrics(tmp_path / "ep2")
     assert [r["step"] for r in got] == [1, 2, 3, 4]

@@ -1,11 +1,15 @@
-"""Shared pieces of the training tests: a tiny model config, a small corpus, and a
-``python train.py`` runner with a clean environment (no inherited RANK/MASTER_PORT)."""
+"""Shared pieces of the training tests: a tiny model config, a small corpus, a ``python train.py``
+runner with a clean environment (no inherited RANK/MASTER_PORT), and two ways to start N ranks:
+``launch`` (DeepSpeed's launcher, ``deepspeed --num_gpus N``) and ``spawn_ranks`` (the same
+environment and arguments the launcher gives each rank, without the launcher's two processes)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +74,50 @@ def launch(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | No
                        timeout=timeout)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p
+
+
+def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """N ranks of ``train.py`` started directly, each with what DeepSpeed's launcher
+    (deepspeed/launcher/launch.py) gives it: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR,
+    MASTER_PORT, CROSS_RANK, CROSS_SIZE and ``--local_rank=R``. For the runs that check what training
+    computes (EP, resharding, shares, sites): the launcher's runner and per-node process cost about
+    6 s per start on 2 cores, and its own behaviour (a failing or hung rank, SIGTERM, a config error
+    on every rank, the CLI) is tested through ``launch`` and the reliability tests. Like the
+    launcher, a failing rank ends the others. Fails the test on a non-zero exit; stdout and stderr
+    are every rank's, in rank order."""
+    from tests.helpers import free_port
+
+    base = {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(n), "LOCAL_SIZE": str(n), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    with tempfile.TemporaryDirectory() as logs:
+        procs, files = [], []
+        for r in range(n):
+            out, err = open(f"{logs}/{r}.out", "w+"), open(f"{logs}/{r}.err", "w+")
+            files.append((out, err))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-u", str(ROOT / "train.py"), f"--local_rank={r}", *args], cwd=ROOT,
+                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err))
+        deadline, code = time.monotonic() + timeout, 0
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                code = failed[0] if failed else -9
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            time.sleep(0.05)
+        for p in procs:
+            p.wait()
+        code = code or next((p.returncode for p in procs if p.returncode), 0)
+        texts = []
+        for out, err in files:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close()
+            err.close()
+    stdout, stderr = "".join(o for o, _ in texts), "".join(e for _, e in texts)
+    assert code == 0, f"rank exit {code}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(args, code, stdout, stderr)
