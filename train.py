@@ -146,6 +146,18 @@ class Trainer:
         self.expert_load = ExpertLoad(len(self.moes), cfg.model.n_routed_experts)
         self.skipped_in_a_row = 0
 
+    def begin(self, step: int) -> None:
+        """At the first step of this launch (after a resume): auto's capacity probe and the per-rank
+        times start here; the clock synchronises the device only while something measures with it."""
+        self.probe = CapacityProbe(self.cfg, self.shares, self.sampler, self.rank, step, self.device)
+        self.rank_times = RankTimes(self.shares, self.device, step)
+        self.clock.measuring = lambda: self.probe.active or self.clock.slowdown > 1.0
+
+    def after_step(self, s: StepStats) -> str | None:
+        """Book the step's times; -> a line for the log when auto's probe fixed the shares."""
+        self.rank_times.add(s.seconds, s.busy_s, s.wait_s)
+        return self.probe.after_step(s.step, s.busy_s)
+
     def train_step(self, step: int) -> StepStats:
         """Optimizer step ``step`` (1-based): grad_accum micro-steps over this rank's share of the global
         batch, the optimizer step, the router bias update, the outer (multi-site) step if one is due."""
@@ -242,9 +254,9 @@ def find_resume(cfg: Config, fingerprint: str) -> tuple[Path | None, dict[str, A
 
 def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedSampler, val_rows: TokenShards | None,
                   rank: int, world: int, step: int,
-                  run_info: dict) -> tuple[Monitor, Metrics, RankTimes, Evaluation]:
+                  run_info: dict) -> tuple[Monitor, Metrics, Evaluation]:
     """The metrics object, its rank-0 writer and the fields of every feature, in a fixed order (some
-    of them are collectives). -> (monitor, metrics, rank_times, evaluation)"""
+    of them are collectives). -> (monitor, metrics, evaluation)"""
     t, device = cfg.train, trainer.device
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.data.seq_len
     flops_per_token = count_params(cfg.model, cfg.data.seq_len).flops_per_token_train_with_mtp
@@ -254,7 +266,6 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
         "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
         "params": sum(p.numel() for p in built.model.parameters()), **run_info})
     metrics = Metrics(monitor, peak, tokens_per_step, flops_per_token, t.max_steps, device)
-    rank_times = RankTimes(trainer.shares, device, step)
     evaluation = Evaluation(trainer.engine, val_rows, cfg, rank, world, device)
     load, engine = trainer.expert_load, trainer.engine
     metrics.add_fields(lambda s: {"expert_load_imbalance": imbalance(s.counts), "bias_gamma": s.gamma,
@@ -262,7 +273,7 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
     metrics.add_fields(TrafficFields(built.dispatchers, step).fields)
     if device.type == "cuda":   # the allocator's high-water mark on this rank (rank 0 logs)
         metrics.add_fields(lambda s: {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30})
-    metrics.add_fields(rank_times.fields)   # which rank holds the job back
+    metrics.add_fields(trainer.rank_times.fields)   # which rank holds the job back
     metrics.add_fields(lambda s: {"expert_load": load.take_interval()})   # (L, E) routed tokens since the last record
     if cfg.parallel.emulate_slowdown:
         slow = {str(k): v for k, v in cfg.parallel.emulate_slowdown.items()}
@@ -271,7 +282,7 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
         metrics.add_fields(lambda s: {**trainer.outer.metrics(s.step, device),
                                       "site_loss": site_losses(float(s.parts[0]), trainer.sites, device)})
     metrics.add_fields(evaluation.fields)
-    return monitor, metrics, rank_times, evaluation
+    return monitor, metrics, evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- metrics: one object owns the record; each feature adds its fields ----
     run_info = {"shard_dir": shard_dir, "train_rows": len(train_rows), "resumed_from": str(ckpt) if ckpt else None}
-    monitor, metrics, rank_times, evaluation = start_metrics(cfg, trainer, built, sampler, val_rows, rank, world,
+    trainer.begin(step)
+    monitor, metrics, evaluation = start_metrics(cfg, trainer, built, sampler, val_rows, rank, world,
                                                              step, run_info)
-    probe = CapacityProbe(cfg, shares, sampler, rank, step, device)
     describe_run(monitor, cfg, built, rank, world, device, metrics, ckpt, step, stop, shares, placement_note)
 
     # ---- the loop: step -> maybe log (and evaluate) -> maybe save -> maybe stop ----
@@ -325,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < stop:
         s = trainer.train_step(step + 1)
         step = s.step
-        rank_times.add(s.seconds, s.busy_s, s.wait_s)
-        if note := probe.after_step(step, s.busy_s):
+        if note := trainer.after_step(s):
             monitor.write(note)
         metrics.after_step(s)
         if step == 1 or step % t.log_every == 0 or step == stop or evaluation.due(step) or s.skip_seen or s.stop:

@@ -50,10 +50,87 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def _run_train_py(argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """In a process forked from the preloaded server: ``python -u train.py ARGV`` with ``env``."""
+    import runpy
+
+    os.chdir(ROOT)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        with open(path, "w") as f:
+            os.dup2(f.fileno(), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)      # line-buffered, as -u would keep it
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = [str(ROOT / "train.py"), *argv]
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_CONTEXT = None
+
+
+def _context():  # noqa: ANN202
+    """A forkserver that has imported torch, DeepSpeed, datasets, transformers and the project once:
+    every train.py process of the tests is forked from it instead of paying those imports (about
+    4 s of each start on 2 cores). Nothing has run in it, so no thread pool is forked half-started;
+    train.py's own code (its module, parse, validate, build, loop) runs fresh in each child."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "deepspeed", "datasets", "transformers", "torch.distributed.checkpoint",
+                                    "configs.schema", "data", "model.transformer", "parallel.build",
+                                    "parallel.state.checkpoint", "parallel.metrics.record"])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def _start(argv: list[str], env: dict[str, str], logs: str, name: str):  # noqa: ANN202
+    out, err = f"{logs}/{name}.out", f"{logs}/{name}.err"
+    proc = _context().Process(target=_run_train_py, args=(argv, env, out, err), daemon=False)
+    proc.start()
+    return proc, out, err
+
+
+def _wait(procs: list, timeout: float) -> int:  # noqa: ANN001
+    """Wait for every process; a failing one ends the others (as DeepSpeed's launcher does), and so
+    does the deadline. -> the first non-zero exit code (-9 on a timeout), else 0."""
+    deadline, code = time.monotonic() + timeout, 0
+    while any(p.exitcode is None for p in procs):
+        failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            code = failed[0] if failed else -9
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.join()
+    return code or next((p.exitcode for p in procs if p.exitcode), 0)
+
+
 def train(args: list[str], check: bool = True, timeout: int = 240, env: dict[str, str] | None = None
           ) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env={**clean_env(), **(env or {})},
-                       capture_output=True, text=True, timeout=timeout)
+    """``python train.py ARGS`` in a clean environment (a process forked from the preloaded server)."""
+    with tempfile.TemporaryDirectory() as logs:
+        proc, out, err = _start(list(args), {**clean_env(), **(env or {})}, logs, "train")
+        code = _wait([proc], timeout)
+        if code == -9:
+            raise subprocess.TimeoutExpired(["train.py", *args], timeout)
+        p = subprocess.CompletedProcess(args, code, open(out).read(), open(err).read())
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -78,7 +155,7 @@ def launch(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | No
 
 def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | None = None
                 ) -> subprocess.CompletedProcess:
-    """N ranks of ``train.py`` started directly, each with what DeepSpeed's launcher
+    """N ranks of ``train.py`` started directly (forked from the preloaded server), each with what DeepSpeed's launcher
     (deepspeed/launcher/launch.py) gives it: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR,
     MASTER_PORT, CROSS_RANK, CROSS_SIZE and ``--local_rank=R``. For the runs that check what training
     computes (EP, resharding, shares, sites): the launcher's runner and per-node process cost about
@@ -91,33 +168,10 @@ def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str]
     base = {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": str(n), "LOCAL_SIZE": str(n), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
     with tempfile.TemporaryDirectory() as logs:
-        procs, files = [], []
-        for r in range(n):
-            out, err = open(f"{logs}/{r}.out", "w+"), open(f"{logs}/{r}.err", "w+")
-            files.append((out, err))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-u", str(ROOT / "train.py"), f"--local_rank={r}", *args], cwd=ROOT,
-                env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err))
-        deadline, code = time.monotonic() + timeout, 0
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                code = failed[0] if failed else -9
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.05)
-        for p in procs:
-            p.wait()
-        code = code or next((p.returncode for p in procs if p.returncode), 0)
-        texts = []
-        for out, err in files:
-            out.seek(0)
-            err.seek(0)
-            texts.append((out.read(), err.read()))
-            out.close()
-            err.close()
+        started = [_start([f"--local_rank={r}", *args], {**base, "RANK": str(r), "LOCAL_RANK": str(r)}, logs, str(r))
+                   for r in range(n)]
+        code = _wait([p for p, _, _ in started], timeout)
+        texts = [(open(out).read(), open(err).read()) for _, out, err in started]
     stdout, stderr = "".join(o for o, _ in texts), "".join(e for _, e in texts)
     assert code == 0, f"rank exit {code}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     return subprocess.CompletedProcess(args, code, stdout, stderr)

@@ -130,11 +130,13 @@ class _A2AWait(torch.autograd.Function):
         return torch.zeros((), dtype=ctx.buf_dtype, device=grad.device).expand(ctx.buf_shape), None
 
 
-def _regroup_index(recv_counts: torch.Tensor) -> torch.Tensor:
+def _regroup_index(recv_counts: torch.Tensor, rows: int) -> torch.Tensor:
     """recv_counts (ep, El): rows arrive as (source, expert) blocks; return the row order that
-    lists them as (expert, source) blocks, i.e. contiguous per local expert."""
+    lists them as (expert, source) blocks, i.e. contiguous per local expert. ``rows``: their total,
+    known on the host from the split sizes (without it repeat_interleave reads the counts back)."""
     ep, El = recv_counts.shape
-    expert_of_row = torch.arange(El, device=recv_counts.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+    expert_of_row = torch.arange(El, device=recv_counts.device).repeat(ep).repeat_interleave(
+        recv_counts.flatten(), output_size=rows)                                      # (rows,)
     return torch.argsort(expert_of_row, stable=True)      # stable: source order kept within an expert
 
 
@@ -211,9 +213,11 @@ class AllToAllDispatcher:
                                    [C * n for n in self.n_per_rank], group=self.group)
             self.wait_s += time.perf_counter() - t0
             recv_counts = recv_counts.view(self.ep, C, self.n_local)
+            # the layer's one host sync: every chunk's split sizes, sent (C, ep) and received (C, ep)
+            send_splits, recv_splits = torch.stack([per_rank, recv_counts.sum(2).t()]).tolist()
         transfers, bufs = [], []
         for c, p in enumerate(perms):
-            tr = _Transfer(self.group, per_rank[c].tolist(), recv_counts[:, c].sum(1).tolist(),
+            tr = _Transfer(self.group, send_splits[c], recv_splits[c],
                            self.link, self.rank, self.stats, "dispatch", fp8=self.fp8_dispatch, owner=self)
             buf = _A2AStart.apply(x[bounds[c]:bounds[c + 1]].index_select(0, p.token_of), tr)
             if not self.overlap:
@@ -224,7 +228,7 @@ class AllToAllDispatcher:
         back = []
         for c in range(C):
             recv = _A2AWait.apply(bufs[c], transfers[c]) if self.overlap else bufs[c]
-            order = _regroup_index(recv_counts[:, c])                        # (N_recv,)
+            order = _regroup_index(recv_counts[:, c], sum(recv_splits[c]))   # (N_recv,)
             y = experts(recv.index_select(0, order), recv_counts[:, c].sum(0))             # (N_recv, D) expert-major
             y_src = torch.empty_like(y).index_copy(0, order, y) if y.shape[0] else y   # back to (src, e)
             tr = _Transfer(self.group, transfers[c].recv, transfers[c].send, self.link, self.rank,

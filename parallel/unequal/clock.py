@@ -27,6 +27,7 @@ micro-step it totals (factor - 1) x the micro-step's compute.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,7 +49,12 @@ class RankClock:
     def __init__(self, engine: DeepSpeedEngine, dispatchers: list[AllToAllDispatcher], slowdown: float = 1.0,
                  device: torch.device | None = None):
         self.dispatchers, self.slowdown = dispatchers, slowdown
-        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+        self._cuda = device is not None and device.type == "cuda"
+        # whether this step's times are used (auto's probe, the slowdown emulation): only then does
+        # the clock synchronise the device at its points; elsewhere a sync per all-to-all wait would
+        # serialise the overlap, and on a CPU every op has finished when it returns anyway
+        self.measuring: Callable[[], bool] = lambda: True
+        self._measured = True
         self._reduce_gradients = engine.allreduce_gradients
         engine.allreduce_gradients = self._at_reduction         # instance attribute: engine.backward calls it
         for d in dispatchers:
@@ -56,7 +62,12 @@ class RankClock:
         self.busy_s = 0.0                                         # this step so far
         self._open = False
 
+    def _sync(self) -> None:
+        if self._cuda and self._measured:
+            torch.cuda.synchronize()
+
     def micro_start(self) -> None:
+        self._measured = self.measuring()     # fixed for the micro-step
         self._sync()
         self._t0, self._w0, self._open = time.perf_counter(), dispatcher_wait_s(self.dispatchers), True
 
