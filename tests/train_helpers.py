@@ -104,17 +104,26 @@ def _start(argv: list[str], env: dict[str, str], logs: str, name: str):  # noqa:
     return proc, out, err
 
 
+class _TimedOut(Exception):
+    pass
+
+
 def _wait(procs: list, timeout: float) -> int:  # noqa: ANN001
-    """Wait for every process; a failing one ends the others (as DeepSpeed's launcher does), and so
-    does the deadline. -> the first non-zero exit code (-9 on a timeout), else 0."""
+    """Wait for every process; a failing one ends the others (as DeepSpeed's launcher does).
+    -> the first non-zero exit code (a signal's is negative), else 0; _TimedOut past the deadline."""
     deadline, code = time.monotonic() + timeout, 0
     while any(p.exitcode is None for p in procs):
         failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-        if failed or time.monotonic() > deadline:
-            code = failed[0] if failed else -9
+        late = time.monotonic() > deadline
+        if failed or late:
             for p in procs:
                 if p.exitcode is None:
                     p.kill()
+            for p in procs:
+                p.join()
+            if not failed:
+                raise _TimedOut()
+            code = failed[0]
             break
         time.sleep(0.05)
     for p in procs:
@@ -127,9 +136,10 @@ def train(args: list[str], check: bool = True, timeout: int = 240, env: dict[str
     """``python train.py ARGS`` in a clean environment (a process forked from the preloaded server)."""
     with tempfile.TemporaryDirectory() as logs:
         proc, out, err = _start(list(args), {**clean_env(), **(env or {})}, logs, "train")
-        code = _wait([proc], timeout)
-        if code == -9:
-            raise subprocess.TimeoutExpired(["train.py", *args], timeout)
+        try:
+            code = _wait([proc], timeout)
+        except _TimedOut:
+            raise subprocess.TimeoutExpired(["train.py", *args], timeout) from None
         p = subprocess.CompletedProcess(args, code, open(out).read(), open(err).read())
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
@@ -170,8 +180,11 @@ def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str]
     with tempfile.TemporaryDirectory() as logs:
         started = [_start([f"--local_rank={r}", *args], {**base, "RANK": str(r), "LOCAL_RANK": str(r)}, logs, str(r))
                    for r in range(n)]
-        code = _wait([p for p, _, _ in started], timeout)
+        try:
+            code = _wait([p for p, _, _ in started], timeout)
+        except _TimedOut:
+            code = "timed out"
         texts = [(open(out).read(), open(err).read()) for _, out, err in started]
     stdout, stderr = "".join(o for o, _ in texts), "".join(e for _, e in texts)
-    assert code == 0, f"rank exit {code}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    assert code == 0, f"ranks: {code}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     return subprocess.CompletedProcess(args, code, stdout, stderr)
