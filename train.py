@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from configs.schema import load_config
-from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, read_meta
+from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, echo_log, run_tokenizer_fingerprint
 from data.corpus import source_signature
 from model.flops import count_params
 from model.hf.manifest import verify
@@ -55,6 +55,7 @@ from parallel.multisite.groups import build_sites, check_sites, site_losses
 from parallel.multisite.outer import OuterSync, check_outer_resume
 from parallel.state import checkpoint
 from parallel.state.registry import RunState
+from parallel.state.run_owner import run_id_for
 from parallel.unequal.clock import RankClock, RankTimes
 from parallel.unequal.shares import CapacityProbe, check_capacity, initial_shares
 
@@ -75,12 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_config(cfg: Config, world_size: int) -> None:
     """Every check that needs only the config and the world size, before any process group: a
-    conflicting DeepSpeed key, a layout the world cannot hold, a missing corpus or tokenizer fails
-    here, on each rank, with one line naming the field."""
+    conflicting DeepSpeed key, a layout the world cannot hold, a missing corpus or tokenizer, a
+    train.out_dir holding another run's checkpoints fails here, on each rank, with one line naming the field."""
     check_supported(cfg, world_size)
     check_sites(cfg, world_size)
     check_capacity(cfg, world_size)                       # shares of unequal ranks
     deepspeed_config(cfg, world_size // cfg.parallel.sites)
+    checkpoint.claim_out_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite, int(os.environ.get("RANK", 0)))
     d = cfg.data
     if d.path is not None:
         source_signature(d.path, d.text_field, d.max_files)   # lists the corpus files; raises naming the path
@@ -89,7 +91,7 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def prepare_data(cfg: Config, rank: int, device: torch.device) -> str:
-    """Rank 0 builds (or finds) the token-shard cache; the others wait, then find it."""
+    """Rank 0 builds (or finds) the token-shard cache, its log lines on stdout; the others wait, then find it."""
     d = cfg.data
     build = lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,  # noqa: E731
                                         d.seq_len, d.cache_dir, d.val_fraction, d.max_files)
@@ -97,7 +99,8 @@ def prepare_data(cfg: Config, rank: int, device: torch.device) -> str:
     shard_dir, error = None, None
     if rank == 0:
         try:
-            shard_dir = build()
+            with echo_log():   # "data: prepared ...; special-token strings kept as text: ..."
+                shard_dir = build()
         except Exception as e:  # re-raised below, after telling the other ranks
             failed += 1
             error = e
@@ -230,12 +233,15 @@ def start_processes(cfg: Config) -> tuple[int, int, torch.device, Sites | None]:
 
 
 def load_data(cfg: Config, rank: int, device: torch.device) -> tuple[str, str, TokenShards, TokenShards | None]:
-    """-> (shard dir, tokenizer fingerprint, train rows, val rows or None)."""
+    """-> (shard dir, tokenizer fingerprint, train rows, val rows or None). The fingerprint is the run's own
+    tokenizer's (data.tokenizer, else the BPE in data.cache_dir/tokenizer: the one checkpoints copy), computed
+    from its files; shards whose meta.json names another are refused."""
     shard_dir = prepare_data(cfg, rank, device)
-    fingerprint = read_meta(shard_dir)["tokenizer_fingerprint"]
+    fingerprint = run_tokenizer_fingerprint(cfg.data.tokenizer, cfg.data.cache_dir)
     train_rows = TokenShards(shard_dir, "train", expected_vocab_size=cfg.model.vocab_size,
                              expected_fingerprint=fingerprint)
-    val_rows = (TokenShards(shard_dir, "val", expected_vocab_size=cfg.model.vocab_size)
+    val_rows = (TokenShards(shard_dir, "val", expected_vocab_size=cfg.model.vocab_size,
+                            expected_fingerprint=fingerprint)
                 if cfg.train.eval_batches > 0 and cfg.data.val_fraction > 0 else None)
     return shard_dir, fingerprint, train_rows, val_rows
 
@@ -317,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         run_state.register_value(key, value)
     trainer.register_state(run_state)
     prefix = trainer.outer.key_prefix if trainer.outer is not None else ""   # sites diverge in a round
-    saver = checkpoint.Checkpointer(async_save=t.async_save, state_prefix=prefix)   # its own gloo group
+    saver = checkpoint.Checkpointer(async_save=t.async_save, state_prefix=prefix,   # its own gloo group
+                                    run_id=run_id_for(state))   # the resumed run's id, or a new one
     step = 0
     if ckpt is not None:
         checkpoint.load(trainer.engine, ckpt, state, run_state, state_prefix=prefix)

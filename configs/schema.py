@@ -3,7 +3,13 @@
 ``load_config(path, overrides)`` reads a preset, applies ``section.key=value`` overrides
 (values parsed as YAML, so ``train.lr=3e-4`` is a float and ``model.q_lora_rank=null`` is None),
 and validates everything before any process group or weight exists. Unknown sections or keys
-and invalid values raise ``ValueError`` naming the field and the value.
+(also inside ``model.rope_scaling`` and at the top of ``deepspeed:``) and invalid values raise
+``ValueError`` naming the field and the value.
+
+Config files are read strictly: anchors and aliases (``&a`` / ``*a``: a 1 kB alias bomb expands to
+gigabytes once the config is copied), merge keys and duplicate keys at any depth are refused, naming
+the file and the line; a file without a ``model:`` section is refused (the dataclass defaults are the
+full DeepSeek-V3-671B).
 """
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-import yaml
-
+from configs.nested_keys import check_deepspeed_keys, check_rope_scaling
+from configs.yaml_reader import read_yaml
 from model.config import ModelConfig
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "tiny.yaml")
@@ -57,6 +63,7 @@ class TrainConfig:
     seed: int = 1234
     out_dir: str = "runs/tiny"
     resume: str | None = None             # None | "auto" | a checkpoint path
+    overwrite: bool = False               # a fresh run may replace the checkpoints of another run in out_dir
     init_from: str | None = None          # a checkpoint made by scripts/import_hf.py
     log_every: int = 10
     save_every: int = 100
@@ -205,17 +212,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise ValueError(f"override {text!r}: expected section.key=value")
-    return path, yaml.safe_load(value) if value != "" else None
+    return path, read_yaml(value, f"override {text!r}") if value != "" else None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     path = path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    with open(path, encoding="utf-8") as f:
+        raw = read_yaml(f.read(), path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: top level must be a mapping of sections")
+    if not raw.get("model"):   # the dataclass defaults are DeepSeek-V3-671B: never silently
+        raise ValueError(f"{path} has {'an empty' if 'model' in raw else 'no'} model: section (the defaults are the "
+                         "full DeepSeek-V3-671B); copy one from configs/tiny.yaml or another preset in configs/")
     for ov in overrides:
         keys, value = parse_override(ov)
         node = raw
@@ -231,6 +241,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     ds = raw.get("deepspeed") or {}
     if not isinstance(ds, dict):
         raise ValueError(f"deepspeed: expected a mapping, got {ds!r}")
+    check_deepspeed_keys(ds)
     cfg = Config(deepspeed=ds, **sections)
     validate(cfg)
     return cfg
@@ -261,6 +272,7 @@ def _validate_capacity(p: ParallelConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    check_rope_scaling(cfg.model.rope_scaling)   # before the model's own checks compare its values
     cfg.model.validate("model")
     d, t, p, f, lg = cfg.data, cfg.train, cfg.parallel, cfg.fp8, cfg.logging
     for section, name in _PATH_FIELDS:
@@ -319,6 +331,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.optimizer_impl={t.optimizer_impl!r}: must be fused, foreach or loop")
     if t.resume is not None and not t.resume:
         raise ValueError("train.resume='': use null, 'auto' or a checkpoint path")
+    if t.overwrite and t.resume is not None:
+        raise ValueError(f"train.overwrite=true with train.resume={t.resume!r}: a resume continues the checkpoints "
+                         "that overwrite would remove; choose one")
     if p.ep < 1:
         raise ValueError(f"parallel.ep={p.ep}: must be >= 1")
     if p.expert_placement not in PLACEMENTS:

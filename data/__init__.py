@@ -4,14 +4,16 @@ Single-process library code: ranks arrive as plain ints, nothing here touches
 torch.distributed.
 """
 
-from .cache import build_dataset_cache
+from .cache import build_dataset_cache, echo_log, run_tokenizer_fingerprint, run_tokenizer_path
 from .corpus import load_corpus, source_signature, stdlib_files
 from .sampler import ShardedSampler, batch_from_rows
-from .shards import TokenShards, cached_shards, prepare_shards, read_meta
-from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from .shards import TokenShards, cached_shards, prepare_shards, read_meta, verify_shards
+from .tokenizer import load_tokenizer, special_token_strings, tokenizer_fingerprint, train_bpe_tokenizer
 
 __all__ = [
-    "build_dataset_cache", "load_corpus", "source_signature", "stdlib_files",
+    "build_dataset_cache", "echo_log", "run_tokenizer_fingerprint", "run_tokenizer_path",
+    "load_corpus", "source_signature", "stdlib_files",
     "ShardedSampler", "batch_from_rows", "TokenShards", "cached_shards", "prepare_shards",
-    "read_meta", "load_tokenizer", "tokenizer_fingerprint", "train_bpe_tokenizer",
+    "read_meta", "verify_shards", "load_tokenizer", "special_token_strings", "tokenizer_fingerprint",
+    "train_bpe_tokenizer",
 ]

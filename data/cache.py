@@ -7,13 +7,20 @@ Layout under `cache_dir`:
 
 A repeated call with the same arguments (and unchanged corpus files) only stats the corpus
 files and loads the tokenizer: no corpus loading, tokenizer training or tokenization.
+
+The run's tokenizer is `tokenizer_path` when given, else the BPE in `cache_dir/tokenizer`
+(`run_tokenizer_path`): the one checkpoints copy and exports ship. Its fingerprint, computed from
+those files and not read from a shard directory, is what a run checks its shards against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .corpus import load_corpus, source_signature
@@ -75,3 +82,35 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def run_tokenizer_path(tokenizer_path: str | None, cache_dir: str) -> Path:
+    """Where a run's tokenizer lives: `tokenizer_path` (data.tokenizer), else the BPE that
+    build_dataset_cache trains into `cache_dir`/tokenizer."""
+    return Path(tokenizer_path if tokenizer_path is not None else Path(cache_dir) / "tokenizer").expanduser()
+
+
+def run_tokenizer_fingerprint(tokenizer_path: str | None, cache_dir: str) -> str:
+    """Fingerprint of the tokenizer a run loads (see run_tokenizer_path), from its own files: the
+    independent value to check a shard directory's recorded fingerprint against."""
+    return tokenizer_fingerprint(load_tokenizer(str(run_tokenizer_path(tokenizer_path, cache_dir))))
+
+
+@contextlib.contextmanager
+def echo_log(enabled: bool = True) -> Iterator[None]:
+    """While inside, this package's INFO lines (training a tokenizer, reusing or preparing shards, the
+    special-token strings found in documents) are printed to stdout as ``data: ...``."""
+    logger = logging.getLogger(__package__)
+    if not enabled:
+        yield
+        return
+    handler, level = logging.StreamHandler(sys.stdout), logger.level
+    handler.setFormatter(logging.Formatter("data: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.flush()

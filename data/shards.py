@@ -9,21 +9,30 @@ Documents are concatenated with EOS after each one, so rows cross document bound
 (standard GPT pretraining packing, no padding). The tail that does not fill a row is
 dropped. Validation is the last ceil-ish `val_fraction` of rows, so it is deterministic
 and non-empty even for tiny corpora.
+
+A document's text is encoded as text: a special token's string inside it (`<|endoftext|>` in
+code or a page about GPT-2) becomes ordinary tokens, never the special id, so the only EOS ids
+are the separators the packer appends. meta.json counts such strings (`special_tokens_in_text`).
+
+Format version 2 records each shard's largest token id (`max_id`), which the vocabulary check
+at start-up reads instead of every token; `scripts/verify_data.py` still reads them all.
+Version 1 directories (no `max_id`) still load: their vocabulary check scans every token.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import numpy as np
 
-from .tokenizer import tokenizer_fingerprint
+from .tokenizer import literal_pattern, special_token_strings, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     import datasets
@@ -32,12 +41,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "moe-token-shards"
-FORMAT_VERSION = 1
+# 2: document text encoded with special-token strings as text, `max_id` per shard. The version is part
+# of the cache key, so a version-1 cache is prepared again rather than reused.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_NAME = "meta.json"
 REQUIRED_KEYS = ("format", "version", "dtype", "seq_len", "row_len", "vocab_size", "eos_token_id",
                  "tokenizer_fingerprint", "source", "val_fraction", "num_documents", "splits")
 _BATCH = 1000  # documents per tokenizer call / per packing step
 DEFAULT_ROWS_PER_SHARD = 16384  # 32 MiB shards at seq_len 1024 / uint16
+_SCAN_TOKENS = 1 << 24  # tokens per chunk of a full scan (memory stays flat)
 
 
 def shard_dtype(vocab_size: int) -> np.dtype:
@@ -60,9 +73,9 @@ def read_meta(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"corrupt shard metadata {path}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not {FORMAT} metadata")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path} has unknown format version {meta.get('version')!r} "
-                         f"(this code reads version {FORMAT_VERSION}); prepare the data again")
+                         f"(this code reads versions {', '.join(map(str, READABLE_VERSIONS))}); prepare the data again")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ValueError(f"corrupt shard metadata {path}: missing keys {missing}")
@@ -70,7 +83,7 @@ def read_meta(out_dir: str | os.PathLike) -> dict[str, Any]:
             or meta["row_len"] != meta["seq_len"] + 1):
         raise ValueError(f"corrupt shard metadata {path}: dtype={meta['dtype']!r}, "
                          f"seq_len={meta['seq_len']!r}, row_len={meta['row_len']!r}")
-    _check_splits(path, meta["splits"])
+    _check_splits(path, meta["splits"], needs_max_id=meta["version"] >= 2)
     return meta
 
 
@@ -78,9 +91,10 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _check_splits(path: Path, splits: Any) -> None:
-    """Every shard entry is a plain file name in the shard directory with a row count: a listing
-    such as "../../x" would otherwise memory-map a file outside it."""
+def _check_splits(path: Path, splits: Any, needs_max_id: bool) -> None:
+    """Every shard entry is a plain file name in the shard directory with a row count (and, from
+    version 2, its largest token id): a listing such as "../../x" would otherwise memory-map a file
+    outside it."""
     if not isinstance(splits, dict):
         raise ValueError(f"corrupt shard metadata {path}: splits={splits!r} is not a mapping")
     for split, info in splits.items():
@@ -96,10 +110,13 @@ def _check_splits(path: Path, splits: Any) -> None:
             if not _count(rows):
                 raise ValueError(f"corrupt shard metadata {path}: shard {name!r} has rows={rows!r}, "
                                  "expected a count >= 0")
+            if (needs_max_id or "max_id" in entry) and rows and not _count(entry.get("max_id")):
+                raise ValueError(f"corrupt shard metadata {path}: shard {name!r} has max_id="
+                                 f"{entry.get('max_id')!r}, expected its largest token id")
 
 
-def _check_files(d: Path, meta: dict[str, Any], split: str) -> list[tuple[Path, int]]:
-    """(file, rows) for each shard of `split`, after checking each file's size against meta."""
+def _check_files(d: Path, meta: dict[str, Any], split: str) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, its entry in meta) for each shard of `split`, after checking each file's size against meta."""
     itemsize = np.dtype(meta["dtype"]).itemsize
     out = []
     for shard in meta["splits"][split]["shards"]:
@@ -111,7 +128,7 @@ def _check_files(d: Path, meta: dict[str, Any], split: str) -> list[tuple[Path, 
             raise ValueError(f"shard {f} has {f.stat().st_size} bytes but {d / META_NAME} says "
                              f"{shard['rows']} rows x {meta['row_len']} tokens x {itemsize} B = "
                              f"{expected}: truncated or corrupt; delete {d} and prepare again")
-        out.append((f, shard["rows"]))
+        out.append((f, shard))
     return out
 
 
@@ -182,8 +199,10 @@ class _RowWriter:
                 self.fh, self.shard_rows = open(self.d / f".{name}.tmp", "wb"), 0
             k = min(len(rows), left, self.rows_per_shard - self.shard_rows)
             self.fh.write(np.ascontiguousarray(rows[:k], dtype=self.dtype).tobytes())
+            shard = self.splits[split]["shards"][-1]
+            shard["max_id"] = max(shard.get("max_id", 0), int(rows[:k].max()))  # the start-up vocabulary check
             rows, left, self.shard_rows = rows[k:], left - k, self.shard_rows + k
-            self.splits[split]["shards"][-1]["rows"] += k
+            shard["rows"] += k
             self.splits[split]["rows"] += k
             self.plan[0] = (split, left)
             if left == 0 or self.shard_rows == self.rows_per_shard:
@@ -230,24 +249,37 @@ def prepare_shards(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
         return hit
     _clear(d)
 
+    specials = special_token_strings(tokenizer)
+    index = {t: i for i, t in enumerate(specials)}
+    pattern = literal_pattern(specials)
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = copy.deepcopy(backend) if backend is not None else None  # the caller's tokenizer stays as it is
 
     def encode(texts: list[str]) -> dict[str, list[list[int]]]:
         texts = [t for t in texts if t]  # empty documents would add bare EOS tokens
-        if backend is not None:  # direct call: no per-text max-length warnings, no python overhead
-            ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        # A special token's string in a document is text: without this it would be encoded as the special
+        # id (`<|endoftext|>` -> EOS, one document silently split in two).
+        if plain is not None:  # direct call: no per-text max-length warnings, no python overhead
+            plain.encode_special_tokens = True  # on every call: pickling into a num_proc worker drops it
+            ids = [e.ids for e in plain.encode_batch(texts, add_special_tokens=False)]
         else:
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+            ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        found = [[index[m] for m in pattern.findall(t)] if pattern else [] for t in texts]
+        return {"ids": [x + [eos] for x in ids], "specials": found}
 
     tokenized = dataset.select_columns(["text"]).map(
         encode, batched=True, batch_size=_BATCH, input_columns="text", remove_columns=["text"],
         num_proc=num_proc if num_proc > 1 else None, desc="tokenizing",
-        features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}),
+        features=datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                                    "specials": datasets.List(datasets.Value("int32"))}),
     )
     arrow = tokenized.with_format("arrow")
-    num_tokens = sum(pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0
-                     for b in arrow.iter(batch_size=_BATCH * 10))
+    num_tokens, in_text, with_specials = 0, np.zeros(len(specials), dtype=np.int64), 0
+    for b in arrow.iter(batch_size=_BATCH * 10):
+        num_tokens += pc.sum(pc.list_value_length(b.column("ids"))).as_py() or 0
+        found = b.column("specials")
+        with_specials += pc.sum(pc.greater(pc.list_value_length(found), 0)).as_py() or 0
+        in_text += np.bincount(pc.list_flatten(found).to_numpy(), minlength=len(specials))
     n_rows = num_tokens // row_len
     n_val = max(1, int(n_rows * val_fraction)) if val_fraction > 0 else 0
     if n_rows - n_val < 1:
@@ -261,24 +293,43 @@ def prepare_shards(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
         flat = pc.list_flatten(batch.column("ids")).to_numpy()
         if len(flat) and (flat.max() >= vocab_size or flat.min() < 0):
             raise ValueError(f"tokenizer produced id {flat.max()} outside [0, {vocab_size})")
+        if np.count_nonzero(flat == eos) != batch.num_rows:  # one appended to each document, no other
+            raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} encodes document text "
+                             f"to its EOS id {eos}: documents could not be told apart in the packed rows")
         buf = np.concatenate([carry, flat])
         full = len(buf) // row_len
         writer.write(buf[: full * row_len].reshape(full, row_len))
         carry = buf[full * row_len:]
 
+    occurrences = {t: int(n) for t, n in zip(specials, in_text) if n}
     meta = dict(want, dtype=dtype.name, row_len=row_len, eos_token_id=eos,
                 tokenizer_path=str(getattr(tokenizer, "name_or_path", "")),
                 num_documents=len(tokenized), num_tokens=num_tokens,
                 dropped_tokens=num_tokens - n_rows * row_len,
+                # special-token strings found in documents, kept (and encoded) as text
+                special_tokens_in_text={"documents": with_specials, "occurrences": occurrences},
                 splits={s: dict(info, tokens=info["rows"] * row_len) for s, info in writer.splits.items()})
     tmp = d / f".{META_NAME}.tmp"
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, d / META_NAME)  # last step: from here on the directory counts as complete
+    found = (", ".join(f"{t!r} x{n}" for t, n in occurrences.items()) + f" in {with_specials} document(s)"
+             if occurrences else "none")
+    log.info("prepared %d documents, %d tokens -> %d train + %d val rows of %d tokens in %s; "
+             "special-token strings kept as text: %s", len(tokenized), num_tokens, n_rows - n_val, n_val,
+             row_len, d, found)
     return meta
 
 
 class TokenShards:
-    """Read-only, memory-mapped rows of one split; `ds[i]` is an int64 array of seq_len + 1."""
+    """Read-only, memory-mapped rows of one split; `ds[i]` is an int64 array of seq_len + 1.
+
+    `expected_fingerprint`: the fingerprint of the tokenizer the caller uses (not one read from this
+    directory); shards prepared with another are refused. `expected_vocab_size`: the model's vocabulary.
+    Each shard's largest token id, recorded at preparation, must be below it: start-up reads no tokens
+    for that (format version 1 shards, which have none recorded, are scanned in full, as before). Every
+    row read afterwards is checked against its shard's recorded largest id, so a file changed since it
+    was prepared still never puts an id outside the vocabulary into a batch: it fails naming the shard.
+    """
 
     def __init__(self, out_dir: str, split: str = "train", expected_vocab_size: int | None = None,
                  expected_fingerprint: str | None = None):
@@ -288,28 +339,52 @@ class TokenShards:
             raise ValueError(f"split {split!r} not in {self.path} (has {sorted(meta['splits'])})")
         if expected_fingerprint is not None and meta["tokenizer_fingerprint"] != expected_fingerprint:
             raise ValueError(
-                f"{self.path} was prepared with another tokenizer (fingerprint "
-                f"{meta['tokenizer_fingerprint'][:12]}..., expected {expected_fingerprint[:12]}...); "
+                f"{self.path} was prepared with another tokenizer (fingerprint {meta['tokenizer_fingerprint'][:16]}... "
+                f"in its {META_NAME}) than this run's (fingerprint {expected_fingerprint[:16]}...); "
                 "prepare the data again with this tokenizer")
-        files = _check_files(self.path, meta, split)
+        shards = [(f, entry) for f, entry in _check_files(self.path, meta, split) if entry["rows"] > 0]
         self.split, self.seq_len, self.vocab_size = split, meta["seq_len"], meta["vocab_size"]
-        self._maps = [np.memmap(f, dtype=meta["dtype"], mode="r", shape=(rows, meta["row_len"]))
-                      for f, rows in files if rows > 0]
+        self._files = [f for f, _ in shards]
+        self._maps = [np.memmap(f, dtype=meta["dtype"], mode="r", shape=(entry["rows"], meta["row_len"]))
+                      for f, entry in shards]
         self._starts = np.cumsum([0] + [len(m) for m in self._maps])
         if len(self) == 0:
             raise ValueError(f"split {split!r} in {self.path} is empty (val_fraction=0 or tiny corpus)")
+        self._vocab, self._limits = expected_vocab_size, None   # per shard: every id read must be below
         if expected_vocab_size is not None:
-            self._check_ids(expected_vocab_size, [f for f, rows in files if rows > 0])
+            self._limits = self._check_ids(expected_vocab_size, shards)
+            self.get_rows([0, -1])   # two rows read: a file replaced from its start or end fails here
 
-    def _check_ids(self, vocab_size: int, files: list[Path]) -> None:
-        # A full vectorized scan (chunked, so memory stays flat): catches a model/tokenizer
-        # vocab mismatch before it becomes an out-of-range embedding lookup mid-training.
-        for m, f in zip(self._maps, files):
-            for start in range(0, len(m), 65536):
-                top = int(m[start:start + 65536].max())
-                if top >= vocab_size:
-                    raise ValueError(f"{f} contains token id {top} >= vocab size {vocab_size} "
-                                     f"(data in {self.path} does not fit this model's vocabulary)")
+    def _check_ids(self, vocab_size: int, shards: list[tuple[Path, dict[str, Any]]]) -> list[int]:
+        """Catches a model/tokenizer vocabulary mismatch before it becomes an out-of-range embedding
+        lookup mid-training, from each shard's recorded largest id (a version-1 shard, with none, is
+        scanned in full); `scripts/verify_data.py` reads every token of a directory. -> per shard, the
+        bound every id read from it must stay below."""
+        unrecorded = [f.name for f, entry in shards if "max_id" not in entry]
+        if unrecorded:
+            log.warning("%s was prepared before shards recorded their largest token id (format version %s): "
+                        "reading all %d shard(s) of %r to check the vocabulary; prepare it again to skip this scan",
+                        self.path, self.meta["version"], len(unrecorded), self.split)
+        limits = []
+        for m, (f, entry) in zip(self._maps, shards):
+            recorded = entry.get("max_id")
+            top = recorded if recorded is not None else scan_max_id(m)
+            if top >= vocab_size:
+                how = f"its largest, recorded in {META_NAME}" if recorded is not None else "found by a full scan"
+                raise ValueError(f"{f} contains token id {top} >= vocab size {vocab_size} ({how}): the data in "
+                                 f"{self.path} does not fit this model's vocabulary")
+            limits.append(top + 1)
+        return limits
+
+    def _refuse(self, s: int, row: int, top: int) -> NoReturn:
+        f, recorded = self._files[s], self._limits[s] - 1
+        if top >= self._vocab:
+            raise ValueError(f"{f} contains token id {top} >= vocab size {self._vocab} (in row {row}; its largest "
+                             f"id was {recorded} when it was prepared): the file was changed since; check the "
+                             f"directory with python scripts/verify_data.py {self.path}")
+        raise ValueError(f"{f} contains token id {top} in row {row}, above the largest id {recorded} recorded in "
+                         f"{META_NAME} when it was prepared: the file was changed since; check the directory with "
+                         f"python scripts/verify_data.py {self.path}")
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -321,8 +396,54 @@ class TokenShards:
             raise IndexError(f"row {i} out of range for {n} rows in {self.path} ({self.split})")
         i %= n
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return np.asarray(self._maps[s][i - self._starts[s]], dtype=np.int64)
+        row = np.asarray(self._maps[s][i - self._starts[s]], dtype=np.int64)
+        if self._limits is not None and (top := int(row.max())) >= self._limits[s]:
+            self._refuse(s, i - int(self._starts[s]), top)
+        return row
 
     def get_rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """(B, seq_len + 1) int64 array of the given rows."""
         return np.stack([self[i] for i in indices])
+
+
+def scan_max_id(rows: np.ndarray) -> int:
+    """The largest token id in a (rows, row_len) array or memory map, read in chunks (memory stays flat)."""
+    step = max(1, _SCAN_TOKENS // max(1, rows.shape[1]))
+    return max(int(rows[start:start + step].max()) for start in range(0, len(rows), step))
+
+
+class ShardCheck(NamedTuple):
+    """One shard's full scan by `verify_shards`; `problem` is None for a good shard."""
+    split: str
+    file: Path
+    rows: int
+    max_id: int | None  # found by reading every token (None: the file could not be read)
+    recorded: int | None  # from meta.json (None: version 1, or no rows)
+    problem: str | None
+
+
+def verify_shards(out_dir: str | os.PathLike, vocab_size: int | None = None) -> Iterator[ShardCheck]:
+    """Read every token of every shard: its size against meta.json, its largest id against the one
+    recorded at preparation and against `vocab_size` (default: the tokenizer's, from meta.json).
+    Yields one check per shard, in meta.json's order; raises only for unreadable metadata."""
+    d = Path(out_dir)
+    meta = read_meta(d)
+    vocab = meta["vocab_size"] if vocab_size is None else vocab_size
+    dtype, row_len = np.dtype(meta["dtype"]), meta["row_len"]
+    for split, info in meta["splits"].items():
+        for entry in info["shards"]:
+            f, rows, recorded = d / entry["file"], entry["rows"], entry.get("max_id")
+            expected = rows * row_len * dtype.itemsize
+            size = f.stat().st_size if f.is_file() else None
+            if size != expected:
+                problem = "missing" if size is None else f"{size} bytes, expected {expected}: truncated or corrupt"
+                yield ShardCheck(split, f, rows, None, recorded, problem)
+                continue
+            top = scan_max_id(np.memmap(f, dtype=dtype, mode="r", shape=(rows, row_len))) if rows else None
+            problem = None
+            if top is not None and top >= vocab:
+                problem = f"contains token id {top} >= vocab size {vocab}"
+            elif recorded is not None and top != recorded:
+                problem = (f"its largest token id is {top}, but {META_NAME} recorded {recorded} when it was "
+                           "prepared: the file was changed since")
+            yield ShardCheck(split, f, rows, top, recorded, problem)

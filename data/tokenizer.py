@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -81,6 +82,37 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos_token; one is needed to separate documents")
     return tok
+
+
+def special_token_strings(tok: PreTrainedTokenizerBase) -> list[str]:
+    """Every special token's text (EOS, BOS, pad, the added specials), sorted: in a document these
+    strings are text and must be encoded as such, never as the token they name."""
+    specials = set(tok.all_special_tokens)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        specials.update(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    return sorted(s for s in specials if s)
+
+
+def literal_pattern(strings: list[str]) -> re.Pattern[str] | None:
+    """One regex matching any of `strings`, leftmost-longest, built as a trie: a tokenizer with hundreds
+    of special tokens (DeepSeek-V3 has ~800) costs one pass over the text, not one per string."""
+    trie: dict = {}
+    for s in strings:
+        node = trie
+        for ch in s:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a string ends here
+
+    def alternation(node: dict) -> str:
+        branches = [re.escape(ch) + alternation(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        # greedy optional: a longer string wins over one that ends here (leftmost-longest, as tokenizers match)
+        return f"(?:{body})?" if "" in node else body
+
+    return re.compile(alternation(trie)) if trie else None
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:

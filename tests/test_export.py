@@ -333,7 +333,8 @@ def test_train_init_from_imported_weights(trained, exported, tmp_path):
             continue  # the bias update moves by gamma after the step, independent of the lr
         torch.testing.assert_close(after[k], v, rtol=0, atol=1e-6, msg=k)
     # a config that does not match the imported weights is refused, naming the field
-    bad = train(args[:-2] + ["model.n_routed_experts=8", f"train.init_from={imported}"], check=False)
+    bad = train(args[:-2] + ["model.n_routed_experts=8", f"train.init_from={imported}", "train.overwrite=true"],
+                check=False)
     assert bad.returncode != 0 and "n_routed_experts" in bad.stderr
 
 

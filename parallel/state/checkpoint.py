@@ -27,6 +27,12 @@ keep_last pruning only counts complete ones. Every file is checked against the m
 before a resume, an init_from or an export reads it. Everything is JSON or safetensors.
 This module owns checkpoint I/O; parallel/state/storage.py and parallel/state/ownership.py are its parts
 and import nothing back.
+
+A run owns its ``train.out_dir``: each run has an id (uuid4 hex, ``run_id`` in trainer_state.json; a
+resume adopts the id of the checkpoint it continues). A fresh run into a directory holding complete
+checkpoints stops before any process group (``claim_out_dir``) unless ``train.overwrite=true``, which
+removes them first; pruning deletes only the current run's checkpoints; a save never replaces a
+complete checkpoint of another run. Checkpoints written before run ids count as another run's.
 """
 from __future__ import annotations
 
@@ -68,6 +74,15 @@ from model.hf.weight_reader import (
 from model.hf.weight_reader import read_state as read_state  # the resume reads a checkpoint's state through here
 from parallel.state import ownership
 from parallel.state.registry import RunState
+from parallel.state.run_owner import (
+    NO_STATE,
+    RUN_ID,
+    agree_on_run_id,
+    refuse_foreign,
+    run_id_of,
+    saved_run_id,
+    step_of,
+)
 from parallel.state.storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
 
 if TYPE_CHECKING:
@@ -102,6 +117,42 @@ def resolve_resume(resume: str | None, out_dir: str) -> Path | None:
         return found[-1]
     raise ValueError(f"train.resume={resume!r}: not a complete checkpoint (no {MARKER} marker in {p}: "
                      "the save was interrupted, or this is not a checkpoint directory)")
+
+
+def claim_out_dir(out_dir: str, resume: str | None, overwrite: bool, rank: int) -> None:
+    """Before any process group, on every rank: may this run write into ``out_dir``? A fresh run
+    (``resume`` None) needs a directory without complete checkpoints, or ``overwrite`` (rank 0 then
+    removes every checkpoint and metrics.jsonl there, with a log line). A resume needs no complete
+    checkpoint of another run newer than the one it continues (a later ``resume=auto`` would pick
+    that one, and this run's saves would replace it). ValueError naming the directory otherwise."""
+    complete = complete_checkpoints(out_dir)
+    if resume is None:
+        if complete and not overwrite:
+            raise ValueError(f"train.out_dir={out_dir} already holds checkpoints of another run (newest "
+                             f"{complete[-1].name}): resume it with train.resume=auto, choose another "
+                             "train.out_dir, or set train.overwrite=true to replace them")
+        root = checkpoint_root(out_dir)
+        old = sorted(p for p in root.iterdir() if NAME.match(p.name) and p.is_dir()) if root.is_dir() else []
+        if overwrite and rank == 0 and old:
+            for p in old:
+                _remove(p)
+            (Path(out_dir) / "metrics.jsonl").unlink(missing_ok=True)
+            print(f"train.overwrite=true: removed {len(old)} checkpoint(s) of another run from {root} "
+                  f"({old[0].name} .. {old[-1].name}) and its metrics.jsonl", flush=True)
+        return
+    ckpt = resolve_resume(resume, out_dir)
+    if ckpt is None:
+        return
+    state = read_state(ckpt)
+    own, step = saved_run_id(state, ckpt), step_of(ckpt, state)
+    newer = [p for p in complete if step_of(p) > step and (own is None or run_id_of(p) != own)]
+    if newer:
+        raise ValueError(f"train.out_dir={out_dir} holds checkpoints of another run newer than {ckpt} (newest "
+                         f"{newer[-1].name}): this run would replace them and a later train.resume=auto would mix "
+                         "the runs; choose another train.out_dir or move them away")
+    if own is None and rank == 0:
+        print(f"{ckpt} has no run id (written before run ids): this run takes a new one; the checkpoints "
+              "without one stay (pruning never deletes them)", flush=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -196,12 +247,15 @@ class Checkpointer:
     state is copied (staged) on the spot, then written while training goes on. At most one save is
     in flight; the next one, and the end of the run, wait for it. Every rank calls every method."""
 
-    def __init__(self, async_save: bool = False, state_prefix: str = ""):
+    def __init__(self, async_save: bool = False, state_prefix: str = "", run_id: str | None = None):
         self.async_save = async_save
         self.state_prefix = state_prefix  # keys of the model/optimizer state (multi-site: one set per site)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.group = _group()
+        # the run's id (train.py: run_id_for(resumed state)), rank 0's on every rank; saved in trainer_state.json,
+        # pruning deletes only this run's checkpoints. None: no id written, prunes only checkpoints without one
+        self.run_id = agree_on_run_id(run_id, self.group)
         self.last_stall_s = 0.0          # how long the last save() held up training
         self._staged: dict[str, torch.Tensor] = {}   # async: host copies, reused save after save
 
@@ -232,6 +286,7 @@ class Checkpointer:
         self.wait()
         rank = dist.get_rank()
         path = checkpoint_root(out_dir) / checkpoint_name(step)
+        refuse_foreign(path, self.run_id)                 # every rank: each raises the same error
         if rank == 0:
             if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
                 shutil.rmtree(path)
@@ -249,7 +304,8 @@ class Checkpointer:
             trainer_state = run_state.state_dict(dict(
                 step=step, format=FORMAT, tensors=full_shapes(engine.module),
                 optimizer_step=ownership.optimizer_step(engine), engine_counters=_engine_counters(engine),
-                expert_placement=ownership.model_placement(engine.module)))
+                expert_placement=ownership.model_placement(engine.module),
+                **({RUN_ID: self.run_id} if self.run_id is not None else {})))
             copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
             _atomic_write(path / STATE, json.dumps(trainer_state, indent=1))
         if self.async_save:
@@ -278,7 +334,7 @@ class Checkpointer:
         if rank == 0:
             write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
             _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
-            prune(out_dir, keep_last)
+            prune(out_dir, keep_last, self.run_id)
         dist.barrier(group=self.group)
 
 
@@ -305,17 +361,19 @@ def _engine_counters(engine: DeepSpeedEngine) -> dict[str, int]:
     return {k: int(getattr(engine, k)) for k in _COUNTERS if hasattr(engine, k)}
 
 
-def prune(out_dir: str, keep_last: int) -> None:
-    """Delete all but the newest keep_last complete checkpoints, and incomplete leftovers
-    older than the newest complete one."""
-    complete = complete_checkpoints(out_dir)
-    for p in complete[:-keep_last]:
+def prune(out_dir: str, keep_last: int, run_id: str | None = None) -> None:
+    """Delete all but the newest keep_last complete checkpoints of run ``run_id`` (None: those written
+    without a run id), and its incomplete leftovers (or ones with no trainer_state.json, which no run
+    can resume) older than its newest complete one. Other runs' checkpoints are never touched."""
+    mine = [p for p in complete_checkpoints(out_dir) if run_id_of(p) == run_id]
+    for p in mine[:-keep_last]:
         _remove(p)
-    if complete:
-        newest = int(NAME.match(complete[-1].name).group(1))
+    if mine:
+        newest = int(NAME.match(mine[-1].name).group(1))
         for p in checkpoint_root(out_dir).iterdir():
             m = NAME.match(p.name)
-            if m and p.is_dir() and not is_complete(p) and int(m.group(1)) < newest:
+            if (m and p.is_dir() and not is_complete(p) and int(m.group(1)) < newest
+                    and run_id_of(p) in (run_id, NO_STATE)):
                 shutil.rmtree(p, ignore_errors=True)
 
 
