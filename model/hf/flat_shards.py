@@ -10,9 +10,13 @@ import os
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
 
 INDEX = "index.json"
+# the shard files' own header keys, as torch.distributed.checkpoint's safetensors writer names them
+# (parallel/state/storage.py writes through it and checks at import that the names still agree):
+# plain strings here, so reading weights needs no torch.distributed
+CUSTOM_METADATA_KEY = "DCP_SHARDING_INFO"
+SAVED_OFFSETS_KEY = "saved_offsets"
 
 
 def read_index(path: str | os.PathLike) -> dict[str, dict]:

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint._hf_utils import CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, _hf_utils
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import (
@@ -46,8 +45,11 @@ from torch.distributed.checkpoint.planner import ReadItem, SavePlan, TensorWrite
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from model.hf.flat_shards import INDEX, check_shards
+from model.hf.flat_shards import CUSTOM_METADATA_KEY, INDEX, SAVED_OFFSETS_KEY, check_shards
 from model.hf.safetensors_stream import SafetensorsWriter
+
+if (_hf_utils.CUSTOM_METADATA_KEY, _hf_utils.SAVED_OFFSETS_KEY) != (CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY):
+    raise ImportError("torch.distributed.checkpoint renamed its safetensors header keys; update model/hf/flat_shards.py")
 
 if TYPE_CHECKING:
     import torch.distributed.checkpoint.planner as dcp_planner
