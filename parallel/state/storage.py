@@ -48,7 +48,8 @@ from torch.futures import Future
 from model.hf.flat_shards import CUSTOM_METADATA_KEY, INDEX, SAVED_OFFSETS_KEY, check_shards
 from model.hf.safetensors_stream import SafetensorsWriter
 
-if (_hf_utils.CUSTOM_METADATA_KEY, _hf_utils.SAVED_OFFSETS_KEY) != (CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY):
+_DCP_KEYS = (_hf_utils.CUSTOM_METADATA_KEY, _hf_utils.SAVED_OFFSETS_KEY)
+if _DCP_KEYS != (CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY):
     raise ImportError("torch.distributed.checkpoint renamed its safetensors header keys; update model/hf/flat_shards.py")
 
 if TYPE_CHECKING:
