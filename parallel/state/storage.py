@@ -50,7 +50,8 @@ from model.hf.safetensors_stream import SafetensorsWriter
 
 _DCP_KEYS = (_hf_utils.CUSTOM_METADATA_KEY, _hf_utils.SAVED_OFFSETS_KEY)
 if _DCP_KEYS != (CUSTOM_METADATA_KEY, SAVED_OFFSETS_KEY):
-    raise ImportError("torch.distributed.checkpoint renamed its safetensors header keys; update model/hf/flat_shards.py")
+    raise ImportError("torch.distributed.checkpoint renamed its safetensors header keys; "
+                      "update model/hf/flat_shards.py")
 
 if TYPE_CHECKING:
     import torch.distributed.checkpoint.planner as dcp_planner
