@@ -29,6 +29,8 @@ import torch.distributed as dist
 from configs.schema import load_config
 from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, echo_log, run_tokenizer_fingerprint
 from data.corpus import source_signature
+from data.mixture import MixtureRows, MixtureSampler
+from data.sources import check_sources, load_sources
 from model.flops import count_params
 from model.hf.manifest import verify
 from model.memory_plan import moe_layer_count
@@ -60,6 +62,8 @@ from parallel.unequal.clock import RankClock, RankTimes
 from parallel.unequal.shares import CapacityProbe, check_capacity, initial_shares
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from configs.schema import Config
     from parallel.build import Built
     from parallel.multisite.groups import Sites
@@ -86,15 +90,17 @@ def check_config(cfg: Config, world_size: int) -> None:
     d = cfg.data
     if d.path is not None:
         source_signature(d.path, d.text_field, d.max_files)   # lists the corpus files; raises naming the path
+    check_sources(d)   # data.sources, data.val_sources: each one exists and holds a document
     if d.tokenizer is not None and not Path(d.tokenizer).expanduser().is_dir():
         raise FileNotFoundError(f"data.tokenizer={d.tokenizer!r}: no such tokenizer directory")
 
 
-def prepare_data(cfg: Config, rank: int, device: torch.device) -> str:
-    """Rank 0 builds (or finds) the token-shard cache, its log lines on stdout; the others wait, then find it."""
+def prepare_data(cfg: Config, rank: int, device: torch.device, build: Callable[[], Any] | None = None) -> Any:
+    """Rank 0 builds (or finds) the token-shard cache, its log lines on stdout; the others wait, then find it.
+    ``build``: another preparation to run that way (data/sources.py's); default: data.path's shards."""
     d = cfg.data
-    build = lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,  # noqa: E731
-                                        d.seq_len, d.cache_dir, d.val_fraction, d.max_files)
+    build = build or (lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,
+                                                  d.seq_len, d.cache_dir, d.val_fraction, d.max_files))
     failed = torch.zeros(1, device=device)
     shard_dir, error = None, None
     if rank == 0:
@@ -236,6 +242,8 @@ def load_data(cfg: Config, rank: int, device: torch.device) -> tuple[str, str, T
     """-> (shard dir, tokenizer fingerprint, train rows, val rows or None). The fingerprint is the run's own
     tokenizer's (data.tokenizer, else the BPE in data.cache_dir/tokenizer: the one checkpoints copy), computed
     from its files; shards whose meta.json names another are refused."""
+    if cfg.data.sources or cfg.data.val_sources:   # a weighted mixture, separate validation sets: data/sources.py
+        return load_sources(cfg, lambda build: prepare_data(cfg, rank, device, build))
     shard_dir = prepare_data(cfg, rank, device)
     fingerprint = run_tokenizer_fingerprint(cfg.data.tokenizer, cfg.data.cache_dir)
     train_rows = TokenShards(shard_dir, "train", expected_vocab_size=cfg.model.vocab_size,
@@ -276,6 +284,9 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
     load, engine = trainer.expert_load, trainer.engine
     metrics.add_fields(lambda s: {"expert_load_imbalance": imbalance(s.counts), "bias_gamma": s.gamma,
                                   "epoch": sampler.epoch, "skipped_steps": int(engine.skipped_steps)})
+    if isinstance(sampler, MixtureSampler):   # tokens and passes per source (data/mixture.py)
+        monitor.write(sampler.describe())
+        metrics.add_fields(sampler.fields)
     metrics.add_fields(TrafficFields(built.dispatchers, step).fields)
     if device.type == "cuda":   # the allocator's high-water mark on this rank (rank 0 logs)
         metrics.add_fields(lambda s: {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30})
@@ -303,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device, sites = start_processes(cfg)
     faults = Faults(rank)   # tests only: MOE_FAULTS in the environment (parallel/faults.py)
     shard_dir, fingerprint, train_rows, val_rows = load_data(cfg, rank, device)
-    sampler = ShardedSampler(len(train_rows), t.micro_batch_size * t.grad_accum, rank, world, t.seed)
+    sampler = (MixtureSampler.over(train_rows, t.micro_batch_size * t.grad_accum, rank, world, t.seed)
+               if isinstance(train_rows, MixtureRows) else
+               ShardedSampler(len(train_rows), t.micro_batch_size * t.grad_accum, rank, world, t.seed))
 
     # ---- resume target, then the model and engine (parallel/build.py) ----
     ckpt, state = find_resume(cfg, fingerprint)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from configs.nested_keys import check_deepspeed_keys, check_rope_scaling
+from configs.sources import normalize_sources
 from configs.yaml_reader import read_yaml
 from model.config import ModelConfig
 
@@ -43,6 +44,12 @@ class DataConfig:
     val_fraction: float = 0.01
     max_files: int | None = None          # cap on files read from a folder / the default corpus
     cache_dir: str = ".cache/data"        # tokenizer and packed shards are prepared here once
+    # a weighted mixture instead of data.path: [{path, weight, text_field, name, max_files}, ...], each source
+    # prepared to its own shards with one tokenizer, rows drawn by weight (configs/sources.py, data/mixture.py)
+    sources: Any = None
+    # separate validation sets, each with its own val loss: [{path, text_field, name, weight}, ...]; null: the
+    # val_fraction split of the training data (of each source, with data.sources)
+    val_sources: Any = None
 
 
 @dataclass
@@ -278,6 +285,10 @@ def validate(cfg: Config) -> None:
     for section, name in _PATH_FIELDS:
         if getattr(getattr(cfg, section), name) == "":
             raise ValueError(f"{section}.{name}='': empty (give a path, or null where a default exists)")
+    d.sources, d.val_sources = normalize_sources(d.sources, "data.sources"), normalize_sources(d.val_sources,
+                                                                                              "data.val_sources")
+    if d.sources and d.path is not None:
+        raise ValueError(f"data.path={d.path!r} with data.sources: give that corpus as one of data.sources")
     if d.max_files is not None and d.max_files < 1:
         raise ValueError(f"data.max_files={d.max_files}: must be >= 1 or null")
     if d.tokenizer is None and cfg.model.vocab_size < MIN_BPE_VOCAB_SIZE:

@@ -84,6 +84,9 @@ class ShardedSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # world_size may change between runs; the global batch (hence the data order) may not.
+        if state.get("kind", "single") != "single":
+            raise ValueError("the checkpoint's data order mixes data.sources; this run reads one corpus (data.path): "
+                             "resuming would change the data order")
         for key in ("seed", "num_rows", "global_batch_size", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
