@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import build_dataset_cache, run_tokenizer_fingerprint
+from .cache import build_dataset_cache, run_tokenizer_fingerprint, run_tokenizer_path
 from .corpus import JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, load_corpus, source_signature
 from .mixture import MixtureRows, ValidationSets
 from .shards import TokenShards
@@ -130,7 +130,7 @@ def mixture_tokenizer(d: DataConfig, vocab_size: int) -> str:
     training source into data.cache_dir/tokenizer (retrained when a source or the vocabulary changes)."""
     if d.tokenizer is not None:
         return d.tokenizer
-    tok_dir = Path(d.cache_dir).expanduser() / "tokenizer"
+    tok_dir = run_tokenizer_path(None, d.cache_dir)   # where a run without data.tokenizer keeps its BPE
     key = {"sources": [[s["path"], s["text_field"], s["max_files"], source_signature(s["path"], s["text_field"],
                                                                                      s["max_files"])]
                        for s in d.sources], "vocab_size": vocab_size}
@@ -164,8 +164,7 @@ def prepare_sources(d: DataConfig, vocab_size: int) -> dict[str, dict[str, str]]
     """On the preparing rank (the others call it again after, and find everything prepared):
     {"train": {name: dir}, "val": {name: dir}}. Without data.sources the training corpus (data.path)
     must already be prepared: its tokenizer tokenizes the validation sources."""
-    tokenizer = mixture_tokenizer(d, vocab_size) if d.sources else str(
-        Path(d.tokenizer or Path(d.cache_dir) / "tokenizer").expanduser())
+    tokenizer = mixture_tokenizer(d, vocab_size) if d.sources else str(run_tokenizer_path(d.tokenizer, d.cache_dir))
     train = _prepare_each("data.sources", d.sources or [], tokenizer, vocab_size, d, d.val_fraction)
     val = _prepare_each("data.val_sources", d.val_sources or [], tokenizer, vocab_size, d, 0.0)
     return {"train": train, "val": val}
