@@ -1,27 +1,38 @@
-"""Corpus readers: turn a local path (or nothing) into a `datasets.Dataset` with one "text" column.
+"""Corpus: a local path (or nothing) opened for streaming, one document at a time.
 
 Accepted inputs (all local; nothing is ever fetched from a hub):
-  * one text file, or a folder of text files (recursive; one document per file;
-    binary / non-UTF-8 files are skipped)
+  * one text file, or a folder of text files (recursive; one document per file; binary / non-UTF-8
+    files are skipped, counted and named in the log, and refused above data.max_skipped_files)
   * a .jsonl / .json / .parquet file, or a folder of them, with a string field `text_field`
   * a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
   * None: the embedded default corpus, this interpreter's standard-library .py sources
 
-Nothing here unpickles: a file given by name whose suffix marks serialized objects or tensors
-(.pkl, .pt, .npy, ...) is refused, and inside folders only the suffixes above are read.
-Every loader error is re-raised as a ValueError naming the files.
+Documents are read by the streaming readers of data/readers.py and cut into bounded pieces
+(data/pieces.py): memory does not grow with the corpus, nor (for text files) with the longest document.
+Files are read in their sorted relative order. Nothing here unpickles: a file given by name whose
+suffix marks serialized objects or tensors (.pkl, .pt, .npy, ...) is refused, and inside folders only
+the suffixes above are read. Every reader error is a ValueError naming the file (and the row).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .pieces import split_text
+from .readers import json_texts, parquet_texts, saved_texts, text_file_pieces
+
 if TYPE_CHECKING:
     import datasets
+
+log = logging.getLogger(__name__)
+# text files that are binary or not UTF-8, skipped with their names in the log; more is an error
+DEFAULT_MAX_SKIPPED = 100
 
 
 TEXT_SUFFIXES = {
@@ -76,41 +87,6 @@ def _is_saved_dataset(root: Path) -> bool:
     )
 
 
-def _read_text(path: Path) -> str | None:
-    """File content, or None for binary / undecodable files (skipped, not fatal)."""
-    raw = path.read_bytes()
-    if b"\x00" in raw:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _text_dataset(files: list[Path]) -> datasets.Dataset:
-    import datasets  # on demand: only preparation needs it
-
-    texts = [t for t in map(_read_text, files) if t and t.strip()]
-    return datasets.Dataset.from_dict({"text": texts})
-
-
-def _pick_text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
-    import datasets  # on demand: only preparation needs it
-
-    if text_field not in ds.column_names:
-        raise ValueError(f"text field {text_field!r} not found in {where}; "
-                         f"available columns: {ds.column_names}")
-    feature = ds.features[text_field]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(f"text field {text_field!r} in {where} has type {feature}, expected strings")
-    ds = ds.select_columns([text_field])
-    if text_field != "text":
-        ds = ds.rename_column(text_field, "text")
-    # Null / blank documents would only add stray EOS tokens.
-    return ds.filter(lambda t: [bool(x and x.strip()) for x in t], input_columns="text",
-                     batched=True, desc="dropping empty documents")
-
-
 def _corpus_root(path: str) -> Path:
     if not str(path).strip():
         # Path("") is the current directory: never read it by accident
@@ -121,82 +97,118 @@ def _corpus_root(path: str) -> Path:
     return root
 
 
-def _cause(e: BaseException) -> str:
-    """'Type: message' of an exception and up to two of its causes (loaders wrap the useful one)."""
-    parts, seen = [], set()
-    while e is not None and len(parts) < 3:
-        text = f"{type(e).__name__}: {e}".strip()
-        if text not in seen:
-            parts.append(text)
-            seen.add(text)
-        e = e.__cause__ or e.__context__
-    return " <- ".join(parts)
+class Corpus:
+    """A corpus path opened for streaming: its files are listed (and checked) at once, their documents
+    read on each pass over `pieces()` or `documents()` (see data/readers.py: nothing is loaded whole,
+    nothing is written). Counts of the last pass: `n_documents`, `n_empty` (blank or null texts, dropped),
+    `skipped` (text files that are binary or not UTF-8, named in the log; more than `max_skipped_files`
+    of them is an error). `bytes_read` grows during a pass, towards `total_bytes` (the progress line)."""
 
+    def __init__(self, path: str | None, text_field: str = "text", max_files: int | None = None,
+                 max_skipped_files: int | None = DEFAULT_MAX_SKIPPED):
+        if max_files is not None and max_files < 1:
+            raise ValueError(f"max_files must be >= 1 or None, got {max_files}")
+        self.path, self.text_field, self.max_skipped_files = path, text_field, max_skipped_files
+        if path is None:
+            self.root, self.saved = Path(sysconfig.get_paths()["stdlib"]), False
+            self.files = stdlib_files(max_files)
+        else:
+            self.root = _corpus_root(path)
+            self.saved = _is_saved_dataset(self.root)
+            self.files = sorted(p for p in self.root.rglob("*") if p.is_file()) if self.saved else \
+                _list_files(self.root, max_files)
+            if not self.files:
+                raise ValueError(f"no usable files in corpus folder {path} (looked for "
+                                 f"{sorted(TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)})")
+        self.total_bytes = sum(f.stat().st_size for f in self.files)
+        self.n_documents = self.n_empty = self.bytes_read = 0
+        self.skipped: list[Path] = []
 
-def load_corpus(path: str | None, text_field: str = "text",
-                max_files: int | None = None) -> datasets.Dataset:
-    """Load a local corpus as a Dataset with a single "text" column (one row per document)."""
-    import datasets  # on demand: only preparation needs it
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"<default corpus: {self.root}>"
 
-    if max_files is not None and max_files < 1:
-        raise ValueError(f"max_files must be >= 1 or None, got {max_files}")
-    if path is None:
-        files = stdlib_files(max_files)
-        ds = _text_dataset(files)
-        if len(ds) == 0:
-            raise ValueError(f"default corpus: no readable .py files under {sysconfig.get_paths()['stdlib']}")
-        return ds
-
-    root = _corpus_root(path)
-    if _is_saved_dataset(root):
-        try:
-            loaded = datasets.load_from_disk(str(root))
-        except Exception as e:  # pyarrow/datasets raise many types; name the directory
-            raise ValueError(f"cannot read the saved dataset {root}: {_cause(e)}") from e
-        if isinstance(loaded, datasets.DatasetDict):
-            split = "train" if "train" in loaded else sorted(loaded)[0]
-            loaded = loaded[split]
-        ds = _pick_text_column(loaded, text_field, str(root))
-    else:
-        files = _list_files(root, max_files)
-        if not files:
-            raise ValueError(f"no usable files in corpus folder {path} (looked for "
-                             f"{sorted(TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES)})")
-        parts = _load_files(files, text_field, str(root))
-        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if len(ds) == 0:
-        raise ValueError(f"corpus {path} contains no non-empty documents")
-    return ds
-
-
-def _load_files(files: list[Path], text_field: str, where: str) -> list[datasets.Dataset]:
-    """Group files by kind and load each group with the matching local `datasets` loader."""
-    import datasets  # on demand: only preparation needs it
-
-    by_kind: dict[str, list[str]] = {"json": [], "parquet": [], "text": []}
-    for f in files:
+    def texts_of(self, f: Path) -> Iterator[str | None]:
+        """The texts of one (non-text) file: JSON lines or array, parquet."""
         suffix = f.suffix.lower()
-        kind = "json" if suffix in JSON_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
-        by_kind[kind].append(str(f))
-    parts = []
-    for kind in ("json", "parquet"):
-        if by_kind[kind]:
-            names = by_kind[kind]
-            try:
-                ds = datasets.load_dataset(kind, data_files=names, split="train")
-            except Exception as e:  # DatasetGenerationError, ArrowInvalid, ...: name the files
-                shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
-                raise ValueError(f"cannot read {kind} corpus file(s) {shown} in {where}: {_cause(e)}") from e
-            parts.append(_pick_text_column(ds, text_field, where))
-    if by_kind["text"]:
-        # One document per file (the "text" loader would split into lines); read directly
-        # so that binary files can be skipped instead of aborting the whole load.
-        ds = _text_dataset([Path(f) for f in by_kind["text"]])
-        if len(ds) == 0 and not parts:
-            raise ValueError(f"no readable UTF-8 text in {where} ({len(by_kind['text'])} files were "
-                             "binary, undecodable or empty)")
-        parts.append(ds)
-    return parts
+        return json_texts(f, self.text_field) if suffix in JSON_SUFFIXES else parquet_texts(f, self.text_field)
+
+    def file_documents(self, f: Path) -> Iterator[Iterator[str]]:
+        """Each document of file `f` as an iterator of its pieces (a skipped file yields nothing)."""
+        if self.path is None or f.suffix.lower() not in JSON_SUFFIXES | PARQUET_SUFFIXES:
+            pieces = text_file_pieces(f)
+            if pieces is None:
+                self._skip(f)
+            else:
+                yield pieces
+            return
+        for text in self.texts_of(f):
+            yield split_text(text) if text and text.strip() else iter(())
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        """Every document as an iterator of its pieces, in corpus order (blank ones included, as empty
+        iterators: `pieces()` counts and drops them)."""
+        self.n_documents = self.n_empty = self.bytes_read = 0
+        self.skipped = []
+        if self.saved:
+            for text in saved_texts(self.root, self.text_field):
+                yield split_text(text) if text and text.strip() else iter(())
+            self.bytes_read = self.total_bytes
+            return
+        for f in self.files:
+            yield from self.file_documents(f)
+            self.bytes_read += f.stat().st_size
+
+    def pieces(self) -> Iterator[tuple[str, bool]]:
+        """(piece, ends its document) for every non-blank document, in order; at the end of the pass the
+        skipped files are named in the log, and a corpus without any document is an error."""
+        for doc in self.documents():
+            prev = None
+            for piece in doc:
+                if prev is not None:
+                    yield prev, False
+                prev = piece
+            if prev is None:
+                self.n_empty += 1
+                continue
+            self.n_documents += 1
+            yield prev, True
+        self.report()
+
+    def report(self) -> None:
+        if self.skipped:
+            log.warning("skipped %d of %d files of %s (binary or not UTF-8): %s", len(self.skipped), len(self.files),
+                        self, self._names(self.skipped))
+        if self.n_documents == 0:
+            raise ValueError(f"corpus {self} contains no non-empty documents" + (
+                f" (no readable UTF-8 text: {len(self.skipped)} files were binary or undecodable)"
+                if self.skipped else ""))
+
+    def _names(self, files: list[Path], shown: int = 20) -> str:
+        names = [f.relative_to(self.root).as_posix() if f != self.root else f.name for f in files[:shown]]
+        return ", ".join(names) + (f", ... ({len(files)} in all)" if len(files) > shown else "")
+
+    def _skip(self, f: Path) -> None:
+        self.skipped.append(f)
+        if self.max_skipped_files is not None and len(self.skipped) > self.max_skipped_files:
+            raise ValueError(f"corpus {self}: {len(self.skipped)} files are binary or not UTF-8, more than "
+                             f"data.max_skipped_files={self.max_skipped_files}: {self._names(self.skipped)}; "
+                             "convert them to UTF-8, remove them, or raise data.max_skipped_files")
+
+
+def load_corpus(path: str | None, text_field: str = "text", max_files: int | None = None,
+                max_skipped_files: int | None = DEFAULT_MAX_SKIPPED) -> datasets.Dataset:
+    """A small corpus in memory, as a Dataset with one "text" column (one row per non-blank document).
+    Preparation streams through `Corpus` instead; this holds every document at once."""
+    import datasets  # on demand: only preparation needs it
+
+    corpus = Corpus(path, text_field, max_files, max_skipped_files)
+    texts, parts = [], []
+    for piece, last in corpus.pieces():
+        parts.append(piece)
+        if last:
+            texts.append("".join(parts))
+            parts = []
+    return datasets.Dataset.from_dict({"text": texts})
 
 
 def source_signature(path: str | None, text_field: str = "text", max_files: int | None = None) -> str:

@@ -239,7 +239,7 @@ def test_build_dataset_cache_hits(tmp_path):
     tok = load_tokenizer(str(tmp_path / "cache" / "tokenizer"))
     shards = TokenShards(out, expected_vocab_size=300, expected_fingerprint=tokenizer_fingerprint(tok))
     assert len(shards) > 0 and len(TokenShards(out, "val")) > 0
-    files = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "cache") for f in fs]
+    files = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "cache") for f in fs if f != ".prepare.lock"]
     before = {f: os.stat(f).st_mtime_ns for f in files}
     assert build_dataset_cache(*args) == out
     assert {f: os.stat(f).st_mtime_ns for f in files} == before  # no retraining, no rewriting
