@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = trainer.outer.key_prefix if trainer.outer is not None else ""   # sites diverge in a round
     saver = checkpoint.Checkpointer(async_save=t.async_save, state_prefix=prefix,   # its own gloo group
                                     run_id=run_id_for(state))   # the resumed run's id, or a new one
+    if cfg.data.document_mask:   # packed documents kept apart (model/documents.py)
+        built.model.document_eos_id = int(train_rows.meta["eos_token_id"])
     step = 0
     if ckpt is not None:
         checkpoint.load(trainer.engine, ckpt, state, run_state, state_prefix=prefix)

@@ -50,6 +50,7 @@ class DataConfig:
     # separate validation sets, each with its own val loss: [{path, text_field, name, weight}, ...]; null: the
     # val_fraction split of the training data (of each source, with data.sources)
     val_sources: Any = None
+    document_mask: bool = False           # attention, positions and targets kept inside each packed document
 
 
 @dataclass

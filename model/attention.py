@@ -23,12 +23,15 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_func = None
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference causal attention: explicit scores, mask and fp32 softmax. (B,H,S,*) -> (B,H,S,dv)."""
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference attention: explicit scores, mask and fp32 softmax. (B,H,S,*) -> (B,H,S,dv).
+    ``mask`` (B, 1, S, S) bool, True where allowed; None: causal."""
     S = q.shape[-2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale                    # (B, H, S, S)
-    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
+    if mask is None:
+        mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
 
@@ -46,15 +49,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   dropout_p: float = 0.0) -> torch.Tensor:
+                   dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch SDPA, causal. On CPU its fused (flash) kernel needs equal q/k and v head dims, else it
     falls back to the unfused math path (explicit S x S scores and softmax): pad v from dv to dq
-    there, as for flash-attn; the padded columns come out zero and are sliced off."""
+    there, as for flash-attn; the padded columns come out zero and are sliced off. ``mask``
+    (B, 1, S, S) bool replaces the causal mask (packed documents, model/documents.py)."""
     dv, dq = v.shape[-1], q.shape[-1]
     pad = q.device.type == "cpu" and dv < dq
     if pad:
         v = F.pad(v, (0, dq - dv))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         dropout_p=dropout_p)
     return out[..., :dv] if pad else out
 
 
@@ -68,6 +73,11 @@ def pick_backend(requested: str, q: torch.Tensor) -> str:
     if requested != "auto":
         return requested
     return "flash" if flash_ok else "sdpa"
+
+
+def _refuse_flash_with_mask() -> str:
+    raise ValueError("model.attn_impl='flash' cannot mask packed documents (data.document_mask=true); "
+                     "use 'auto' or 'sdpa'")
 
 
 class MLA(nn.Module):
@@ -94,7 +104,10 @@ class MLA(nn.Module):
         self.backend = cfg.attn_impl
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D). ``mask`` (B, 1, S, S) bool: attention inside packed documents
+        (model/documents.py); None: plain causal attention."""
         B, S, _ = x.shape
         H = self.n_heads
         if self.q_lora_rank is None:
@@ -117,11 +130,14 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.dr)], dim=-1)         # (B, H, S, dq)
 
         backend = pick_backend(self.backend, q)
+        if backend == "flash" and mask is not None:
+            # flash_attn_func takes no mask; its varlen form would, but SDPA with the mask is enough here
+            backend = "sdpa" if self.backend == "auto" else _refuse_flash_with_mask()
         if backend == "flash":
             out = flash_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
         elif backend == "eager":
-            out = eager_attention(q, k, v, self.scale)
+            out = eager_attention(q, k, v, self.scale, mask)
         else:
-            out = sdpa_attention(q, k, v, self.scale, self.dropout if self.training else 0.0)
+            out = sdpa_attention(q, k, v, self.scale, self.dropout if self.training else 0.0, mask)
         out = out.transpose(1, 2).reshape(B, S, H * self.dv)                    # (B, S, H*dv)
         return self.o_proj(out)

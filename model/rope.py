@@ -68,17 +68,24 @@ class RotaryEmbedding(nn.Module):
         self.interleave = cfg.rope_interleave
 
     @torch.no_grad()
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (S, dim/2) in ``dtype`` (angles computed in fp32)."""
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))                     # (S, dim/2)
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (S, dim/2) in ``dtype`` (angles computed in fp32); with per-token
+        ``positions`` (B, S) (positions restarting at each packed document) (B, 1, S, dim/2),
+        which broadcasts over the heads in apply_rope."""
+        if positions is None:
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))                 # (S, dim/2)
+        else:
+            freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(device)  # (B, S, dim/2)
+            freqs = freqs.unsqueeze(1)                                         # (B, 1, S, dim/2)
         cos = (freqs.cos() * self.attention_factor).to(dtype)
         sin = (freqs.sin() * self.attention_factor).to(dtype)
         return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x: (B, H, S, dr); cos/sin: (S, dr/2). Returns the rotated x, same shape."""
+    """x: (B, H, S, dr); cos/sin: (S, dr/2) or (B, 1, S, dr/2). Returns the rotated x, same shape."""
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]        # pair i = (x[2i], x[2i+1])
     else:

@@ -14,6 +14,7 @@ from torch import nn
 
 from model.attention import MLA
 from model.config import ModelConfig
+from model.documents import split_documents
 from model.loss import IGNORE_INDEX, chunked_linear_cross_entropy, cross_entropy
 from model.moe import MLP, MoE, RoutedExperts
 from model.norm import RMSNorm
@@ -39,8 +40,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
@@ -66,10 +68,10 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(cfg, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))  # (B, S, D)
-        return self.block(h, rope)
+        return self.block(h, rope, mask)
 
 
 class DeepseekV3(nn.Module):
@@ -87,6 +89,8 @@ class DeepseekV3(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         # lambda of the MTP loss; the trainer may change it during training (train.mtp_loss_weight_late)
         self.mtp_loss_weight = cfg.mtp_loss_weight
+        # the data's EOS id when packed documents are kept apart (data.document_mask); None: off
+        self.document_eos_id: int | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -116,22 +120,25 @@ class DeepseekV3(nn.Module):
         IGNORE_INDEX where no loss is wanted. MTP runs only when labels are given."""
         B, S = input_ids.shape
         h = self.embed_tokens(input_ids)                                     # (B, S, D)
-        rope = self.rotary(S, h.device, h.dtype)
+        docs = None if self.document_eos_id is None else split_documents(input_ids, self.document_eos_id)
+        rope = self.rotary(S, h.device, h.dtype, None if docs is None else docs.positions)
+        mask = None if docs is None else docs.attention_mask()              # (B, 1, S, S)
         aux = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            h, a = layer(h, rope)
+            h, a = layer(h, rope, mask)
             aux = aux + a
         if labels is None:
             return ModelOutput(logits=self.lm_head(self.norm(h)))            # (B, S, V)
 
-        lm_loss, logits = self.head_loss(self.norm(h), labels)
+        keep = (lambda t, k: t) if docs is None else docs.keep_targets
+        lm_loss, logits = self.head_loss(self.norm(h), keep(labels, 0))
         mtp_losses = []
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):
             # depth k at position i sees token t_{i+k} (= labels[:, i+k-1]) and predicts t_{i+k+1}
             next_tok = shift_left(labels, k - 1, fill=0).clamp_min(0)
-            target = shift_left(labels, k, fill=IGNORE_INDEX)
-            h_prev, a = module(h_prev, self.embed_tokens(next_tok), rope)
+            target = keep(shift_left(labels, k, fill=IGNORE_INDEX), k)
+            h_prev, a = module(h_prev, self.embed_tokens(next_tok), rope, mask)
             aux = aux + a
             mtp_losses.append(self.head_loss(module.norm(h_prev), target)[0])
         mtp_loss = (self.mtp_loss_weight / len(mtp_losses) * torch.stack(mtp_losses).sum()
