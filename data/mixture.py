@@ -69,18 +69,17 @@ class ValidationSets:
 def deficit_counts(weights: Sequence[float], drawn: Sequence[int], n: int) -> list[int]:
     """Rows of each source among the next ``n`` samples, one sample at a time: each goes to the source
     whose count is furthest below ``weight x samples so far`` (ties: the lower source number).
-    ``drawn``: the counts so far. The reference is a loop over samples; it is also the implementation
-    (a few microseconds per sample, B samples per step)."""
-    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
-    counts = np.asarray(drawn, dtype=np.int64).copy()
-    out = np.zeros(len(w), dtype=np.int64)
-    total = int(counts.sum())
+    ``drawn``: the counts so far. A loop over the samples (about a microsecond each: B per step)."""
+    s = float(sum(weights))
+    w, counts, out = [x / s for x in weights], [int(c) for c in drawn], [0] * len(weights)
+    total = sum(counts)
+    sources = range(len(w))
     for _ in range(n):
         total += 1
-        k = int(np.argmax(w * total - counts))
+        k = max(sources, key=lambda j: w[j] * total - counts[j])   # the first of equal deficits
         counts[k] += 1
         out[k] += 1
-    return out.tolist()
+    return out
 
 
 class MixtureSampler:
@@ -127,10 +126,13 @@ class MixtureSampler:
 
     def _rows_of(self, k: int, first: int, n: int) -> np.ndarray:
         """Source k's draws first .. first + n - 1 as global row indices."""
-        draws = np.arange(first, first + n)
-        epochs, within = draws // self.sizes[k], draws % self.sizes[k]
-        local = np.array([self._order(k, int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
-        return local + int(self.starts[k])
+        size, pieces = self.sizes[k], []
+        while n > 0:   # one slice of the pass each draw falls in
+            epoch, at = divmod(first, size)
+            take = min(n, size - at)
+            pieces.append(self._order(k, epoch)[at:at + take])
+            first, n = first + take, n - take
+        return np.concatenate(pieces).astype(np.int64) + int(self.starts[k]) if pieces else np.zeros(0, np.int64)
 
     def global_batch(self) -> np.ndarray:
         """The next global batch (B global row indices), advancing the state."""
