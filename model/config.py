@@ -112,6 +112,15 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
+        # floats the math divides by, takes the log or the power of: finite and positive (a NaN passes
+        # every comparison below, so finiteness first); also for values read from an HF config.json
+        for name, low in (("rms_norm_eps", "positive"), ("rope_theta", "positive"), ("routed_scaling_factor",
+                          "positive"), ("initializer_range", "non-negative"), ("aux_loss_alpha", "non-negative"),
+                          ("mtp_loss_weight", "non-negative"), ("attention_dropout", "non-negative")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (v == 0 and low == "positive"):
+                raise bad(name, f"must be a finite {low} number")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise bad("q_lora_rank", "must be a positive integer or null (plain q_proj)")
         if self.num_key_value_heads != self.num_attention_heads:
@@ -172,6 +181,10 @@ class ModelConfig:
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in rs:
                         raise bad("rope_scaling", f"yarn needs {key!r}")
+                for key, v in rs.items():    # every YaRN number enters a log, a power or a ratio
+                    if key not in ("type", "rope_type", "truncate") and v is not None and (
+                            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                        raise bad("rope_scaling", f"{key}={v!r} is not a finite number")
                 if rs["factor"] < 1:
                     raise bad("rope_scaling", "yarn factor must be >= 1")
 

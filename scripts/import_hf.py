@@ -34,8 +34,17 @@ from model.hf import (
     from_hf_config,  # noqa: E402
     weight_reader,  # noqa: E402
 )
+from model.hf.config_check import check_config_against_headers  # noqa: E402
 from model.hf.manifest import write_manifest  # noqa: E402
-from model.hf.read import HFCheckpoint, import_targets, out_dtype, resolve_mtp, write_ours  # noqa: E402
+from model.hf.read import (  # noqa: E402
+    HFCheckpoint,
+    check_planned_shapes,
+    import_targets,
+    out_dtype,
+    resolve_mtp,
+    write_ours,
+)
+from model.hf.safe_paths import inside  # noqa: E402
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -52,33 +61,33 @@ def import_hf(hf: str, out: str, dtype: str = "auto", mtp: str = "auto", seed: i
     if mtp not in ("auto", "init"):
         raise ValueError(f"--mtp {mtp}: must be auto or init")
     src = Path(hf).expanduser()
-    ckpt = HFCheckpoint(src)                      # config.json checks; FP8 scales checked from the headers
-    cfg = from_hf_config(ckpt.config)
+    ckpt = HFCheckpoint(src)      # config.json, every safetensors header, index names inside src, FP8 scales
+    cfg = from_hf_config(ckpt.config, str(src / "config.json"))   # finite, positive floats; one line naming it
+    check_config_against_headers(ckpt, cfg)      # layers, experts, widths: before any model, meta or not
     if mtp == "init" and not cfg.num_nextn_predict_layers:
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=1)      # DeepSeek-V3's depth
     missing = resolve_mtp(ckpt, cfg, str(src))    # some-but-not-all MTP tensors: ValueError naming them
+    if missing and mtp != "init":                # (with --mtp init they are created below, once shapes are checked)
+        print(f"warning: {src}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no MTP "
+              f"weights (missing {missing[0]}, ...: {len(missing)} tensors; transformers never saves them): imported "
+              "without MTP layers (--mtp init adds fresh ones)", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    elif mtp == "init" and not missing and cfg.num_nextn_predict_layers:
+        raise ValueError(f"--mtp init: {src} already has its MTP layers (drop --mtp init to import them)")
+    _check_mtp_copies(ckpt, cfg)
+    targets = import_targets(ckpt, cfg)
+    check_planned_shapes(targets, cfg, src, fresh_prefix="mtp." if missing and mtp == "init" else None)
     fresh: dict[str, torch.Tensor] = {}
     if missing and mtp == "init":
         fresh = fresh_mtp(cfg, seed, _main_dtype(ckpt, DTYPES[dtype]))
         print(f"notice: {src} has no MTP weights: added {cfg.num_nextn_predict_layers} freshly initialised MTP "
               f"layer(s) ({len(fresh)} tensors, seed {seed}) for continued training", file=sys.stderr)
-    elif missing:
-        print(f"warning: {src}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but no MTP "
-              f"weights (missing {missing[0]}, ...: {len(missing)} tensors; transformers never saves them): imported "
-              "without MTP layers (--mtp init adds fresh ones)", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
-    elif mtp == "init" and cfg.num_nextn_predict_layers:
-        raise ValueError(f"--mtp init: {src} already has its MTP layers (drop --mtp init to import them)")
-    _check_mtp_copies(ckpt, cfg)
-    targets = import_targets(ckpt, cfg)
-    _check_keys({**{k: t.shape for k, t in targets.items()}, **{k: tuple(v.shape) for k, v in fresh.items()}},
-                cfg, src)
     out_p = Path(out).expanduser()
     out_p.mkdir(parents=True, exist_ok=True)
     write_ours(ckpt, targets, out_p / weight_reader.MODEL, DTYPES[dtype], extra=fresh)
     (out_p / weight_reader.INIT_CONFIG).write_text(json.dumps(
         {"format": "moe-trainer-init", "source": str(src.resolve()), "model": cfg.to_dict()}, indent=1))
-    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file() and inside(src, n, str(src), plain=True)]
     if copied:
         (out_p / weight_reader.TOKENIZER).mkdir(exist_ok=True)
         for n in copied:
@@ -143,19 +152,6 @@ def _check_mtp_copies(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
             if key in names and not torch.equal(ckpt.read(key), ckpt.read(main)):
                 raise ValueError(f"{key} differs from {main}: MTP layers with their own embedding/head "
                                  "are not supported (this model shares them)")
-
-
-def _check_keys(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, src: Path) -> None:
-    from model.transformer import DeepseekV3
-
-    with torch.device("meta"):
-        want = DeepseekV3(cfg).state_dict()
-    missing = sorted(set(want) - set(shapes))
-    unexpected = sorted(set(shapes) - set(want))
-    bad = sorted(k for k in set(want) & set(shapes) if tuple(want[k].shape) != tuple(shapes[k]))
-    if missing or unexpected or bad:
-        raise ValueError(f"{src}: weights do not match its config.json: missing {missing[:4]}, unexpected "
-                         f"{unexpected[:4]}, wrong shape {[(k, tuple(shapes[k])) for k in bad[:4]]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from model.config import ModelConfig, rope_type
 from model.hf import fp8_format
+from model.hf.config_check import check_config_against_headers
 from model.hf.export import (  # noqa: F401
     FP8,
     FP32_KEYS,
@@ -40,7 +42,17 @@ from model.hf.export import (  # noqa: F401
     plan_files,
     write_files,
 )
-from model.hf.read import HFCheckpoint, import_targets, read_target, resolve_mtp, warn_no_mtp
+from model.hf.read import (
+    HFCheckpoint,
+    check_planned_shapes,
+    import_targets,
+    read_target,
+    read_weight_map,
+    resolve_mtp,
+    warn_no_mtp,
+)
+from model.hf.safe_header import read_header
+from model.hf.safe_paths import inside, listed_files
 
 if TYPE_CHECKING:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -82,8 +94,18 @@ def to_hf_config(cfg: ModelConfig) -> DeepseekV3Config:
     return DeepseekV3Config(num_mtp_layers=cfg.num_nextn_predict_layers, **d)
 
 
-def from_hf_config(hf: dict[str, Any] | Any, **overrides: Any) -> ModelConfig:
-    """A transformers config (object or config.json dict) -> ModelConfig."""
+def from_hf_config(hf: dict[str, Any] | Any, where: str | None = None, **overrides: Any) -> ModelConfig:
+    """A transformers config (object or config.json dict) -> ModelConfig. An invalid value is a
+    ValueError naming ``where`` (the config.json file) and the field."""
+    if where is None:
+        return _from_hf_config(hf, **overrides)
+    try:
+        return _from_hf_config(hf, **overrides)
+    except (ValueError, TypeError) as e:        # TypeError: a value of the wrong JSON type compared or added
+        raise ValueError(f"{where}: {str(e).removeprefix('model.')}") from None
+
+
+def _from_hf_config(hf: dict[str, Any] | Any, **overrides: Any) -> ModelConfig:
     d = hf if isinstance(hf, dict) else hf.to_dict()
     nullable = ("q_lora_rank", "pad_token_id")     # None means something for these: keep it
     kw = {k: d[k] for k in _HF_FIELDS if k in d and (d[k] is not None or k in nullable)}
@@ -211,20 +233,22 @@ _NO_MTP = _NoMTP()
 
 
 def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a (sharded) safetensors directory, ``mtp.safetensors`` included."""
-    index = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        if os.path.exists(os.path.join(path, MTP_NAME)):
+    """Every tensor of a (sharded) safetensors directory, ``mtp.safetensors`` included (index names and
+    headers checked as HFCheckpoint checks them)."""
+    root = Path(path)
+    if (root / INDEX_NAME).exists():
+        files = sorted(set(read_weight_map(root).values()))
+        if (root / MTP_NAME).exists():
             files.append(MTP_NAME)
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        files = listed_files(root, ".safetensors", path)
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path}")
     sd: dict[str, torch.Tensor] = {}
     for name in files:
-        sd.update(load_file(os.path.join(path, name)))
+        f = inside(root, name, path, plain=True)
+        read_header(f)
+        sd.update(load_file(str(f)))
     return sd
 
 
@@ -237,12 +261,14 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, **overrides: Any) -> 
     of them is a ValueError."""
     from model.transformer import DeepseekV3
 
-    ckpt = HFCheckpoint(path)
-    cfg = from_hf_config(ckpt.config, **overrides)
+    ckpt = HFCheckpoint(path)                      # every header checked; index names stay inside path
+    cfg = from_hf_config(ckpt.config, os.path.join(path, "config.json"), **overrides)
+    check_config_against_headers(ckpt, cfg)        # layers, experts, widths: before any model is built
     missing = resolve_mtp(ckpt, cfg, path)
     if missing:
         warn_no_mtp(path, cfg, missing)
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    check_planned_shapes(import_targets(ckpt, cfg), cfg, path)   # every shape, on a meta model
     model = DeepseekV3(cfg)
     sd = from_hf_state_dict({k: ckpt.read(k, None if k.endswith(FP32_KEYS) else dtype) for k in ckpt.names()}, cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)

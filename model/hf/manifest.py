@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from model.hf.safe_paths import inside
+
 MANIFEST = "MANIFEST.json"
 _SKIP = {MANIFEST, "COMPLETE"}
 
@@ -52,8 +54,10 @@ def verify(root: Path) -> None:
         entries = json.loads(mf.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {root}: {mf} is unreadable: {e}") from e
+    if not isinstance(entries, dict):
+        raise ValueError(f"checkpoint {root}: {mf}: 'files' is not a JSON object")
     for rel, want in sorted(entries.items()):
-        p = root / rel
+        p = inside(root, rel, str(mf))          # relative, no '..', no symlink out of the checkpoint
         if not p.is_file():
             raise ValueError(f"checkpoint {root}: file {p} listed in {MANIFEST} is missing")
         size = p.stat().st_size

@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 
 from model.hf import fp8_format
+from model.hf.safe_header import read_header
+from model.hf.safe_paths import inside, listed_files
 from model.hf.safetensors_stream import SafetensorsWriter
 
 if TYPE_CHECKING:
@@ -30,9 +32,6 @@ INDEX_NAME = "model.safetensors.index.json"
 MTP_NAME = "mtp.safetensors"
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")   # Kimi-K2 ships DeepseekV3ForCausalLM under its own model_type
 FP32_KEYS = ("e_score_correction_bias",)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 # architecture fields of DeepSeek-V3-style config.json files that our model implements in one way only
 _FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
 
@@ -40,12 +39,16 @@ _FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq"
 def read_config(path: str | Path) -> dict:
     """config.json of an HF directory, checked to be a DeepSeek-V3 architecture we implement."""
     f = Path(path) / "config.json"
+    if f.exists():
+        inside(path, f.name, str(f), plain=True)      # a symlink out of the directory is not followed
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: not a Hugging Face model directory")
     try:
         d = json.loads(f.read_text())
     except ValueError as e:
         raise ValueError(f"{f}: not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: not a JSON object")
     if d.get("model_type") not in MODEL_TYPES + (None,):
         raise ValueError(f"{f}: model_type={d.get('model_type')!r}, expected one of {list(MODEL_TYPES)}")
     for key, want in _FIXED.items():
@@ -54,6 +57,22 @@ def read_config(path: str | Path) -> dict:
     if d.get("quantization_config") is not None:
         fp8_format.check_quant_config(d["quantization_config"], str(f))
     return d
+
+
+def read_weight_map(path: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor -> file), each file name checked to be a plain
+    name inside ``path`` (safe_paths.inside)."""
+    index = path / INDEX_NAME
+    inside(path, INDEX_NAME, str(index), plain=True)
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: unreadable: {e}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map is not a JSON object")
+    for file in set(weight_map.values()):
+        inside(path, file, str(index), plain=True)
+    return weight_map
 
 
 class HFCheckpoint:
@@ -71,24 +90,25 @@ class HFCheckpoint:
         self.fp8 = self.config.get("quantization_config") is not None
         files = self._files()
         self._meta: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
-        for name in files:
-            with safe_open(str(self.path / name), framework="pt") as f:
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    self._meta[k] = (name, tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+        for name in files:                  # headers checked here: a hostile one is refused by file and field
+            for k, t in read_header(self.path / name).tensors.items():
+                if k in self._meta:
+                    raise ValueError(f"{self.path}: tensor {k} is in both {self._meta[k][0]} and {name}")
+                self._meta[k] = (name, t.shape, t.dtype)
         self._check_scales()
 
     def _files(self) -> list[str]:
         index = self.path / INDEX_NAME
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if (self.path / MTP_NAME).is_file():
+        if index.exists():
+            files = sorted(set(read_weight_map(self.path).values()))
+            if (self.path / MTP_NAME).exists():
                 files.append(MTP_NAME)
         else:
-            files = sorted(p.name for p in self.path.iterdir() if p.name.endswith(".safetensors"))
+            files = listed_files(self.path, ".safetensors", str(self.path))
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {self.path}")
         for name in files:
+            inside(self.path, name, str(index) if name != MTP_NAME else str(self.path), plain=True)
             if not (self.path / name).is_file():
                 raise FileNotFoundError(f"{self.path / name} (listed in {INDEX_NAME}) not found")
         return files
@@ -123,8 +143,12 @@ class HFCheckpoint:
         return self._meta[name][2]
 
     def _raw(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path / self._meta[name][0]), framework="pt") as f:
-            return f.get_tensor(name)
+        file = self.path / self._meta[name][0]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:            # changed since the header was checked: name the file
+            raise ValueError(f"{file}: cannot read tensor {name}: {e}") from None
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self._raw(name)
@@ -240,6 +264,25 @@ def resolve_mtp(ckpt: HFCheckpoint, cfg: ModelConfig, where: str) -> list[str]:
                          f"{cfg.num_nextn_predict_layers} but {len(missing)} of its {len(want)} tensors are missing: "
                          f"{missing[:6]}")
     return missing
+
+
+def check_planned_shapes(targets: dict[str, Target], cfg: ModelConfig, where: str | Path,
+                         fresh_prefix: str | None = None) -> None:
+    """Every planned tensor against the model ``cfg`` describes, built on the meta device (nothing is
+    allocated; config_check.py has bounded its layers and experts by the headers first): ValueError
+    naming the missing, unexpected and wrong-shaped tensors. ``fresh_prefix``: tensors the caller
+    creates itself (``--mtp init``'s "mtp."), not expected among the targets."""
+    from model.transformer import DeepseekV3
+
+    with torch.device("meta"):
+        want = DeepseekV3(cfg).state_dict()
+    shapes = {k: tuple(t.shape) for k, t in targets.items()}
+    missing = sorted(k for k in set(want) - set(shapes) if not (fresh_prefix and k.startswith(fresh_prefix)))
+    unexpected = sorted(set(shapes) - set(want))
+    bad = sorted(k for k in set(want) & set(shapes) if tuple(want[k].shape) != shapes[k])
+    if missing or unexpected or bad:
+        raise ValueError(f"{where}: weights do not match its config.json: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shape {[(k, shapes[k], tuple(want[k].shape)) for k in bad[:4]]}")
 
 
 def _fused_form(name: str) -> str | None:

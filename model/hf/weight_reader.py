@@ -19,6 +19,8 @@ from safetensors import safe_open
 
 from model.hf import flat_shards
 from model.hf.manifest import MANIFEST, verify
+from model.hf.safe_header import read_header
+from model.hf.safe_paths import inside
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -117,25 +119,38 @@ class WeightReader:
         if (self.path / SHARDS).is_dir():
             state = read_state(self.path)
             check_format(self.path, state)
-            self._index = flat_shards.read_index(self.path / SHARDS)
+            # the index against every shard's header: no gap, no overlap, no file outside state/
+            self._index = flat_shards.check_shards(self.path / SHARDS)
             train_dtype = state.get("config", {}).get("train", {}).get("dtype", "fp32")
             weight_dtype = torch.bfloat16 if train_dtype == "bf16" else torch.float32
             self._meta = {}
-            for name, shape in state["tensors"].items():
+            tensors = state.get("tensors")
+            if not isinstance(tensors, dict):
+                raise ValueError(f"checkpoint {self.path}: {STATE} has no 'tensors' mapping of names to shapes")
+            for name, shape in tensors.items():
                 bias = name.endswith(BIAS_SUFFIX)
                 fqn = state_key("buffer" if bias else "param", name)
                 if fqn not in self._index:
                     raise ValueError(f"checkpoint {self.path}: {name} is missing from {SHARDS}/{flat_shards.INDEX}")
-                self._meta[name] = (tuple(shape), torch.float32 if bias else weight_dtype, fqn)
+                self._meta[name] = (self._checked_shape(name, shape, fqn), torch.float32 if bias else weight_dtype, fqn)
             return
         self._file = self.path / MODEL
         if not self._file.is_file():
             raise FileNotFoundError(f"{self._file} not found: this directory has no model weights")
-        from safetensors.torch import _getdtype
-        with safe_open(str(self._file), framework="pt") as f:
-            self._meta = {k: (tuple(f.get_slice(k).get_shape()), _getdtype(f.get_slice(k).get_dtype()), None)
-                          for k in f.keys()}
+        inside(self.path, MODEL, str(self.path), plain=True)
+        self._meta = {k: (t.shape, t.dtype, None) for k, t in read_header(self._file).tensors.items()}
         self._index = None
+
+    def _checked_shape(self, name: str, shape: object, fqn: str) -> tuple[int, ...]:
+        """trainer_state.json's shape of ``name``, which must hold exactly the index's element count."""
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                  for s in shape):
+            raise ValueError(f"checkpoint {self.path}: {STATE}: tensors.{name}={shape!r} is not a shape")
+        numel, stored = math.prod(shape), self._index[fqn]["size"][0]
+        if numel != stored:
+            raise ValueError(f"checkpoint {self.path}: {STATE}: tensors.{name} has shape {shape} ({numel} elements), "
+                             f"{SHARDS}/{flat_shards.INDEX} and the shard headers hold {stored}")
+        return tuple(shape)
 
     def names(self) -> list[str]:
         return list(self._meta)
