@@ -15,6 +15,12 @@ Kernels (see ``resolve_backend``):
              added in fp32 -- the tile recipe expressed with row-wise scaling (also what DeepSeek
              means by "promote to FP32 every 128 elements of K"). Works on CPU and pre-blockwise GPUs.
   blockwise  torch.nn.functional.scaled_mm with BlockWise1x128 / BlockWise128x128 (Hopper, CUDA 12.9+).
+Grouped expert GEMMs (``fp8_grouped_mm``): all experts' weights quantized in one pass (and reused
+across micro-steps), then forward, dgrad and wgrad each ONE grouped GEMM, counts never read on the host:
+  emulated   one torch._grouped_mm over the dequantized operands per GEMM (the CPU path).
+  triton     model/kernels/fp8_grouped.py: m-grouped (forward, dgrad) and k-grouped (wgrad), sm89/sm90.
+``fp8_grouped_reference`` is the slow per-expert loop both are tested against.
+Which kernel runs where: model/fp8_probe.py.
 """
 from __future__ import annotations
 
@@ -24,19 +30,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from model.fp8 import (
     ACT_TILE,
     WEIGHT_TILE,
     QTensor,
+    Segments,
+    dequantize_act_padded,
+    dequantize_experts,
+    dequantize_segments,
     quantize,
     quantize_act,
+    quantize_experts,
+    quantize_segments,
     quantize_weight,
     quantize_wgrad,
-    rel_err,
     retile_wgrad,
+    segments,
 )
-from model.grouped_gemm import _loop_mm, _native_ok
+from model.grouped_gemm import _loop_mm, _loop_wgrad, _native_ok
 from model.moe import RoutedExperts
 
 log = logging.getLogger(__name__)
@@ -125,64 +138,6 @@ def fp8_mm(a: QTensor, b: QTensor, kernel: str) -> torch.Tensor:
     raise ValueError(f"fp8 kernel={kernel!r}: must be one of {KERNELS}")
 
 
-# ----------------------------------------------------------------------------- backend choice
-
-_PROBED: dict[str, tuple[str, str]] = {}
-
-
-def _probe(kernel: str, device: torch.device) -> str | None:
-    """Run one small GEMM of each kind on ``device`` and compare with the emulated oracle.
-    Returns None when it works, else why not."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(256, 512, generator=g).to(device)
-    w = torch.randn(384, 512, generator=g).to(device)
-    xq, wq = quantize_act(x), quantize_weight(w)
-    pairs = [(xq, wq), (quantize_wgrad(x).t(), quantize_wgrad(torch.randn(256, 384, generator=g).to(device)).t())]
-    try:
-        for a, b in pairs:
-            err = rel_err(fp8_mm(a, b, kernel), _mm_emulated(a, b))
-            if not err < 1e-2:                                               # bf16-output tolerance
-                return f"mismatch vs emulated (rel err {err:.2e})"
-    except Exception as e:  # noqa: BLE001 -- any failure means "not supported here"
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return None
-
-
-def resolve_backend(backend: str = "auto", device: torch.device | str | None = None) -> tuple[str, str]:
-    """fp8.backend (auto | emulated | cuda) -> (kernel, reason). cuda tries blockwise, then
-    rowwise, then falls back to emulated, each verified numerically on the device."""
-    if backend not in ("auto", "emulated", "cuda"):
-        raise ValueError(f"fp8.backend={backend!r}: must be auto, emulated or cuda")
-    if backend == "emulated":
-        return "emulated", "requested"
-    if not torch.cuda.is_available():
-        if backend == "cuda":
-            raise ValueError("fp8.backend='cuda' but torch.cuda.is_available() is False")
-        return "emulated", "no CUDA device"
-    # a model is usually built on CPU and moved to the GPU later: probe where it will train
-    dev = torch.device(device) if device is not None and torch.device(device).type == "cuda" else torch.device("cuda")
-    key = str(dev)
-    if key not in _PROBED:
-        why = {}
-        for kernel in ("blockwise", "rowwise"):
-            if kernel == "blockwise" and not hasattr(F, "scaled_mm"):
-                why[kernel] = "torch has no F.scaled_mm"
-                continue
-            for out_dtype in (torch.float32, torch.bfloat16):
-                _OUT_DTYPE[kernel] = out_dtype
-                why[kernel] = _probe(kernel, dev)
-                if why[kernel] is None:
-                    break
-            if why[kernel] is None:
-                _PROBED[key] = (kernel, f"{kernel} scaled_mm ({str(_OUT_DTYPE[kernel])[6:]} out) verified on "
-                                f"{torch.cuda.get_device_name(dev)}"
-                                + (f" (blockwise unavailable: {why['blockwise']})" if kernel == "rowwise" else ""))
-                break
-        else:
-            _PROBED[key] = ("emulated", f"no scaled_mm kernel works here: {why}")
-    return _PROBED[key]
-
-
 # ----------------------------------------------------------------------------- FP8 linear
 
 class _FP8LinearFn(torch.autograd.Function):
@@ -242,92 +197,151 @@ class FP8Linear(nn.Linear):
 
 # ----------------------------------------------------------------------------- FP8 grouped GEMM
 
-def _quantize_experts(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (E, K, M) (in, out) layout -> data (E, K, M) fp8, scale (E, Kt, Mt): 128x128 blocks per
-    expert (a block's scale is the same whichever way the GEMM reads it)."""
-    qs = [quantize(w[e], WEIGHT_TILE, pow2) for e in range(w.shape[0])]
-    return torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs])
+GROUPED_KERNELS = ("emulated", "triton")
+
+# Bumped after every optimizer step (torch calls global step hooks for every optimizer, DeepSpeed's
+# inner one included): the experts' FP8 weight copies are reused across micro-steps only while it holds.
+_WEIGHT_EPOCH = [0]
 
 
-def _rows(q: QTensor, lo: int, hi: int) -> QTensor:
-    """Rows lo:hi of a 1x128-tiled QTensor (tiles never span rows, so this is a plain slice)."""
-    return QTensor(q.data[lo:hi], q.scale[lo:hi], q.tile, (hi - lo, q.shape[1]))
+def _weights_stepped(*_: object) -> None:
+    _WEIGHT_EPOCH[0] += 1
+
+
+register_optimizer_step_post_hook(_weights_stepped)
+
+
+def quantized_experts(cache: dict, w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (E, K, M) -> quantize_experts(w), reused from ``cache`` while w is unchanged: same storage, same
+    in-place version counter, no optimizer step since (``.data`` writes escape the version counter)."""
+    key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, pow2, _WEIGHT_EPOCH[0])
+    hit = cache.get(id(w))
+    if hit is None or hit[0] != key:
+        hit = (key, *quantize_experts(w, pow2))
+        cache[id(w)] = hit
+    return hit[1], hit[2]
+
+
+def _pad_cols(t: torch.Tensor, mult: int) -> torch.Tensor:
+    return t if t.shape[1] % mult == 0 else F.pad(t, (0, -t.shape[1] % mult))
+
+
+def _grouped_emulated(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """fp32 a (N, kp) @ b[e] (kp, np) by segments, one torch._grouped_mm where torch has it (CPU); on CUDA
+    it has no fp32 grouped kernel and the emulated oracle loops (and reads counts on the host)."""
+    if _native_ok(a, b):
+        return torch._grouped_mm(a, b, offs=counts.cumsum(0).to(torch.int32))
+    return _loop_mm(a, b, counts.tolist())
+
+
+def _wgrad_emulated(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """fp32 a (N, K), b (N, M) -> (E, K, M) = a_e^T b_e (columns padded to 16 B for the grouped kernel)."""
+    K, M = a.shape[1], b.shape[1]
+    a4, b4 = _pad_cols(a, 4), _pad_cols(b, 4)
+    if _native_ok(a4, b4[None]):
+        return torch._grouped_mm(a4.t(), b4, offs=counts.cumsum(0).to(torch.int32))[:, :K, :M]
+    return _loop_wgrad(a, b, counts.tolist())
+
+
+def grouped_fwd(xq: QTensor, w_data: torch.Tensor, w_scale: torch.Tensor, counts: torch.Tensor, kernel: str,
+                transpose_w: bool = False) -> torch.Tensor:
+    """xq (N, k) 1x128 tiles, experts w (E, K, M) in 128x128 blocks -> fp32 (N, M) = x_e @ w[e]
+    (or, with transpose_w, (N, K) = x_e @ w[e]^T: the dgrad). One grouped GEMM either way."""
+    E, K, M = w_data.shape
+    n_out = K if transpose_w else M
+    if kernel == "triton":
+        from model.kernels.fp8_grouped import M_GROUPED_BLOCKS, m_grouped_fp8, tile_plan
+        plan = tile_plan(counts, xq.shape[0], M_GROUPED_BLOCKS[0])
+        return m_grouped_fp8(xq.data, xq.scale, w_data, w_scale, plan, transpose_b=transpose_w)
+    wd = dequantize_experts(w_data, w_scale)                                 # (E, Kp, Mp) fp32
+    wd = wd.transpose(1, 2) if transpose_w else wd                           # (E, k, n) for x (N, k)
+    # the output's columns sliced off in b (a strided view), so the output owns no padding, unless the
+    # grouped kernel's 16-byte rule needs them (then the padded output is sliced and copied)
+    n_b = n_out if n_out % 4 == 0 else wd.shape[2]
+    out = _grouped_emulated(dequantize_act_padded(xq), wd[:, :, :n_b], counts)
+    return out if n_b == n_out else out[:, :n_out].contiguous()
+
+
+def grouped_wgrad(x_seg: tuple[torch.Tensor, torch.Tensor], dy_seg: tuple[torch.Tensor, torch.Tensor],
+                  seg: Segments, counts: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x (N, K) and dy (N, M) in 128x1 tiles per expert segment -> fp32 (E, K, M) = x_e^T @ dy_e."""
+    if kernel == "triton":
+        from model.kernels.fp8_grouped import k_grouped_fp8
+        return k_grouped_fp8(*x_seg, *dy_seg, seg.start, seg.end, seg.tile_first)
+    return _wgrad_emulated(dequantize_segments(*x_seg, seg), dequantize_segments(*dy_seg, seg), counts)
 
 
 class _FP8GroupedFn(torch.autograd.Function):
+    """Forward, dgrad and wgrad each one grouped GEMM over all experts; no host reads of counts."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kernel: str, pow2: bool,
-                cache_fp8: bool) -> torch.Tensor:
-        """x (N, K) sorted by expert, w (E, K, M), counts (E,) -> (N, M) in x.dtype."""
-        E, K, M = w.shape
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, w_data: torch.Tensor,
+                w_scale: torch.Tensor, kernel: str, pow2: bool, cache_fp8: bool) -> torch.Tensor:
+        """x (N, K) sorted by expert, w (E, K, M) and its FP8 copy, counts (E,) -> (N, M) in x.dtype."""
         xq = quantize_act(x, pow2)
-        w_data, w_scale = _quantize_experts(w, pow2)
-        c = counts.tolist()
-        if kernel == "emulated":
-            xd = xq.dequantize()                                             # (N, K) fp32
-            wd = torch.stack([QTensor(w_data[e], w_scale[e], WEIGHT_TILE, (K, M)).dequantize()
-                              for e in range(E)])                            # (E, K, M) fp32
-            if _native_ok(xd, wd):
-                y = torch._grouped_mm(xd, wd, offs=counts.cumsum(0).to(torch.int32))
-            else:
-                y = _loop_mm(xd, wd, c)
-        else:
-            outs, lo = [], 0
-            for e, n in enumerate(c):
-                if n:
-                    we = QTensor(w_data[e], w_scale[e], WEIGHT_TILE, (K, M)).t()   # (M, K) for NT
-                    outs.append(fp8_mm(_rows(xq, lo, lo + n), we, kernel))
-                lo += n
-            y = torch.cat(outs) if outs else x.new_zeros(0, M, dtype=torch.float32)
+        y = grouped_fwd(xq, w_data, w_scale, counts, kernel)
         saved_x = (xq.data, xq.scale) if cache_fp8 else (x, x.new_empty(0))
         ctx.save_for_backward(*saved_x, w_data, w_scale, counts)
-        ctx.meta = (kernel, pow2, cache_fp8, tuple(x.shape), (E, K, M), x.dtype, w.dtype)
+        ctx.meta = (kernel, pow2, cache_fp8, tuple(x.shape), x.dtype, w.dtype)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        kernel, pow2, cache_fp8, x_shape, (E, K, M), x_dtype, w_dtype = ctx.meta
+        kernel, pow2, cache_fp8, x_shape, x_dtype, w_dtype = ctx.meta
         x_data, x_scale, w_data, w_scale, counts = ctx.saved_tensors
         dy = dy.contiguous()                                                 # (N, M)
-        c = counts.tolist()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dyq = quantize_act(dy, pow2)                                     # 1x128 along M
-            parts, lo = [], 0
-            for e, n in enumerate(c):
-                if n:
-                    we = QTensor(w_data[e], w_scale[e], WEIGHT_TILE, (K, M))  # (K, M): contracts M
-                    parts.append(fp8_mm(_rows(dyq, lo, lo + n), we, kernel))
-                lo += n
-            dx = (torch.cat(parts) if parts else dy.new_zeros(0, K, dtype=torch.float32)).to(x_dtype)
+            dx = grouped_fwd(quantize_act(dy, pow2), w_data, w_scale, counts, kernel, transpose_w=True).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            xq = QTensor(x_data, x_scale, ACT_TILE, x_shape) if cache_fp8 else None
-            dw = torch.zeros(E, K, M, dtype=w_dtype, device=dy.device)
-            lo = 0
-            for e, n in enumerate(c):
-                if n:
-                    # 128x1 tiles per expert segment, so no tile straddles two experts
-                    xe = (retile_wgrad(_rows(xq, lo, lo + n), pow2) if cache_fp8
-                          else quantize_wgrad(x_data[lo:lo + n], pow2))
-                    dye = quantize_wgrad(dy[lo:lo + n], pow2)
-                    dw[e] = fp8_mm(xe.t(), dye.t(), kernel).to(w_dtype)     # (K, M) = x_e^T dy_e
-                lo += n
-        return dx, dw, None, None, None, None
+            seg = segments(counts, dy.shape[0])
+            # the cached 1x128 x is dequantized and re-tiled 128x1 per expert segment (as DeepSeek-V3 does)
+            x_hp = (dequantize_act_padded(QTensor(x_data, x_scale, ACT_TILE, x_shape))[:, :x_shape[1]] if cache_fp8
+                    else x_data)
+            dw = grouped_wgrad(quantize_segments(x_hp, seg, pow2), quantize_segments(dy, seg, pow2), seg, counts,
+                               kernel).to(w_dtype)
+        return dx, dw, None, None, None, None, None, None
 
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kernel: str = "emulated",
-                   pow2: bool = False, cache_fp8: bool = True) -> torch.Tensor:
-    """x (N, K) sorted by expert, w (E, K, M), counts (E,) -> (N, M); FP8 drop-in for grouped_mm."""
-    return _FP8GroupedFn.apply(x.contiguous(), w, counts, kernel, pow2, cache_fp8)
+                   pow2: bool = False, cache_fp8: bool = True,
+                   w_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x (N, K) sorted by expert, w (E, K, M), counts (E,) -> (N, M); FP8 drop-in for grouped_mm.
+    ``w_fp8``: w already quantized (``quantized_experts``); kernel: emulated | triton."""
+    if kernel not in GROUPED_KERNELS:
+        raise ValueError(f"fp8 grouped kernel={kernel!r}: must be one of {GROUPED_KERNELS}")
+    w_data, w_scale = w_fp8 if w_fp8 is not None else quantize_experts(w, pow2)
+    return _FP8GroupedFn.apply(x.contiguous(), w, counts, w_data, w_scale, kernel, pow2, cache_fp8)
+
+
+def fp8_grouped_reference(x: torch.Tensor, w: torch.Tensor, counts: list[int], dy: torch.Tensor,
+                          pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The oracle: y, dx, dw of the grouped FP8 GEMM, one expert at a time, with the per-tensor quantizers
+    and the emulated fp8_mm (x cached 1x128 and re-tiled 128x1 per expert segment, as the fast path does)."""
+    E, K, M = w.shape
+    ys, dxs, dw, lo = [], [], torch.zeros(E, K, M), 0
+    for e, n in enumerate(counts):
+        if n:
+            xq, dyq = quantize_act(x[lo:lo + n], pow2), quantize_act(dy[lo:lo + n], pow2)
+            wq = quantize(w[e], WEIGHT_TILE, pow2)                           # (K, M) blocks
+            ys.append(fp8_mm(xq, wq.t(), "emulated"))                        # (n, M)
+            dxs.append(fp8_mm(dyq, wq, "emulated"))                          # (n, K)
+            dw[e] = fp8_mm(retile_wgrad(xq, pow2).t(), quantize_wgrad(dy[lo:lo + n], pow2).t(), "emulated")
+        lo += n
+    return torch.cat(ys) if ys else x.new_zeros(0, M), torch.cat(dxs) if dxs else x.new_zeros(0, K), dw
 
 
 class FP8RoutedExperts(RoutedExperts):
     """RoutedExperts with both grouped GEMMs in FP8. Same ``w_gate_up``/``w_down`` parameters, so
-    checkpoints and model/hf/convert.py see no difference. ``forward_reference`` stays high precision."""
+    checkpoints and model/hf/convert.py see no difference. ``forward_reference`` stays high precision.
+    The weights' FP8 copies live in ``_fp8_weights`` (a plain dict, not state) between micro-steps."""
     fp8_kernel: str = "emulated"
     fp8_pow2: bool = False
     cache_fp8: bool = True
-    traceable = False   # per-expert host loops (counts.tolist()): runs eagerly under torch.compile
+    traceable = False   # autograd.Function around Triton / emulated kernels: runs eagerly under torch.compile
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return fp8_grouped_mm(x, w, counts, kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8)
+        cache = self.__dict__.setdefault("_fp8_weights", {})                # the class is swapped in: no __init__
+        w_fp8 = quantized_experts(cache, w, self.fp8_pow2)
+        return fp8_grouped_mm(x, w, counts, kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8,
+                              w_fp8=w_fp8)

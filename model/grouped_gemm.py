@@ -2,8 +2,9 @@
 
 x (N, K) rows are sorted by expert; counts (E,) says how many rows each expert owns;
 w (E, K, M). Row segment e of the output is x[seg_e] @ w[e]. ``torch._grouped_mm`` runs
-all segments in one call (CPU fp32/bf16, Hopper bf16); elsewhere a loop over segments gives
-the same numbers. Both backward GEMMs are grouped too:
+all segments in one call (CPU fp32/bf16, Hopper bf16); on sm80-sm89 bf16/fp16 DeepSpeed's Triton
+grouped GEMM does (model/kernels/ds_grouped.py); elsewhere a loop over segments gives the same
+numbers. Both backward GEMMs are grouped too:
 dx = dy @ w^T per segment,  dw[e] = x[seg_e]^T @ dy[seg_e].
 """
 from __future__ import annotations
@@ -103,8 +104,26 @@ class _LoopGroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
+def kernel_for(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> str:
+    """Which grouped GEMM a (device, dtype) gets: "torch" (torch._grouped_mm: CPU, Hopper+ bf16),
+    "deepspeed-triton" (bf16/fp16 on sm80-sm89, where torch would loop over experts and read the
+    offsets on the host), or "loop" (the reference: anything else, e.g. fp32 on a GPU)."""
+    if device_type == "cuda":
+        if dtype in (torch.bfloat16, torch.float16) and capability is not None and capability[0] == 8:
+            return "deepspeed-triton"
+        return "torch" if dtype == torch.bfloat16 and capability is not None and capability[0] >= 9 else "loop"
+    return "torch" if dtype in (torch.float32, torch.bfloat16) else "loop"
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, native: bool | None = None) -> torch.Tensor:
-    """x (N, K) sorted by group, w (E, K, M), counts (E,) int with sum N -> (N, M)."""
+    """x (N, K) sorted by group, w (E, K, M), counts (E,) int with sum N -> (N, M).
+    ``native=False`` forces the loop reference; None picks by device and dtype (``kernel_for``)."""
+    if native is None and x.is_cuda:
+        cap = torch.cuda.get_device_capability(x.device)
+        if kernel_for("cuda", x.dtype, cap) == "deepspeed-triton":
+            from model.kernels.ds_grouped import available, ds_grouped_mm
+            if available(x.device) is None:
+                return ds_grouped_mm(x, w, counts)
     if native is None:
         native = _native_ok(x, w)
     if native:

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import fp8_linear as model_fp8_linear
 from model.fp8 import FP8_DTYPE, quantize_act, quantize_weight, quantize_wgrad, rel_err
-from model.fp8_linear import _probe, fp8_grouped_mm, fp8_linear, fp8_mm, resolve_backend
+from model.fp8_linear import fp8_grouped_mm, fp8_linear, fp8_mm
+from model.fp8_probe import _probe_linear, check_alignment, resolve_backend, resolve_kernels
 from model.grouped_gemm import grouped_mm
 from tests.test_fp8 import outlier_input
 
@@ -128,7 +130,7 @@ def _grouped_grads(fn, x, w, counts, gy):
     return y.detach(), x.grad, w.grad
 
 
-@pytest.mark.parametrize("kernel", ["emulated", "rowwise"])
+@pytest.mark.parametrize("kernel", ["emulated"])
 def test_fp8_grouped_vs_fp32(kernel):
     x, w, counts, gy = _grouped_setup()
     ref = _grouped_grads(grouped_mm, x, w, counts, gy)
@@ -164,11 +166,61 @@ def test_resolve_backend_on_this_machine():
         resolve_backend("fp4")
     # the probe that picks a CUDA kernel passes on CPU for rowwise, and for blockwise too because
     # blockwise on a CPU tensor takes the rowwise path (a model kept on CPU still runs)
-    assert _probe("rowwise", torch.device("cpu")) is None and _probe("blockwise", torch.device("cpu")) is None
+    shapes = [(384, 512), (288, 256), (100, 136)]
+    assert _probe_linear("rowwise", torch.device("cpu"), shapes) is None
+    assert _probe_linear("blockwise", torch.device("cpu"), shapes) is None
     if not torch.cuda.is_available():
         assert resolve_backend("auto")[0] == "emulated"
         with pytest.raises(ValueError, match="cuda"):
             resolve_backend("cuda")
+
+
+def test_kernel_choice_and_bad_input_lines():
+    """CPU: every GEMM kind emulated (auto), or one line for fp8.backend=cuda; misaligned dims: one line
+    naming the layer and the dim (the check runs before a GPU probe, so it is called directly here)."""
+    kernels = resolve_kernels("auto", None, [(384, 512)], [(256, 288), (144, 256)])
+    if not torch.cuda.is_available():
+        assert kernels == {"linear": ("emulated", "no CUDA device"), "experts": ("emulated", "no CUDA device")}
+        with pytest.raises(ValueError, match=r"fp8.backend='cuda' but this machine has no CUDA device") as e:
+            resolve_kernels("cuda", None, [(384, 512)], [(256, 288)])
+        assert "\n" not in str(e.value)
+    assert resolve_kernels("emulated")["experts"] == ("emulated", "requested")
+    check_alignment({"layers.1.mlp.experts": {"hidden_size": 256, "moe_intermediate_size": 144}})
+    with pytest.raises(ValueError) as e:
+        check_alignment({"layers.1.mlp.experts": {"hidden_size": 256, "moe_intermediate_size": 144},
+                         "layers.2.mlp.experts": {"hidden_size": 256, "moe_intermediate_size": 100}})
+    msg = str(e.value)
+    assert "\n" not in msg and "layers.2.mlp.experts" in msg and "moe_intermediate_size=100" in msg
+    check_alignment({"layers.2.mlp.experts": {"moe_intermediate_size": 100}}, kernel="emulated")   # no rule
+
+
+def test_grouped_fp8_weights_quantized_once_per_optimizer_step():
+    """The experts' FP8 copies are reused across micro-steps and renewed after a step or an in-place write."""
+    from model.fp8_linear import FP8RoutedExperts
+    from model.moe import RoutedExperts
+
+    experts = RoutedExperts(4, 32, 16)
+    torch.nn.init.normal_(experts.w_gate_up, std=0.05), torch.nn.init.normal_(experts.w_down, std=0.05)
+    experts.__class__ = FP8RoutedExperts
+    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
+    x, counts = torch.randn(20, 32), torch.tensor([5, 0, 7, 8])
+    calls = []
+    real = model_fp8_linear.quantize_experts
+    model_fp8_linear.quantize_experts = lambda *a: calls.append(1) or real(*a)
+    try:
+        for _ in range(2):                                  # two micro-steps, then a step
+            experts(x, counts).sum().backward()
+        assert len(calls) == 2                              # w_gate_up and w_down, once each
+        before = experts(x, counts).detach()
+        opt.step()
+        after = experts(x, counts).detach()
+        assert len(calls) == 4 and not torch.equal(before, after)
+        with torch.no_grad():
+            experts.w_down.mul_(2)                          # an in-place write bumps the version counter
+        experts(x, counts)
+        assert len(calls) == 5
+    finally:
+        model_fp8_linear.quantize_experts = real
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -188,7 +240,7 @@ def test_cuda_backend_matches_emulated():
         assert rel_err(d.cpu(), e) < tol
     xg, wg, counts, gyg = _grouped_setup()
     emu_g = _grouped_grads(fp8_grouped_mm, xg, wg, counts, gyg)
-    dev_g = _grouped_grads(lambda a, b, c: fp8_grouped_mm(a, b, c, kernel=kernel),
+    dev_g = _grouped_grads(lambda a, b, c: fp8_grouped_mm(a, b, c, kernel="triton"),
                            xg.cuda(), wg.cuda(), counts.cuda(), gyg.cuda())
     for e, d in zip(emu_g, dev_g):
         assert rel_err(d.cpu(), e) < tol

@@ -1,0 +1,146 @@
+"""Aten ops (about kernel launches on a GPU) and host syncs of the FP8 expert GEMMs, beside bf16.
+
+    python benchmarks/bench_fp8_ops.py [--experts 16 64 256] [--config configs/tiny.yaml] [--triton]
+
+Three measurements, all exact counts (no timing), on whatever machine runs it:
+  grouped GEMM   ops of ONE grouped GEMM forward + backward (x (N, K) sorted by expert,
+                 w (E, K, M), ragged counts with empty experts) at each expert count: FP8 (the
+                 kernel given by --kernel, the CPU default is emulated) against the high-precision
+                 grouped_mm (bf16 on a GPU, fp32 here; the op count is the same).
+  per step       ops and host syncs of one forward + backward of the config's model (one micro-batch),
+                 FP8 against no FP8, and host syncs per MoE layer.
+  --triton       also counts the Triton FP8 grouped path: aten ops plus Triton launches, run through
+                 the interpreter (TRITON_INTERPRET=1 is set here when no GPU is present).
+
+Ops are counted with a TorchDispatchMode (every aten call, views included); host syncs with
+tests/host_sync.py (the same counter the budget tests use).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from configs import load_config  # noqa: E402
+from configs.schema import FP8Config  # noqa: E402
+from model.fp8_linear import fp8_grouped_mm  # noqa: E402
+from model.fp8_swap import apply_fp8, set_fp8_option  # noqa: E402
+from model.grouped_gemm import grouped_mm  # noqa: E402
+from model.transformer import DeepseekV3  # noqa: E402
+from tests.host_sync import HostSyncs  # noqa: E402
+
+
+class OpCount(TorchDispatchMode):
+    """Counts aten calls while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _launches() -> Callable[[], int]:
+    """Patch Triton's JIT launcher to count launches; returns a reader of the count."""
+    import triton.runtime.interpreter as interp
+    from triton.runtime.jit import JITFunction
+
+    count = [0]
+    for cls in (JITFunction, interp.InterpretedFunction):
+        orig = cls.run
+
+        def run(self, *a, _orig=orig, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            count[0] += 1
+            return _orig(self, *a, **k)
+        cls.run = run
+    return lambda: count[0]
+
+
+def ragged_counts(E: int, N: int, seed: int = 0) -> torch.Tensor:
+    """(E,) int64 summing to N, skewed, about one expert in eight empty."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(E, generator=g) ** 3
+    w[torch.randperm(E, generator=g)[: max(1, E // 8)]] = 0
+    counts = torch.floor(w / w.sum() * N).long()
+    counts[int(torch.argmax(w))] += N - int(counts.sum())
+    return counts
+
+
+def grouped_ops(E: int, fn: Callable, N: int = 1024, K: int = 256, M: int = 128) -> tuple[int, int]:
+    """(aten ops, host syncs) of one forward + backward of fn(x, w, counts)."""
+    g = torch.Generator().manual_seed(1)
+    counts = ragged_counts(E, N)
+    x = torch.randn(N, K, generator=g, requires_grad=True)
+    w = (torch.randn(E, K, M, generator=g) * 0.05).requires_grad_()
+    dy = torch.randn(N, M, generator=g)
+    fn(x, w, counts).backward(dy)                           # warm: caches, lazy imports
+    with HostSyncs() as syncs, OpCount() as ops:
+        fn(x, w, counts).backward(dy)
+    return ops.n, len(syncs.events)
+
+
+def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
+    cfg = load_config(cfg_path)
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).train()
+    if fp8:
+        apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+        if kernel:
+            set_fp8_option(model, fp8_kernel=kernel)
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()                   # warm
+    model.zero_grad(set_to_none=True)
+    with HostSyncs() as syncs, OpCount() as ops:
+        model(ids, labels=ids).loss.backward()
+    return {"ops": ops.n, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
+            "where": sorted({w for _, w in syncs.events})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experts", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    ap.add_argument("--kernel", default="emulated", help="FP8 kernel of the grouped GEMM")
+    ap.add_argument("--triton", action="store_true", help="also count the Triton FP8 grouped path")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"# {platform.node()} {platform.machine()} torch {torch.__version__}, {os.cpu_count()} CPUs")
+    rows = {"hp grouped_mm": lambda x, w, c: grouped_mm(x, w, c),
+            f"fp8 {args.kernel}": lambda x, w, c: fp8_grouped_mm(x, w, c, kernel=args.kernel)}
+    launches = None
+    if args.triton:
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+        launches = _launches()
+        rows["fp8 triton"] = lambda x, w, c: fp8_grouped_mm(x, w, c, kernel="triton")
+    print("| grouped GEMM fwd+bwd | " + " | ".join(f"E={e}" for e in args.experts) + " |")
+    print("|---|" + "---|" * len(args.experts))
+    for name, fn in rows.items():
+        cells = []
+        for E in args.experts:
+            before = launches() if launches and name == "fp8 triton" else 0
+            ops, syncs = grouped_ops(E, fn)
+            extra = launches() - before if launches and name == "fp8 triton" else 0
+            # grouped_ops runs fn twice (warm + counted); launches are counted over both
+            cells.append(f"{ops}" + (f" + {extra // 2} triton" if extra else "") + f" ops, {syncs} syncs")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    hp, f8 = step_ops(args.config, False), step_ops(args.config, True, args.kernel)
+    print(f"\nper step ({os.path.relpath(args.config, ROOT)}, one micro-batch fwd+bwd, {hp['moe_layers']} MoE layers)")
+    print(f"  no fp8: {hp['ops']} ops, {hp['syncs']} host syncs {hp['where']}")
+    print(f"  fp8 {args.kernel}: {f8['ops']} ops ({f8['ops'] / hp['ops']:.2f}x), {f8['syncs']} host syncs "
+          f"({f8['syncs'] / f8['moe_layers']:.1f} per MoE layer) {f8['where']}")
+
+
+if __name__ == "__main__":
+    main()
