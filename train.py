@@ -29,8 +29,11 @@ import torch.distributed as dist
 from configs.schema import load_config
 from data import ShardedSampler, TokenShards, batch_from_rows, build_dataset_cache, echo_log, run_tokenizer_fingerprint
 from data.corpus import source_signature
+from data.handoff import next_key, publish, wait_for
 from data.mixture import MixtureRows, MixtureSampler
+from data.prepared import check_prepared, prepared_tokenizer
 from data.sources import check_sources, load_sources
+from data.stop import PreparationStopped, stop_on_sigterm
 from model.flops import count_params
 from model.hf.manifest import verify
 from model.memory_plan import moe_layer_count
@@ -88,7 +91,9 @@ def check_config(cfg: Config, world_size: int) -> None:
     deepspeed_config(cfg, world_size // cfg.parallel.sites)
     checkpoint.claim_out_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite, int(os.environ.get("RANK", 0)))
     d = cfg.data
-    if d.path is not None:
+    if d.prepared is not None:   # read as it is: no corpus needed on this node
+        check_prepared(d.prepared, d.seq_len, cfg.model.vocab_size, d.tokenizer)
+    elif d.path is not None:
         source_signature(d.path, d.text_field, d.max_files)   # lists the corpus files; raises naming the path
     check_sources(d)   # data.sources, data.val_sources: each one exists and holds a document
     if d.tokenizer is not None and not Path(d.tokenizer).expanduser().is_dir():
@@ -96,27 +101,38 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def prepare_data(cfg: Config, rank: int, device: torch.device, build: Callable[[], Any] | None = None) -> Any:
-    """Rank 0 builds (or finds) the token-shard cache, its log lines on stdout; the others wait, then find it.
-    ``build``: another preparation to run that way (data/sources.py's); default: data.path's shards."""
+    """The data prepared once per node: the node's first rank (LOCAL_RANK 0) runs ``build`` (default: data.path's
+    token-shard cache; data/sources.py passes its own), its log lines on stdout, and hands the result (JSON: a
+    directory) to the node's other ranks through the process group's store; they poll for it, logging every
+    30 s, bounded by data.prepare_wait_s and not by a collective's timeout (data/handoff.py). Two preparers
+    never share a cache directory (data/lock.py). SIGTERM meanwhile stops every rank within seconds; finished
+    shards are kept and a rerun resumes (data/stop.py)."""
     d = cfg.data
-    build = build or (lambda: build_dataset_cache(d.path, d.text_field, d.tokenizer, cfg.model.vocab_size,
-                                                  d.seq_len, d.cache_dir, d.val_fraction, d.max_files))
-    failed = torch.zeros(1, device=device)
-    shard_dir, error = None, None
-    if rank == 0:
-        try:
-            with echo_log():   # "data: prepared ...; special-token strings kept as text: ..."
-                shard_dir = build()
-        except Exception as e:  # re-raised below, after telling the other ranks
-            failed += 1
-            error = e
-    if dist.get_world_size() > 1:
-        dist.all_reduce(failed)  # also the barrier: others start reading once rank 0 is done
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError("rank 0 failed to prepare the data (its error is above)")
-    return shard_dir if rank == 0 else build()
+    build = build or (lambda: build_dataset_cache(
+        d.path, d.text_field, d.tokenizer, cfg.model.vocab_size, d.seq_len, d.cache_dir, d.val_fraction, d.max_files,
+        num_proc=d.num_proc, tokenizer_sample_bytes=d.tokenizer_sample_bytes, max_skipped_files=d.max_skipped_files,
+        wait_s=d.prepare_wait_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    preparer = rank - local_rank   # ranks of a node are consecutive (DeepSpeed's and torchrun's launchers)
+    store = dist.distributed_c10d._get_default_store() if dist.get_world_size() > 1 else None
+    key = next_key(preparer)
+    say = lambda line: print(f"rank {rank}: {line}", flush=True)  # noqa: E731
+    try:
+        with stop_on_sigterm():
+            if local_rank != 0:
+                return wait_for(store, key, f"rank {preparer} (this node's preparer)", d.prepare_wait_s, say)
+            try:
+                with echo_log():   # "data: prepared ...; special-token strings kept as text: ..."
+                    result = build()
+            except Exception as e:   # the waiting ranks fail with its message; this rank re-raises it
+                publish(store, key, error=e)
+                raise
+            publish(store, key, result)
+            return result
+    except PreparationStopped:
+        print(f"rank {rank}: SIGTERM during data preparation: stopped (finished shards are kept in data.cache_dir; "
+              "the next run resumes the preparation)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 class TrainingStopped(RuntimeError):
@@ -241,16 +257,24 @@ def start_processes(cfg: Config) -> tuple[int, int, torch.device, Sites | None]:
 def load_data(cfg: Config, rank: int, device: torch.device) -> tuple[str, str, TokenShards, TokenShards | None]:
     """-> (shard dir, tokenizer fingerprint, train rows, val rows or None). The fingerprint is the run's own
     tokenizer's (data.tokenizer, else the BPE in data.cache_dir/tokenizer: the one checkpoints copy), computed
-    from its files; shards whose meta.json names another are refused."""
-    if cfg.data.sources or cfg.data.val_sources:   # a weighted mixture, separate validation sets: data/sources.py
+    from its files; shards whose meta.json names another are refused. With data.prepared=DIR nothing is
+    prepared: DIR is checked against the config (data/prepared.py) and read by every rank; its tokenizer copy
+    becomes data.tokenizer when none is set (the run's recorded config names it; checkpoints copy it)."""
+    d = cfg.data
+    if d.sources or d.val_sources:   # a weighted mixture, separate validation sets: data/sources.py
         return load_sources(cfg, lambda build: prepare_data(cfg, rank, device, build))
-    shard_dir = prepare_data(cfg, rank, device)
-    fingerprint = run_tokenizer_fingerprint(cfg.data.tokenizer, cfg.data.cache_dir)
+    if d.prepared is not None:
+        _, fingerprint = check_prepared(d.prepared, d.seq_len, cfg.model.vocab_size, d.tokenizer)
+        d.tokenizer = str(prepared_tokenizer(d.prepared, d.tokenizer))
+        shard_dir = str(Path(d.prepared).expanduser())
+    else:
+        shard_dir = prepare_data(cfg, rank, device)
+        fingerprint = run_tokenizer_fingerprint(d.tokenizer, d.cache_dir)
     train_rows = TokenShards(shard_dir, "train", expected_vocab_size=cfg.model.vocab_size,
                              expected_fingerprint=fingerprint)
     val_rows = (TokenShards(shard_dir, "val", expected_vocab_size=cfg.model.vocab_size,
                             expected_fingerprint=fingerprint)
-                if cfg.train.eval_batches > 0 and cfg.data.val_fraction > 0 else None)
+                if cfg.train.eval_batches > 0 and d.val_fraction > 0 else None)
     return shard_dir, fingerprint, train_rows, val_rows
 
 

@@ -32,7 +32,7 @@ MIN_BPE_VOCAB_SIZE = 256 + 1
 OUTER_DTYPES = ("fp32", "bf16", "int8", "fp8")   # parallel.outer_dtype
 PLACEMENTS = ("even", "capacity", "load")         # parallel.expert_placement
 _PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("data", "cache_dir"), ("data", "text_field"),
-                ("train", "out_dir"), ("train", "init_from"))
+                ("data", "prepared"), ("train", "out_dir"), ("train", "init_from"))
 
 
 @dataclass
@@ -44,6 +44,12 @@ class DataConfig:
     val_fraction: float = 0.01
     max_files: int | None = None          # cap on files read from a folder / the default corpus
     cache_dir: str = ".cache/data"        # tokenizer and packed shards are prepared here once
+    # a shard directory made by scripts/prepare_data.py: read by every rank as is, nothing prepared (docs/data.md)
+    prepared: str | None = None
+    num_proc: int | None = None           # tokenizer processes when preparing; null: the cores available
+    tokenizer_sample_bytes: int = 256_000_000  # text the BPE is trained on, spread over the corpus
+    max_skipped_files: int | None = 100   # binary / non-UTF-8 text files skipped (named in the log); more: refused
+    prepare_wait_s: float | None = None   # seconds a rank waits for its node's preparer; null: no limit
     # a weighted mixture instead of data.path: [{path, weight, text_field, name, max_files}, ...], each source
     # prepared to its own shards with one tokenizer, rows drawn by weight (configs/sources.py, data/mixture.py)
     sources: Any = None
@@ -302,6 +308,17 @@ def validate(cfg: Config) -> None:
                          f"{cfg.model.max_position_embeddings}")
     if not 0 <= d.val_fraction < 1:
         raise ValueError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    if d.num_proc is not None and d.num_proc < 1:
+        raise ValueError(f"data.num_proc={d.num_proc}: must be >= 1 or null (the cores available)")
+    if d.tokenizer_sample_bytes < 1:
+        raise ValueError(f"data.tokenizer_sample_bytes={d.tokenizer_sample_bytes}: must be >= 1")
+    if d.max_skipped_files is not None and d.max_skipped_files < 0:
+        raise ValueError(f"data.max_skipped_files={d.max_skipped_files}: must be >= 0 or null (no limit)")
+    if d.prepared is not None and (d.sources or d.val_sources):
+        raise ValueError(f"data.prepared={d.prepared!r} with data.sources/data.val_sources: a prepared directory "
+                         "is one corpus; give one or the other")
+    if d.prepare_wait_s is not None and not d.prepare_wait_s > 0:
+        raise ValueError(f"data.prepare_wait_s={d.prepare_wait_s}: must be > 0 seconds or null (no limit)")
     for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every", "eval_every", "keep_last",
                  "max_consecutive_skips"):
         if getattr(t, name) < 1:

@@ -6,7 +6,8 @@ Layout under `cache_dir` (everything preparation writes goes here; nothing under
     tokenizer/                 BPE trained on a sample of the corpus (only when no tokenizer is given)
     tokenizer/train_key.json   what it was trained on; a mismatch triggers retraining
     tokenizer/sample.json      the sample it was trained on (bytes, pieces; recorded in meta.json too)
-    shards-<key>/              token shards (data/shards.py), one folder per configuration
+    shards-<key>/              token shards (data/shards.py), one folder per configuration, with a copy of
+                               their tokenizer in shards-<key>/tokenizer (what data.prepared reads)
 
 The key is the corpus' content (data/signature.py), not its path or modification times: the same
 corpus moved, copied or touched is found again. A repeated call hashes only files whose size, mtime or
@@ -30,9 +31,10 @@ from pathlib import Path
 from .corpus import DEFAULT_MAX_SKIPPED, Corpus
 from .lock import PrepareLock
 from .prepare import cached_shards, default_num_proc, prepare_shards
+from .prepared import TOKENIZER_DIR
 from .sample import sample_pieces
 from .signature import content_signature
-from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from .tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,14 @@ def build_dataset_cache(path: str | None, text_field: str, tokenizer_path: str |
         out = cache / ("shards-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
         if cached_shards(str(out), tok, seq_len, source, val_fraction) is not None:
             log.info("reusing token shards in %s", out)
-            return str(out)
-        log.info("preparing token shards of %s (%.1f MB) in %s with %d process(es)", corpus,
-                 corpus.total_bytes / 1e6, out, num_proc)
-        prepare_shards(corpus, tok, str(out), seq_len, val_fraction=val_fraction, num_proc=num_proc, source=source,
-                       progress=progress, extra_meta={"corpus_path": str(corpus), "tokenizer_sample": sample})
+        else:
+            log.info("preparing token shards of %s (%.1f MB) in %s with %d process(es)", corpus,
+                     corpus.total_bytes / 1e6, out, num_proc)
+            prepare_shards(corpus, tok, str(out), seq_len, val_fraction=val_fraction, num_proc=num_proc,
+                           source=source, progress=progress,
+                           extra_meta={"corpus_path": str(corpus), "tokenizer_sample": sample})
+        if not (out / TOKENIZER_DIR).is_dir():   # the shards ship their tokenizer: data.prepared=out needs no other
+            save_tokenizer(tok, out / TOKENIZER_DIR)
     return str(out)
 
 

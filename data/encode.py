@@ -96,8 +96,9 @@ class Encoder:
         return Encoded(flat, len(pieces), n_ends, counts, found, ends)
 
 
-def batches(pieces: Iterable[tuple[str, bool]], chars: int = BATCH_CHARS,
-            max_pieces: int = BATCH_PIECES) -> Iterator[tuple[list[str], list[bool]]]:
+def batches(pieces: Iterable[tuple[str, bool]]) -> Iterator[tuple[list[str], list[bool]]]:
+    """Consecutive pieces, about BATCH_CHARS of text or BATCH_PIECES pieces a batch (ids do not depend on it)."""
+    chars, max_pieces = BATCH_CHARS, BATCH_PIECES
     texts, ends, size = [], [], 0
     for piece, end in pieces:
         texts.append(piece)

@@ -3,8 +3,9 @@
 A corpus no larger than the sample is used whole (the BPE is then the one trained on everything). A
 larger one contributes from every file in proportion to its size:
 
-  * JSON lines: windows of about 1 MiB at evenly spaced offsets of the file (each starting at the next
-    line), so one 100 GB file is sampled along its whole length while reading only the sample;
+  * JSON lines: windows of about 64 KiB (16 to 4096 of them) at evenly spaced offsets from the file's start to
+    its end (each from the next line on), so one 100 GB file is sampled along its whole length while
+    reading only the sample;
   * text files (one document each): whole files, chosen every size/sample_bytes bytes of the listing;
   * other formats (parquet, JSON arrays, saved datasets): every document whose running length crosses a
     multiple of total/sample_bytes (these are read whole to take the sample).
@@ -22,7 +23,8 @@ from pathlib import Path
 from .corpus import JSON_SUFFIXES, PARQUET_SUFFIXES, Corpus
 from .pieces import split_text
 
-WINDOW_BYTES = 1 << 20
+WINDOW_BYTES = 64 << 10   # a window of the file read in one go (at least 16 windows, at most MAX_WINDOWS)
+MAX_WINDOWS = 4096
 
 
 def sample_pieces(corpus: Corpus, sample_bytes: int) -> Iterator[str]:
@@ -66,12 +68,12 @@ def _systematic(documents: Iterator[Iterator[str]], fraction: float) -> Iterator
 
 def _jsonl_windows(corpus: Corpus, f: Path, size: int, budget: float) -> Iterator[str]:
     """About `budget` bytes of documents from windows spread evenly over the JSON-lines file `f`."""
-    windows = max(1, math.ceil(budget / WINDOW_BYTES))
+    windows = max(1, min(MAX_WINDOWS, int(budget) // 4096, max(16, math.ceil(budget / WINDOW_BYTES))))
     per_window = budget / windows
     end = 0   # where the previous window stopped: windows never overlap
     with open(f, "rb") as fh:
         for w in range(windows):
-            start = size * w // windows
+            start = int((size - per_window) * w / (windows - 1)) if windows > 1 else 0   # the last one ends the file
             if start > end:
                 fh.seek(start)
                 fh.readline()   # the line the offset fell in belongs to the window before
@@ -79,6 +81,9 @@ def _jsonl_windows(corpus: Corpus, f: Path, size: int, budget: float) -> Iterato
                 fh.seek(end)
             taken = 0
             while taken < per_window and (line := fh.readline()):
+                if taken and taken + len(line) > per_window:
+                    fh.seek(-len(line), 1)   # the next window may take it
+                    break
                 if not line.strip():
                     continue
                 try:

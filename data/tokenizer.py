@@ -49,11 +49,11 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> 
         # Documents are packed into rows later, so per-text length limits do not apply.
         model_max_length=int(1e30),
     )
-    _atomic_save(fast, Path(out_dir))
+    save_tokenizer(fast, Path(out_dir))
     return fast
 
 
-def _atomic_save(tok: PreTrainedTokenizerBase, out: Path) -> None:
+def save_tokenizer(tok: PreTrainedTokenizerBase, out: Path) -> None:
     """save_pretrained into a temp dir, then swap it in: a crash never leaves half a tokenizer."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
