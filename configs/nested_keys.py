@@ -1,12 +1,14 @@
 """Keys inside the nested sections a dataclass cannot type: ``model.rope_scaling`` (the keys the YaRN
 code reads, each value type-checked) and the top level of ``deepspeed:`` (the keys DeepSpeed's own
-config parser looks up, collected from DeepSpeed itself)."""
+config parser looks up, and those ``deepspeed.initialize`` reads itself, collected from DeepSpeed)."""
 from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import logging
 import math
+import re
 from typing import Any
 
 ROPE_SCALING_KEYS = {"type": str, "rope_type": str, "factor": float, "original_max_position_embeddings": int,
@@ -94,8 +96,22 @@ def deepspeed_keys() -> tuple[str, frozenset[str], dict[str, str]]:
     parsed._initialize_params(spy)
     parsed._do_warning_check()   # reads one more key (vocabulary_size)
     removed = dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
-    known = frozenset(k for k in spy.seen if isinstance(k, str)) - set(removed)
+    known = frozenset({k for k in spy.seen if isinstance(k, str)} | _initialize_keys(deepspeed)) - set(removed)
     return deepspeed.__version__, known, removed
+
+
+_READS = re.compile(r"""config\[["'](\w+)["']\]|["'](\w+)["'] in config\b|config\.get\(["'](\w+)["']""")
+
+
+def _initialize_keys(deepspeed: Any) -> set[str]:
+    """Top-level keys ``deepspeed.initialize`` itself reads from the config dict before DeepSpeedConfig parses it
+    (the mesh keys ``data_parallel_size`` / ``sequence_parallel_size``), from its source text: the parser spy
+    never sees them."""
+    try:
+        source = inspect.getsource(deepspeed.initialize)
+    except (OSError, TypeError):
+        return set()
+    return {next(g for g in m.groups() if g) for m in _READS.finditer(source)}
 
 
 def check_deepspeed_keys(ds: dict[str, Any]) -> None:

@@ -71,3 +71,13 @@ def refuse_foreign(path: Path, run_id: str | None) -> None:
     if is_complete(path) and (owner := run_id_of(path)) != run_id:
         raise ValueError(f"{path} is a complete checkpoint of another run (run id {owner}; this run is {run_id}): "
                          "not overwritten; choose another train.out_dir")
+
+
+def check_out_dir_path(out_dir: str) -> None:
+    """train.out_dir must be a directory or creatable as one: a file there (or on the way) is named."""
+    p = Path(out_dir).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f"train.out_dir={out_dir!r}: {q} is a file, not a directory")
+            return
