@@ -58,6 +58,7 @@ from parallel.metrics.record import Metrics, StepStats
 from parallel.metrics.traffic import TrafficFields
 from parallel.multisite.groups import build_sites, check_sites, site_losses
 from parallel.multisite.outer import OuterSync, check_outer_resume
+from parallel.pipeline.plan import check_pipeline, data_position
 from parallel.state import checkpoint
 from parallel.state.registry import RunState
 from parallel.state.run_owner import run_id_for
@@ -88,7 +89,8 @@ def check_config(cfg: Config, world_size: int) -> None:
     check_supported(cfg, world_size)
     check_sites(cfg, world_size)
     check_capacity(cfg, world_size)                       # shares of unequal ranks
-    deepspeed_config(cfg, world_size // cfg.parallel.sites)
+    check_pipeline(cfg, world_size)                       # parallel.pp: stages, schedule, what it runs with
+    deepspeed_config(cfg, world_size // cfg.parallel.sites // cfg.parallel.pp)
     checkpoint.claim_out_dir(cfg.train.out_dir, cfg.train.resume, cfg.train.overwrite, int(os.environ.get("RANK", 0)))
     d = cfg.data
     if d.prepared is not None:   # read as it is: no corpus needed on this node
@@ -170,6 +172,9 @@ class Trainer:
         self.clock = RankClock(self.engine, built.dispatchers, slowdown, device)    # compute vs waiting, per rank
         self.expert_load = ExpertLoad(len(self.moes), cfg.model.n_routed_experts)
         self.skipped_in_a_row = 0
+        self.pipeline = built.pipeline                  # parallel.pp > 1: the step runs in parallel/pipeline/step.py
+        if self.pipeline is not None:                   # counts of every stage's MoE layers
+            self.expert_load = ExpertLoad(self.pipeline.total_moe, cfg.model.n_routed_experts)
 
     def begin(self, step: int) -> None:
         """At the first step of this launch (after a resume): auto's capacity probe and the per-rank
@@ -186,6 +191,8 @@ class Trainer:
     def train_step(self, step: int) -> StepStats:
         """Optimizer step ``step`` (1-based): grad_accum micro-steps over this rank's share of the global
         batch, the optimizer step, the router bias update, the outer (multi-site) step if one is due."""
+        if self.pipeline is not None:
+            return self.pipeline.train_step(self, step)
         t, engine = self.t, self.engine
         self.faults.before_step(step)
         t0 = time.perf_counter()
@@ -296,7 +303,7 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
     """The metrics object, its rank-0 writer and the fields of every feature, in a fixed order (some
     of them are collectives). -> (monitor, metrics, evaluation)"""
     t, device = cfg.train, trainer.device
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.data.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world // cfg.parallel.pp * cfg.data.seq_len
     flops_per_token = count_params(cfg.model, cfg.data.seq_len).flops_per_token_train_with_mtp
     peak = PeakFlops(device, torch.bfloat16 if t.dtype == "bf16" else torch.float32, t.peak_tflops)
     monitor = Monitor(cfg, rank, step, {
@@ -338,13 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device, sites = start_processes(cfg)
     faults = Faults(rank)   # tests only: MOE_FAULTS in the environment (parallel/faults.py)
     shard_dir, fingerprint, train_rows, val_rows = load_data(cfg, rank, device)
-    sampler = (MixtureSampler.over(train_rows, t.micro_batch_size * t.grad_accum, rank, world, t.seed)
+    data_rank, data_world = data_position(cfg, rank, world)   # the ranks of one pipeline read the same rows
+    sampler = (MixtureSampler.over(train_rows, t.micro_batch_size * t.grad_accum, data_rank, data_world, t.seed)
                if isinstance(train_rows, MixtureRows) else
-               ShardedSampler(len(train_rows), t.micro_batch_size * t.grad_accum, rank, world, t.seed))
+               ShardedSampler(len(train_rows), t.micro_batch_size * t.grad_accum, data_rank, data_world, t.seed))
 
     # ---- resume target, then the model and engine (parallel/build.py) ----
     ckpt, state = find_resume(cfg, fingerprint)
-    shares = initial_shares(cfg, world, state.get("shares"))   # equal, by capacity, or auto's measured ones
+    shares = initial_shares(cfg, data_world, state.get("shares"))   # equal, by capacity, or auto's measured ones
     sampler.set_shares(shares.rows)
     placement, placement_note = (run_placement(cfg, shares, state.get("expert_load"), moe_layer_count(cfg.model))
                                  if cfg.parallel.ep > 1 else (None, ""))
@@ -434,6 +442,8 @@ def describe_run(monitor: Monitor, cfg: Config, built: Built, rank: int, world: 
                       f"{[n // t.grad_accum for n in shares.rows]}{', measured' if shares.measured else ''})"
                       + (f"; auto: measuring compute time over the first {p.capacity_probe_steps} steps"
                          if probing else ""))
+    if built.pipeline is not None:
+        monitor.write(built.pipeline.describe())
     if placement_note:
         monitor.write(placement_note)
     slowdown = (p.emulate_slowdown or {}).get(rank, 1.0)

@@ -138,6 +138,10 @@ class ParallelConfig:
     expert_placement: str = "even"        # even | capacity | load (experts per EP rank)
     expert_load_from: str | None = None   # load: a metrics.jsonl or checkpoint dir with router counts
     emulate_slowdown: Any = None          # tests/benchmarks: {rank: factor >= 1}, sleep (factor-1) x compute
+    # pipeline parallelism (parallel/pipeline/): world = pp x ep x expert-data-parallel; EP and ZeRO inside a stage
+    pp: int = 1                           # pipeline ranks; 1: no pipeline
+    pp_schedule: str = "1f1b"             # 1f1b | interleaved (2 looped stages per rank) | dualpipev (2, V-shaped)
+    pp_layers: Any = None                 # [n0, n1, ...] decoder layers per stage (overrides the planned split)
 
 
 @dataclass
@@ -410,6 +414,13 @@ def validate(cfg: Config) -> None:
                          f"{p.wan_latency_ms}: bandwidth must be positive (or null), latency >= 0")
     if p.chunks < 1:
         raise ValueError(f"parallel.chunks={p.chunks}: must be >= 1")
+    if p.pp < 1:
+        raise ValueError(f"parallel.pp={p.pp}: must be >= 1")
+    if p.pp_schedule not in ("1f1b", "interleaved", "dualpipev"):
+        raise ValueError(f"parallel.pp_schedule={p.pp_schedule!r}: must be 1f1b, interleaved or dualpipev")
+    if p.pp_layers is not None and (not isinstance(p.pp_layers, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in p.pp_layers)):
+        raise ValueError(f"parallel.pp_layers={p.pp_layers!r}: must be a list of layer counts >= 1, one per stage")
     if p.link_bandwidth_gbps is not None and p.link_bandwidth_gbps <= 0 or p.link_latency_us < 0:
         raise ValueError(f"parallel.link_bandwidth_gbps={p.link_bandwidth_gbps}, parallel.link_latency_us="
                          f"{p.link_latency_us}: bandwidth must be positive (or null), latency >= 0")

@@ -1,6 +1,7 @@
 """The one ordered build of a training model and its DeepSpeed engine (train.py, the benchmarks).
 
-    seed -> model -> fp8 swap -> expert sharding -> init_from -> activation checkpointing -> compile -> engine
+    seed -> model -> fp8 swap -> expert sharding -> pipeline split -> init_from -> activation checkpointing
+         -> compile -> engine (-> the pipeline schedule)
 
 Why this order:
 1. Every rank seeds the same generators and builds the whole single-device model, so the initial
@@ -10,6 +11,9 @@ Why this order:
 3. Expert sharding keeps this EP rank's experts and installs the all-to-all dispatcher; it precedes
    the weight init (``train.init_from`` reads only this rank's expert rows) and the engine (DeepSpeed
    must see the expert parameters tagged and the experts-only parameter groups).
+3b. The pipeline split (``parallel.pp``) drops the layers and modules of other stages after the sharding
+   (whose expert placement is indexed by the single-device MoE layers) and before everything that
+   walks the model's modules; kept parameters keep their single-device names.
 4. ``train.init_from`` fills the final, sharded parameters (a resume loads later, over it).
 5. Activation checkpointing wraps each block's forward; after sharding, so the dispatchers are inside
    what is recomputed, and before compile, which must not trace the recompute hooks.
@@ -34,6 +38,8 @@ from parallel.engine import build_engine
 from parallel.expert.sharding import create_groups, declare_to_deepspeed, shard_experts
 from parallel.link import EmulatedLink
 from parallel.multisite.groups import SiteMPU, create_site_expert_groups
+from parallel.pipeline.groups import PipeMPU, build_pipe_groups, create_stage_expert_groups
+from parallel.pipeline.step import Pipeline
 from parallel.state.init_from import load_init_weights
 
 if TYPE_CHECKING:
@@ -49,6 +55,7 @@ class Built:
     dispatchers: list = field(default_factory=list)   # one all-to-all dispatcher per MoE layer (EP), else []
     fp8_report: dict | None = None                # apply_fp8's report (backend, kernel, converted modules)
     compiled: int = 0                             # blocks compiled
+    pipeline: Pipeline | None = None              # parallel.pp > 1: this rank's stages and their schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +69,7 @@ def build_training(cfg: Config, device: torch.device, dp_size: int, *, sites: Si
                    module_transforms: bool = True) -> Built:
     """Build the model and engine for this rank, in the order above.
 
-    ``dp_size``: DeepSpeed's data-parallel size (the world, or one site's ranks under ``sites``);
+    ``dp_size``: the world, or one site's ranks under ``sites`` (DeepSpeed's data-parallel size: that / parallel.pp);
     ``placement``: the expert placement (parallel/layout.py: run_placement; None: even);
     ``init_from``: weights to start from (None when resuming: the checkpoint wins);
     ``module_transforms=False`` leaves out fp8, activation checkpointing and compile (a caller that
@@ -73,17 +80,26 @@ def build_training(cfg: Config, device: torch.device, dp_size: int, *, sites: Si
     if module_transforms and cfg.fp8.enabled:
         built.fp8_report = apply_fp8(model, cfg.fp8)
     p = cfg.parallel
+    pipe = build_pipe_groups(p.pp) if p.pp > 1 else None     # collective: every rank, before the EP groups
     if p.ep > 1:
-        ep_group, _ = create_site_expert_groups(p.ep, sites) if sites else create_groups(p.ep)
+        ep_group, _ = (create_site_expert_groups(p.ep, sites) if sites else
+                       create_stage_expert_groups(p.ep, pipe) if pipe else create_groups(p.ep))
         link = EmulatedLink(p.link_bandwidth_gbps, p.link_latency_us)
         built.dispatchers = shard_experts(model, ep_group, p.ep, overlap=p.overlap, chunks=p.chunks, link=link,
                                           fp8_dispatch=p.fp8_dispatch, placement=placement)
         declare_to_deepspeed(model, p.ep)
+    if pipe is not None:   # keep this rank's stages (full parameter names kept) and their dispatchers
+        built.pipeline = Pipeline(cfg, model, pipe)
+        kept = {id(m.dispatcher) for m in model.moe_layers()}
+        built.dispatchers = [d for d in built.dispatchers if id(d) in kept]
     if init_from:
         load_init_weights(model, init_from)               # every rank, its own expert slice
     if module_transforms and cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if module_transforms and cfg.train.compile:
         built.compiled = compile_blocks(model)
-    built.engine = build_engine(model.to(device), cfg, dp_size, mpu=SiteMPU(sites) if sites else None)
+    mpu = SiteMPU(sites) if sites else PipeMPU(pipe) if pipe else None
+    built.engine = build_engine(model.to(device), cfg, dp_size // p.pp, mpu=mpu)
+    if built.pipeline is not None:
+        built.pipeline.build_schedule(device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
     return built

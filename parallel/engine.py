@@ -83,6 +83,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2):
         raise ValueError(f"deepspeed.zero_optimization.stage={(zero or {}).get('stage')!r}: "
                          "supported stages are 0, 1 and 2")
+    if cfg.parallel.pp > 1:   # the pipeline schedule's backward passes accumulate; engine.step() reduces and steps
+        ds["managed_gradient_accumulation"] = False
     ds.setdefault("steps_per_print", 10**9)   # the trainer logs; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -230,7 +232,8 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, mpu: SiteMPU | 
         # once ranks hold different experts: FiniteAdamW clips with the true one instead.
         opt = FiniteAdamW(groups, max_grad_norm=ds_config["gradient_clipping"], **adam,
                           **adamw_impl(t.optimizer_impl),
-                          group=None if mpu is None else mpu.get_data_parallel_group())
+                          group=None if mpu is None else mpu.get_data_parallel_group(),
+                          pipe_group=getattr(mpu, "pipe_group", None))
         ds_config["gradient_clipping"] = 0.0
     else:
         opt = torch.optim.AdamW(groups, **adam, **adamw_impl(t.optimizer_impl))
@@ -301,10 +304,12 @@ class FiniteAdamW(torch.optim.AdamW):
     _global_grad_norm = None
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], max_grad_norm: float = 0.0,
-                 group: dist.ProcessGroup | None = None, **kwargs: Any):
+                 group: dist.ProcessGroup | None = None, pipe_group: dist.ProcessGroup | None = None,
+                 **kwargs: Any):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
-        self.group = group                    # the data-parallel ranks (a site; None: the world)
+        self.group = group                    # the data-parallel ranks (a site or a pipeline stage; None: the world)
+        self.pipe_group = pipe_group          # parallel.pp: the other stages, whose parameters the norm also sums
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -331,6 +336,10 @@ class FiniteAdamW(torch.optim.AdamW):
         shared[0] = float(not bool(torch.isfinite(dense_sq + shared[1])))
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(shared, group=self.group)
+        if self.pipe_group is not None:       # each stage's dense sum is the same on its ranks: add the stages'
+            shared[1] += dense_sq
+            dense_sq = torch.zeros_like(dense_sq)
+            dist.all_reduce(shared, group=self.pipe_group)
         self.overflow = bool(shared[0].item() > 0)
         if self.overflow:
             self._global_grad_norm = None

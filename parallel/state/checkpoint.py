@@ -297,12 +297,16 @@ class Checkpointer:
         sd = state_entries(engine, self.state_prefix, stage=stage)
         for key, (shape, offset, tensor) in run_state.tensor_state().items():
             sd[key] = FlatSlice(stage(key, tensor) if stage else tensor.detach(), offset, math.prod(shape))
+        shapes = full_shapes(engine.module)
+        if getattr(engine, "mp_world_size", 1) > 1:    # parallel.pp: each stage names its own parameters
+            from parallel.pipeline.stages import merge_stage_shapes
+            shapes = merge_stage_shapes(shapes, self.group)
         tensors, meta = _rng_state()
         # through the streaming writer: its metadata keys are sorted, so the file is the same every run
         save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)
         if rank == 0:
             trainer_state = run_state.state_dict(dict(
-                step=step, format=FORMAT, tensors=full_shapes(engine.module),
+                step=step, format=FORMAT, tensors=shapes,
                 optimizer_step=ownership.optimizer_step(engine), engine_counters=_engine_counters(engine),
                 expert_placement=ownership.model_placement(engine.module),
                 **({RUN_ID: self.run_id} if self.run_id is not None else {})))
@@ -405,8 +409,10 @@ def check_global_batch(engine: DeepSpeedEngine, state: dict, path: Path) -> None
     """ValueError naming the fields when this run's global batch differs from the checkpoint's:
     the sampler's data order (and the step's gradient) depend on it, not on the layout."""
     saved = state.get("sampler", {}).get("global_batch_size")
-    # rows drawn per step by all ranks (with parallel.sites, DeepSpeed's own batch is one site's)
-    now = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * dist.get_world_size()
+    # rows drawn per step by all ranks (with parallel.sites, DeepSpeed's own batch is one site's; under parallel.pp
+    # the ranks of one pipeline, DeepSpeed's model-parallel group, read the same rows)
+    now = (engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * dist.get_world_size()
+           // getattr(engine, "mp_world_size", 1))
     if saved is None or int(saved) == now:
         return
     t = state.get("config", {}).get("train", {})
