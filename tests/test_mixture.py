@@ -17,7 +17,7 @@ import pytest
 from configs.schema import load_config
 from data import ShardedSampler, TokenShards, load_tokenizer, prepare_shards, train_bpe_tokenizer
 from data.mixture import MixtureRows, MixtureSampler, deficit_counts
-from data.sources import check_sources
+from data.sources import check_sources, load_sources
 from parallel.state import checkpoint
 from tests.train_helpers import TINY_MODEL, make_corpus, metrics, run_args, spawn_ranks, train
 
@@ -153,13 +153,16 @@ def test_a_source_without_documents_is_named(tmp_path):
     (tmp_path / "other_field.jsonl").write_text('{"content": "text under another key"}\n' * 3)
     (tmp_path / "spaces.txt").write_text("   \n\t\n")
     (tmp_path / "good.jsonl").write_text('{"text": ""}\n{"text": "a document"}\n')
-    for bad in ("empty", "blank.jsonl", "other_field.jsonl", "spaces.txt"):
+    for bad, why in (("empty", "no usable files in corpus folder"), ("blank.jsonl", "contains no non-empty documents"),
+                     ("spaces.txt", "contains no non-empty documents"),
+                     ("other_field.jsonl", r"text field 'text' not found in .*; available columns: \['content'\]")):
         d = _cfg(f"data.sources=[{{path: {tmp_path / 'good.jsonl'}, weight: 0.7}}, "
                  f"{{path: {tmp_path / bad}, weight: 0.3, name: bad}}]").data
-        with pytest.raises(ValueError, match=rf"data.sources\[1\] \('bad', path '.*{bad}'\): holds no documents"):
+        with pytest.raises(ValueError, match=rf"data.sources\[1\] \('bad', path '.*{bad}'\): .*{why}") as e:
             check_sources(d)
+        assert "\n" not in str(e.value)
     d = _cfg(f"data.val_sources=[{{path: {tmp_path / 'missing.jsonl'}}}]").data
-    with pytest.raises(ValueError, match=r"data.val_sources\[0\] \('missing', .*\): no such file or folder"):
+    with pytest.raises(ValueError, match=r"data.val_sources\[0\] \('missing', .*\): corpus path does not exist"):
         check_sources(d)
     check_sources(_cfg(f"data.sources=[{{path: {tmp_path / 'good.jsonl'}}}]").data)   # a good one passes
 
@@ -181,6 +184,20 @@ def _args(tmp_path, out: str, extra: list[str]) -> list[str]:
     return [a for a in run_args(tmp_path, tmp_path / "unused", out, extra) if not a.startswith("data.path=")]
 
 
+def test_val_sources_beside_one_corpus(tmp_path):
+    """data.path trains; a separate validation set is tokenized with data.path's tokenizer and read whole.
+    ``prepare`` runs the build in this process (train.py hands it to the node's preparer)."""
+    held = _two_sources(tmp_path)[1]
+    cfg = _cfg(f"data.path={make_corpus(tmp_path)}", f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=32",
+               "data.val_fraction=0.05", held)
+    shard_dir, fingerprint, rows, val = load_sources(cfg, lambda build: build())
+    assert isinstance(rows, TokenShards) and str(rows.path) == shard_dir
+    assert val.names == ["held"] and val.weights == [1.0]
+    meta = val.rows[0].meta
+    assert meta["tokenizer_fingerprint"] == fingerprint == rows.meta["tokenizer_fingerprint"]
+    assert meta["val_fraction"] == 0.0 and len(val.rows[0]) == meta["splits"]["train"]["rows"] > 0
+
+
 def test_a_source_without_documents_stops_train_py_in_one_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     code = make_corpus(tmp_path)
@@ -188,7 +205,8 @@ def test_a_source_without_documents_stops_train_py_in_one_line(tmp_path):
               check=False)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert re.match(r"error: data.sources\[1\] \('empty', path '.*empty.jsonl'\): holds no documents", errors[0])
+    assert re.match(r"error: data.sources\[1\] \('empty', path '.*empty.jsonl'\): corpus .* contains no non-empty "
+                    "documents", errors[0])
     assert "data:" not in p.stdout   # nothing was prepared
 
 
