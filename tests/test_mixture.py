@@ -246,3 +246,21 @@ def test_without_val_sources_each_source_split_has_its_val_loss(tmp_path):
     by = last["val_loss_by_source"]
     assert set(by) == {"code", "prose"}
     assert last["val_loss"] == pytest.approx(0.7 * by["code"] + 0.3 * by["prose"], rel=1e-12)
+
+
+def test_prepare_data_script_prepares_every_source_once(tmp_path, capsys):
+    """scripts/prepare_data.py with data.sources prepares the tokenizer and every source; a run with the same
+    config then only finds them (the tokenizer is not trained again, no source is prepared again)."""
+    from scripts.prepare_data import main as prepare_data
+
+    overrides = [*TINY_MODEL, f"data.cache_dir={tmp_path / 'cache'}", "data.seq_len=32", *_two_sources(tmp_path)]
+    assert prepare_data(["--no-progress", *overrides]) == 0
+    out = capsys.readouterr().out    # the "data: ..." log lines, then the directories as JSON
+    printed = json.loads(out[out.index("\n{") + 1:])
+    assert set(printed["train"]) == {"code", "prose"} and set(printed["val"]) == {"held"}
+    tok_key = tmp_path / "cache" / "tokenizer" / "train_key.json"
+    stamps = {p: p.stat().st_mtime_ns for p in [tok_key, *(tmp_path / "cache").glob("shards-*/meta.json")]}
+    shard_dir, _, rows, val = load_sources(_cfg(*overrides), lambda build: build())
+    assert shard_dir["train"] == printed["train"] and shard_dir["val"] == printed["val"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert rows.names == ["code", "prose"] and val.names == ["held"]
