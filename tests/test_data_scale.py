@@ -399,10 +399,10 @@ def test_a_prepared_dir_that_does_not_match_is_one_line(tmp_path, tok_dir):
 
 @pytest.mark.slow
 def test_sigterm_during_preparation_stops_and_a_rerun_resumes(tmp_path, tok_dir):
-    corpus = synth_write(str(tmp_path / "c.jsonl"), 12, 1200)
+    corpus = synth_write(str(tmp_path / "c.jsonl"), 5, 500)    # about 6 shards of 16384 rows of 17 tokens
     cache = tmp_path / "cache"
     cmd = [sys.executable, "scripts/prepare_data.py", "--no-progress", *TINY_MODEL, f"data.path={corpus}",
-           f"data.tokenizer={tok_dir}", f"data.cache_dir={cache}", "data.seq_len=64", "data.num_proc=2"]
+           f"data.tokenizer={tok_dir}", f"data.cache_dir={cache}", "data.seq_len=16", "data.num_proc=2"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not list(cache.glob("shards-*/progress.json")) and time.monotonic() < deadline and p.poll() is None:
