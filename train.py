@@ -41,6 +41,7 @@ from model.schedules import gamma_at, lr_at, mtp_weight_at
 from parallel.balance import ExpertLoad, gather_counts, imbalance, update_biases
 from parallel.build import build_training
 from parallel.collectives import agree_on_step, mean_over_ranks
+from parallel.device import allocator_env, apply_tf32, batch_to_device
 from parallel.engine import (
     check_supported,
     cpu_threads_per_rank,
@@ -201,16 +202,17 @@ class Trainer:
         self.model.mtp_loss_weight = mtp_weight = mtp_weight_at(step - 1, t, self.cfg.model.mtp_loss_weight)
         rows = self.sampler.next_batch()                          # (this rank's share,) = grad_accum x mbs_r
         mbs, weight = self.shares.micro(self.rank), self.shares.weight(self.rank)   # weight: the equal split's update
-        parts = torch.zeros(4, dtype=torch.float64)              # loss, lm, aux, mtp summed over micro-steps
+        # loss, lm, aux, mtp summed over micro-steps, on the device: read at logging steps only
+        parts = torch.zeros(4, dtype=torch.float64, device=self.device)
         for micro in range(t.grad_accum):
             self.clock.micro_start()
             x, y = batch_from_rows(self.train_rows, rows[micro * mbs:(micro + 1) * mbs])
-            out = engine(x.to(self.device), y.to(self.device))
+            out = engine(batch_to_device(x, self.device), batch_to_device(y, self.device))
             loss = out.loss * self.faults.loss_scale(step)      # tests may poison it (MOE_FAULTS)
             engine.backward(loss * weight if weight != 1.0 else loss)
             self.clock.micro_end()
             engine.step()                                        # optimizer step at the last micro-step
-            parts += torch.stack([loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double().cpu()
+            parts += torch.stack([loss, out.lm_loss, out.aux_loss, out.mtp_loss]).detach().double()
         counts = gather_counts(self.moes, self.site_group)       # (L, E) summed over the site's ranks and micro-steps
         self.expert_load.add(counts)
         # a NaN/inf gradient on any rank: DeepSpeed (or FiniteAdamW) left parameters and optimizer
@@ -221,13 +223,13 @@ class Trainer:
         if not skipped:
             update_biases(self.moes, counts, gamma)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()                # a device tensor under ZeRO: read when logged
         if self.outer is not None:                               # every outer_every steps: across sites
             self.outer.after_inner_step(step)
         seconds = time.perf_counter() - t0
         busy, wait = self.clock.step_end(seconds)
         return StepStats(step=step, parts=parts / t.grad_accum, weight=weight, lr=lr, mtp_weight=mtp_weight,
-                         grad_norm=None if grad_norm is None else float(grad_norm), counts=counts, gamma=gamma,
+                         grad_norm=grad_norm, counts=counts, gamma=gamma,
                          skipped=skipped, skipped_in_a_row=self.skipped_in_a_row, skip_seen=skip_seen, stop=stop,
                          seconds=seconds, busy_s=busy, wait_s=wait)
 
@@ -247,6 +249,7 @@ class Trainer:
 
 def start_processes(cfg: Config) -> tuple[int, int, torch.device, Sites | None]:
     """-> (rank, world, device, sites): the process group, and the sites split of it (parallel.sites > 1)."""
+    allocator_env()   # expandable segments unless the user configured the allocator; before CUDA starts
     rank, world, local_rank = init_distributed(cfg.parallel.collective_timeout_s)
     # sites: EP, ZeRO and router counts inside each; only the outer step crosses (parallel/multisite/)
     sites = build_sites(cfg.parallel.sites) if cfg.parallel.sites > 1 else None
@@ -255,6 +258,7 @@ def start_processes(cfg: Config) -> tuple[int, int, torch.device, Sites | None]:
     device = torch.device(get_accelerator().device_name(local_rank))
     if device.type == "cpu":
         keep_freed_memory()   # no page faults on every large activation, every step
+    apply_tf32(cfg.train.tf32, device)   # CUDA only
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -379,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = min(t.max_steps, t.stop_at or t.max_steps)
 
     # ---- metrics: one object owns the record; each feature adds its fields ----
-    run_info = {"shard_dir": shard_dir, "train_rows": len(train_rows), "resumed_from": str(ckpt) if ckpt else None}
+    run_info = {"shard_dir": shard_dir, "train_rows": len(train_rows), "resumed_from": str(ckpt) if ckpt else None,
+                "cuda_alloc_conf": allocator_env()}   # the allocator setting this run started with
     trainer.begin(step)
     monitor, metrics, evaluation = start_metrics(cfg, trainer, built, sampler, val_rows, rank, world,
                                                              step, run_info)

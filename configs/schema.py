@@ -99,6 +99,7 @@ class TrainConfig:
     optimizer_impl: str = "fused"
     dtype: str = "fp32"                   # fp32 | bf16
     deterministic: bool = False           # torch.use_deterministic_algorithms (slower; for debugging)
+    tf32: bool = True                     # fp32 matmuls on CUDA through TF32 tensor cores (parallel/device.py)
     max_consecutive_skips: int = 3        # a step with a non-finite loss/gradient is skipped; stop after this
                                           # many in a row
     # the peak MFU is taken against, in TFLOP/s for the whole job (null: measured at start by a matmul

@@ -62,7 +62,9 @@ class ExpertLoad:
 
     def add(self, counts: torch.Tensor) -> None:
         if counts.numel():
-            c = counts.double().cpu()
+            c = counts.double()   # summed where the counts are: read at a record or a save, not every step
+            if self.total.device != c.device:
+                self.total, self.interval = self.total.to(c.device), self.interval.to(c.device)
             self.total += c
             self.interval += c
 

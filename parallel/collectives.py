@@ -31,10 +31,14 @@ def agree_on_step(stop_requested: bool, skipped: bool, device: torch.device,
     -> (stop, this rank skipped, some rank skipped)"""
     flags = torch.tensor([float(stop_requested), float(skipped), -float(skipped)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=site_group)
-    stop, any_skipped, not_all = bool(flags[0]), bool(flags[1]), bool(flags[2] == 0)
+    if site_group is not None:   # every site saves, stops and logs at the same step
+        world = flags[:2].clone()
+        dist.all_reduce(world, op=dist.ReduceOp.MAX)
+        flags = torch.cat([flags, world])
+    values = flags.tolist()      # the one host read of the step's agreement
+    stop, any_skipped, not_all = bool(values[0]), bool(values[1]), values[2] == 0
     if any_skipped and not_all:
         raise RuntimeError("ranks disagree on whether the optimizer step was skipped")
     if site_group is None:
         return stop, any_skipped, any_skipped
-    dist.all_reduce(flags[:2], op=dist.ReduceOp.MAX)   # every site saves, stops and logs at the same step
-    return bool(flags[0]), any_skipped, bool(flags[1])
+    return bool(values[3]), any_skipped, bool(values[4])

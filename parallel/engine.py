@@ -242,6 +242,8 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, mpu: SiteMPU | 
         # ZeRO in fp32 checks gradients only when clipping computes a norm: always check, so a
         # NaN/inf gradient on any rank skips the step on all (the flag is all-reduced with MAX)
         engine.optimizer.check_grad_overflow = True
+        from parallel.overflow import one_overflow_read
+        one_overflow_read(engine.optimizer)   # the global norm decides: one host read per step
     elif not plain and not hasattr(engine.optimizer, "overflow"):
         raise ValueError(f"deepspeed optimizer {type(engine.optimizer).__name__}: no non-finite-gradient "
                          "check known for it (supported: ZeRO 0/1/2 in fp32 or bf16)")

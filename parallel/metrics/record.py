@@ -24,11 +24,12 @@ from parallel.metrics.peak import PeakFlops
 class StepStats:
     """What one optimizer step reports (train.py's ``train_step``)."""
     step: int                       # optimizer steps done, this one included (1-based)
-    parts: torch.Tensor             # (4,) float64: loss, lm, aux, mtp; this rank's mean over its micro-steps
+    parts: torch.Tensor             # (4,) float64: loss, lm, aux, mtp; this rank's mean over its micro-steps (on
+                                    # the device: read at a record only, so a step makes the host wait at most twice)
     weight: float                   # this rank's loss weight (unequal shares; 1 for an equal split)
     lr: float
     mtp_weight: float
-    grad_norm: float | None
+    grad_norm: float | torch.Tensor | None   # DeepSpeed's global norm (a device tensor under ZeRO); read at a record
     counts: torch.Tensor            # (L, E) routed tokens of this step, summed over the (site's) ranks
     gamma: float                    # bias update speed applied after this step
     skipped: bool                   # this rank's optimizer step was skipped (non-finite loss/gradient)
@@ -50,6 +51,7 @@ class Metrics:
         self.tokens_per_step, self.flops_per_token, self.max_steps = tokens_per_step, flops_per_token, max_steps
         self._fields: list[Fields] = []
         self._tokens, self._seconds = 0, 0.0            # since the last record
+        self._shown_loss = float("nan")                  # the progress bar's: the last record's (no read per step)
 
     def add_fields(self, fields: Fields) -> None:
         self._fields.append(fields)
@@ -58,16 +60,18 @@ class Metrics:
         self._tokens += self.tokens_per_step
         self._seconds += s.seconds
         tok_s = self.tokens_per_step / s.seconds
-        self.monitor.step(float(s.parts[0]), tok_s, self.peak.mfu(tok_s * self.flops_per_token))
+        self.monitor.step(self._shown_loss, tok_s, self.peak.mfu(tok_s * self.flops_per_token))
 
     def record(self, s: StepStats) -> dict:
         """Collective: the record of step ``s.step``, written to metrics.jsonl (rank 0) and the log line."""
         loss, lm, aux, mtp = mean_over_ranks((s.parts * s.weight).tolist(), self.device)
+        self._shown_loss = loss
         tok_s = self._tokens / self._seconds
         if note := self.peak.recheck(tok_s * self.flops_per_token):
             self.monitor.write(note)
+        grad_norm = None if s.grad_norm is None else float(s.grad_norm)
         record = {"step": s.step, "loss": loss, "lm_loss": lm, "aux_loss": aux, "mtp_loss": mtp,
-                  "lr": s.lr, "mtp_weight": s.mtp_weight, "grad_norm": s.grad_norm,
+                  "lr": s.lr, "mtp_weight": s.mtp_weight, "grad_norm": grad_norm,
                   "tokens_per_s": tok_s, "mfu": self.peak.mfu(tok_s * self.flops_per_token),
                   "tokens": s.step * self.tokens_per_step, "skipped": s.skipped}
         for fields in self._fields:

@@ -262,11 +262,13 @@ class Checkpointer:
     def _stage(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """A host copy of ``t`` for the background writer. The buffers are kept between saves (only
         one save is in flight, and it has finished before the next stages), so a save after the
-        first costs one memcpy of the rank's state, not fresh pages."""
+        first costs one memcpy of the rank's state, not fresh pages. With CUDA the buffers are pinned:
+        GPU tensors arrive by DMA without blocking the host (``save`` waits for them once, at the end)."""
         buf = self._staged.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._staged[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-        return buf.copy_(t.detach())
+            buf = self._staged[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                                                  pin_memory=torch.cuda.is_available())
+        return buf.copy_(t.detach(), non_blocking=t.is_cuda and buf.is_pinned())
 
     def wait(self) -> None:
         """Finish the save in flight (if any); re-raise its error."""
@@ -313,6 +315,8 @@ class Checkpointer:
             copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
             _atomic_write(path / STATE, json.dumps(trainer_state, indent=1))
         if self.async_save:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()   # the staged (non-blocking) copies have landed before the writer reads
             self._thread = threading.Thread(target=self._write_guarded, args=(sd, path, out_dir, step, keep_last,
                                                                                faults), daemon=False)
             self._thread.start()
