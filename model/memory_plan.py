@@ -82,7 +82,7 @@ from model.flops import count_params
 GiB = 1024 ** 3
 FP8_ROW = 1.0            # E4M3 bytes per element
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size / allreduce_bucket_size default (elements)
-PLAN_FIELDS = ("world", "ep", "zero", "dtype", "offload", "mbs", "seq")
+PLAN_FIELDS = ("world", "ep", "zero", "dtype", "offload", "mbs", "seq", "pp", "schedule", "accum")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,13 @@ class Layout:
     # the routed token copies its experts compute, as a multiple of the balanced T * K
     rank_experts: int = 0
     rank_copies: float = 1.0
+    # pipeline (model/pipeline_plan.py): pp ranks per pipeline, the schedule, micro-batches per step, the
+    # layers of each stage and the stages of each pipeline rank (parallel/layout.py fills them)
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    micro_batches: int = 1
+    pp_split: tuple = ()
+    pp_rank_stages: tuple = ()
 
     def experts_here(self, n_routed: int) -> int:
         return self.rank_experts or n_routed // self.ep
@@ -172,8 +179,9 @@ class StatePlan:
         return self.grads_host + self.master_host + self.moments_host + self.buffers_host
 
 
-def state_plan(c: ModelConfig, lay: Layout) -> StatePlan:
-    pr = params(c, lay.ep, lay.rank_experts)
+def state_plan(c: ModelConfig, lay: Layout, pr: Params | None = None) -> StatePlan:
+    """``pr``: the parameters the rank's module holds (a pipeline stage's; None: the whole model's)."""
+    pr = pr or params(c, lay.ep, lay.rank_experts)
     local = pr.experts * lay.experts_here(c.n_routed_experts) // max(1, c.n_routed_experts)   # P_e n / E
     w, P = lay.w, pr.dense + local
     S = P if lay.zero == 0 else pr.dense / lay.world + local / lay.edp
@@ -409,6 +417,7 @@ class Plan:
     activations: dict[str, int] = field(default_factory=dict)
     checkpoint_total: int = 0
     checkpoint_per_rank: int = 0
+    pipeline: list = field(default_factory=list)   # parallel.pp > 1: every pipeline rank's plan (the largest above)
 
     def device_total(self, variant: str) -> int:
         return self.state.device + self.activations[variant]
@@ -421,7 +430,14 @@ class Plan:
 
 
 def plan(c: ModelConfig, lay: Layout) -> Plan:
-    """Every figure of the memory plan for one layout (bytes per rank)."""
+    """Every figure of the memory plan for one layout (bytes per rank; under a pipeline, the largest rank's)."""
+    if lay.pp > 1:
+        from model.pipeline_plan import pipeline_ranks
+        ranks = pipeline_ranks(c, lay)
+        top = max(ranks, key=lambda r: r.state.device + r.activations["plain"])
+        total = checkpoint_bytes(c)
+        return Plan(layout=lay, params=top.params, state=top.state, activations=top.activations,
+                    checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world), pipeline=ranks)
     plain, f8 = activation_plan(c, lay), activation_plan(c, lay, fp8=True)
     acts = {"plain": plain.saved, "checkpointed": plain.peak_checkpointed,
             "fp8": f8.saved, "fp8+checkpointed": f8.peak_checkpointed}

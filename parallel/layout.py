@@ -4,11 +4,13 @@ rank under an uneven expert placement (the placement is built exactly as the tra
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 from model.memory_plan import DEFAULT_BUCKET, PLAN_FIELDS, Layout, moe_layer_count
 from parallel.engine import check_offload, offload_device
 from parallel.expert.placement import build_placement, describe, ep_capacities, rank_loads, read_expert_loads
+from parallel.pipeline.plan import SCHEDULES, check_pipeline, rank_stages, split_layers
 
 if TYPE_CHECKING:
     import torch
@@ -19,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def parse_plan(text: str, cfg: Config) -> Layout:
-    """``world=W,ep=E,zero=Z,dtype=D[,offload=cpu][,mbs=B,seq=S]`` -> Layout. Fields not given come
-    from the config (parallel.ep, deepspeed.zero_optimization, train.dtype, micro batch, seq_len);
+    """``world=W,ep=E,zero=Z,dtype=D[,offload=cpu][,mbs=B,seq=S][,pp=P,schedule=S,accum=M]`` -> Layout. Fields
+    not given come from the config (parallel.ep, deepspeed.zero_optimization, train.dtype, micro batch, seq_len);
     world is required. A ValueError names the bad field and its value."""
     zero_cfg = (cfg.deepspeed.get("zero_optimization") or {}) if isinstance(cfg.deepspeed, dict) else {}
     raw: dict[str, str] = {}
@@ -70,12 +72,35 @@ def parse_plan(text: str, cfg: Config) -> Layout:
         check_offload({"zero_optimization": {"stage": zero, "offload_optimizer": {"device": offload}}})
     except ValueError as e:
         raise ValueError(f"--plan: offload={offload} with zero={zero}: {e}") from None
+    pipe = pipeline_fields(cfg, world, ep, raw, integer, dict(zero_optimization=dict(
+        stage=zero, offload_optimizer=dict(device=offload))), dtype)
     return Layout(world=world, ep=ep, zero=zero, dtype=dtype, offload=offload == "cpu",
                   mbs=integer("mbs", cfg.train.micro_batch_size), seq=integer("seq", cfg.data.seq_len),
                   reduce_bucket=int(float(zero_cfg.get("reduce_bucket_size", DEFAULT_BUCKET))),
                   overlap_comm=bool(zero_cfg.get("overlap_comm", False)),
                   expert_calls=cfg.parallel.chunks if ep > 1 and cfg.parallel.overlap else 1,
-                  rank_experts=rank_experts, rank_copies=rank_copies)
+                  rank_experts=rank_experts, rank_copies=rank_copies, **pipe)
+
+
+def pipeline_fields(cfg: Config, world: int, ep: int, raw: dict[str, str], integer: Any, ds: dict[str, Any],
+                    dtype: str) -> dict[str, Any]:
+    """``pp=P[,schedule=S][,accum=M]`` (defaults: parallel.pp, parallel.pp_schedule, train.grad_accum) -> the
+    Layout's pipeline fields, checked as the trainer checks them (parallel/pipeline/plan.py)."""
+    p = cfg.parallel
+    pp, schedule = integer("pp", p.pp), raw.get("schedule", p.pp_schedule)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--plan: schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    if pp == 1:
+        return {}
+    trial = copy.deepcopy(cfg)
+    trial.parallel.pp, trial.parallel.pp_schedule, trial.parallel.ep = pp, schedule, ep
+    trial.train.grad_accum, trial.train.eval_batches = integer("accum", cfg.train.grad_accum), 0
+    trial.deepspeed, trial.train.dtype = ds, dtype
+    check_pipeline(trial, world)
+    split = split_layers(trial)
+    return dict(pp=pp, pp_schedule=schedule, micro_batches=trial.train.grad_accum,
+                pp_split=tuple(tuple(s) for s in split),
+                pp_rank_stages=tuple(tuple(rank_stages(r, pp, schedule)) for r in range(pp)))
 
 
 def configured_placement(cfg: Config, ep: int) -> tuple[Placement | None, torch.Tensor | None]:

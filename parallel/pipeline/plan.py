@@ -60,20 +60,27 @@ def head_cost(m: ModelConfig, seq_len: int) -> float:
 
 
 def split_layers(cfg: Config) -> list[list[int]]:
-    """Layer indices per stage: ``parallel.pp_layers`` if given, else the contiguous split that minimises the
-    largest stage cost (every stage at least one layer)."""
-    m, n = cfg.model, num_stages(cfg)
-    if cfg.parallel.pp_layers:
+    """Layer indices per stage of the configured run (``split_for``)."""
+    p = cfg.parallel
+    return split_for(cfg.model, p.pp, p.pp_schedule, cfg.data.seq_len, p.pp_layers)
+
+
+def split_for(m: ModelConfig, pp: int, schedule: str, seq_len: int, pp_layers: list[int] | None = None
+              ) -> list[list[int]]:
+    """Layer indices per stage: ``pp_layers`` if given; under interleaved equal runs; else the contiguous split
+    that minimises the largest stage cost (every stage at least one layer)."""
+    n = pp * stages_per_rank(schedule)
+    if pp_layers:
         bounds, start = [], 0
-        for count in cfg.parallel.pp_layers:
+        for count in pp_layers:
             bounds.append(list(range(start, start + count)))
             start += count
         return bounds
-    if cfg.parallel.pp_schedule == "interleaved":   # virtual stages of equal depth (checked: n divides the layers)
+    if schedule == "interleaved":   # virtual stages of equal depth (checked: n divides the layers)
         per = m.num_hidden_layers // n
         return [list(range(k * per, (k + 1) * per)) for k in range(n)]
-    costs = layer_costs(m, cfg.data.seq_len)
-    costs[-1] += head_cost(m, cfg.data.seq_len)
+    costs = layer_costs(m, seq_len)
+    costs[-1] += head_cost(m, seq_len)
     return _min_max_split(costs, n)
 
 
