@@ -39,14 +39,16 @@ from tests.host_sync import HostSyncs  # noqa: E402
 
 
 class OpCount(TorchDispatchMode):
-    """Counts aten calls while active."""
+    """Counts aten calls while active: ``n`` all of them, ``compute`` those that are not views (a view,
+    ``t``, ``alias``, ``unsqueeze`` ... launches no kernel on a GPU)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.n = 0
+        self.n = self.compute = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.n += 1
+        self.compute += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -76,8 +78,8 @@ def ragged_counts(E: int, N: int, seed: int = 0) -> torch.Tensor:
     return counts
 
 
-def grouped_ops(E: int, fn: Callable, N: int = 1024, K: int = 256, M: int = 128) -> tuple[int, int]:
-    """(aten ops, host syncs) of one forward + backward of fn(x, w, counts)."""
+def grouped_ops(E: int, fn: Callable, N: int = 1024, K: int = 256, M: int = 128) -> tuple[int, int, int]:
+    """(aten ops, of which not views, host syncs) of one forward + backward of fn(x, w, counts)."""
     g = torch.Generator().manual_seed(1)
     counts = ragged_counts(E, N)
     x = torch.randn(N, K, generator=g, requires_grad=True)
@@ -86,7 +88,7 @@ def grouped_ops(E: int, fn: Callable, N: int = 1024, K: int = 256, M: int = 128)
     fn(x, w, counts).backward(dy)                           # warm: caches, lazy imports
     with HostSyncs() as syncs, OpCount() as ops:
         fn(x, w, counts).backward(dy)
-    return ops.n, len(syncs.events)
+    return ops.n, ops.compute, len(syncs.events)
 
 
 def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
@@ -103,7 +105,7 @@ def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
     model.zero_grad(set_to_none=True)
     with HostSyncs() as syncs, OpCount() as ops:
         model(ids, labels=ids).loss.backward()
-    return {"ops": ops.n, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
+    return {"ops": ops.n, "compute": ops.compute, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
             "where": sorted({w for _, w in syncs.events})}
 
 
@@ -130,15 +132,17 @@ def main() -> None:
         cells = []
         for E in args.experts:
             before = launches() if launches and name == "fp8 triton" else 0
-            ops, syncs = grouped_ops(E, fn)
+            ops, compute, syncs = grouped_ops(E, fn)
             extra = launches() - before if launches and name == "fp8 triton" else 0
             # grouped_ops runs fn twice (warm + counted); launches are counted over both
-            cells.append(f"{ops}" + (f" + {extra // 2} triton" if extra else "") + f" ops, {syncs} syncs")
+            cells.append(f"{ops} ({compute} not views)" + (f" + {extra // 2} triton" if extra else "")
+                         + f" ops, {syncs} syncs")
         print(f"| {name} | " + " | ".join(cells) + " |")
     hp, f8 = step_ops(args.config, False), step_ops(args.config, True, args.kernel)
     print(f"\nper step ({os.path.relpath(args.config, ROOT)}, one micro-batch fwd+bwd, {hp['moe_layers']} MoE layers)")
-    print(f"  no fp8: {hp['ops']} ops, {hp['syncs']} host syncs {hp['where']}")
-    print(f"  fp8 {args.kernel}: {f8['ops']} ops ({f8['ops'] / hp['ops']:.2f}x), {f8['syncs']} host syncs "
+    print(f"  no fp8: {hp['ops']} ops ({hp['compute']} not views), {hp['syncs']} host syncs {hp['where']}")
+    print(f"  fp8 {args.kernel}: {f8['ops']} ops ({f8['ops'] / hp['ops']:.2f}x; {f8['compute']} not views, "
+          f"{f8['compute'] / hp['compute']:.2f}x), {f8['syncs']} host syncs "
           f"({f8['syncs'] / f8['moe_layers']:.1f} per MoE layer) {f8['where']}")
 
 
