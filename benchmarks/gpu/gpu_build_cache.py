@@ -36,7 +36,14 @@ def make_corpus(dest: str, megabytes: float) -> None:
     """The first stdlib .py files (data.corpus' own order) up to `megabytes`, flat, in sorted order."""
     import sysconfig
 
-    from data.corpus import _read_text, stdlib_files  # the default corpus' files and reader
+    from data.corpus import stdlib_files  # the default corpus' files
+
+    def _read_text(f: Path) -> str | None:   # UTF-8 text without NUL bytes, else None (as the corpus skips it)
+        raw = f.read_bytes()
+        try:
+            return None if b"\x00" in raw else raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
 
     root = Path(sysconfig.get_paths()["stdlib"])
     out = Path(dest)

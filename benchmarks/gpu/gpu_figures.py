@@ -1,7 +1,8 @@
 """Figures of the one-call GPU check (benchmarks/gpu/gpu_train_check.sh): reads what its stages left in
 the work folder and writes one JSON, then prints a summary table.
 
-    python benchmarks/gpu/gpu_figures.py --work /tmp/gtc --json $OUT/gpu_figures.json [--warmup 5] [--split 40]
+    python benchmarks/gpu/gpu_figures.py --work /tmp/gtc --json $OUT/gpu_figures.json --bf16 D --fp8 D --ckpt D
+        [--warmup 5] [--split 20] [--budget 600]
 
 Throughput (tokens/s, step time, MFU) is the median over the logged steps after the first `--warmup`
 (train.log_every=1, so every step is logged; a step's tokens_per_s is measured from its start to the
@@ -159,25 +160,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True)
     ap.add_argument("--json", required=True)
-    ap.add_argument("--bf16", required=True, help="bf16 run dir (resumed in place)")
-    ap.add_argument("--fp8", required=True, help="fp8 run dir")
+    ap.add_argument("--bf16", required=True, help="bf16 throughput run dir (no checkpoint)")
+    ap.add_argument("--fp8", required=True, help="fp8 throughput run dir (no checkpoint)")
+    ap.add_argument("--ckpt", required=True, help="the small-checkpoint run dir (saved at --split, resumed in place)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--split", type=int, default=40, help="step the first runs stop at (train.stop_at)")
+    ap.add_argument("--split", type=int, default=20, help="step the save stage stops at (train.stop_at)")
+    ap.add_argument("--budget", type=float, default=None, help="the script's budget in seconds")
     a = ap.parse_args()
     w = Path(a.work)
     st = stages(w)
     b = bench(text(w / "gpu_check.log"))
     peak = b.get("matmul_peak_tflops")
-    bf16_dir, fp8_dir = Path(a.bf16), Path(a.fp8)
-    bf16_first = read_jsonl(w / "metrics_bf16_first.jsonl")
-    bf16_all = read_jsonl(bf16_dir / "metrics.jsonl")
-    run_bf16 = read_json(w / "run_bf16_first.json")
-    run_resume = read_json(bf16_dir / "run.json")
-    run_fp8 = read_json(fp8_dir / "run.json")
-    logs = {k: text(w / f"{k}.log") for k in ("bf16", "fp8", "resume", "export", "hf", "install", "cache")}
+    bf16_dir, fp8_dir, ckpt_dir = Path(a.bf16), Path(a.fp8), Path(a.ckpt)
+    ckpt_first = read_jsonl(w / "metrics_ckpt_first.jsonl")
+    bf16_all = read_jsonl(ckpt_dir / "metrics.jsonl")      # the small run, saved and resumed (named as before)
+    run_resume = read_json(ckpt_dir / "run.json")
+    logs = {k: text(w / f"{k}.log") for k in ("bf16", "fp8", "gemm", "sdpa", "save", "resume", "export", "install",
+                                               "cache")}
 
-    runs = {"bf16": run_figures(bf16_first, run_bf16, logs["bf16"], a.warmup, peak, upto=a.split),
-            "fp8": run_figures(read_jsonl(fp8_dir / "metrics.jsonl"), run_fp8, logs["fp8"], a.warmup, peak),
+    runs = {"bf16": run_figures(read_jsonl(bf16_dir / "metrics.jsonl"), read_json(bf16_dir / "run.json"),
+                                logs["bf16"], a.warmup, peak),
+            "fp8": run_figures(read_jsonl(fp8_dir / "metrics.jsonl"), read_json(fp8_dir / "run.json"), logs["fp8"],
+                               a.warmup, peak),
+            "save": run_figures(ckpt_first, read_json(w / "run_ckpt_first.json"), logs["save"], 0, peak, upto=a.split),
             "resume": run_figures(bf16_all, run_resume, logs["resume"], 0, peak, after=a.split)}
     for tag in runs:
         runs[tag]["rc"] = st.get(tag, {}).get("rc")
@@ -187,10 +192,16 @@ def main() -> int:
     bf, f8 = runs["bf16"], runs["fp8"]
     cmp = {"step_time_ratio_fp8_over_bf16": (rnd(f8["step_time_s_median"] / bf["step_time_s_median"])
                                               if f8["step_time_s_median"] and bf["step_time_s_median"] else None),
-           "loss_at_split_bf16": bf["loss_last"], "loss_at_split_fp8": f8["loss_last"],
-           "lm_loss_at_split_bf16": bf["lm_loss_last"], "lm_loss_at_split_fp8": f8["lm_loss_last"],
-           "val_loss_at_split_bf16": bf["val_loss_last"], "val_loss_at_split_fp8": f8["val_loss_last"],
-           "fp8_backend": f8["fp8_line"]}
+           "loss_at_end_bf16": bf["loss_last"], "loss_at_end_fp8": f8["loss_last"],
+           "lm_loss_at_end_bf16": bf["lm_loss_last"], "lm_loss_at_end_fp8": f8["lm_loss_last"],
+           "val_loss_at_end_bf16": bf["val_loss_last"], "val_loss_at_end_fp8": f8["val_loss_last"],
+           "fp8_backend": f8["fp8_line"],
+           "fp8_log_lines": sorted(set(re.findall(r"^fp8.*$", logs["fp8"], re.M)))[:8],
+           "no_checkpoint_written": [bool(re.search(r"not written \(GTC_NO_SAVE\)", logs[k])) for k in ("bf16", "fp8")]}
+    gemm = {"lines": [ln for ln in logs["gemm"].splitlines() if re.match(r"(device|fp8 swap|bf16:|fp8:|fp8/bf16)", ln)]}
+    m = re.search(r"fp8/bf16 time ratio: ([\d.]+)", logs["gemm"])
+    gemm["fp8_over_bf16"] = float(m.group(1)) if m else None
+    sdpa = {"lines": [ln for ln in logs["sdpa"].splitlines() if " layout " in ln or ln.startswith("device ")]}
     if bf["lm_loss_last"] and f8["lm_loss_last"]:
         cmp["lm_loss_rel_diff"] = rnd((f8["lm_loss_last"] - bf["lm_loss_last"]) / bf["lm_loss_last"], 5)
 
@@ -223,11 +234,11 @@ def main() -> int:
     res["ok"] = all(res["checks"].values())
 
     hf = read_json(w / "hf.json") or {}
-    export = {"export_rc": st.get("export", {}).get("rc"), "hf_rc": st.get("hf", {}).get("rc"), "hf": hf,
+    export = {"export_rc": st.get("export", {}).get("rc"), "hf": hf,    # the stage exports, then loads (hf.json)
               "export_line": (re.search(r"^(exported .*)$", logs["export"], re.M) or [None, None])[1]}
     if hf.get("val_loss") and res.get("val_loss_end"):
         export["hf_val_loss_rel_diff_vs_train"] = rnd((hf["val_loss"] - res["val_loss_end"]) / res["val_loss_end"], 5)
-    export["ok"] = export["export_rc"] == 0 and export["hf_rc"] == 0 and bool(hf.get("ok"))
+    export["ok"] = export["export_rc"] == 0 and bool(hf.get("ok"))
 
     jit_dir = w / "torch_extensions"
     built = sorted(p.name for p in jit_dir.glob("*/*")) if jit_dir.is_dir() else []
@@ -239,9 +250,11 @@ def main() -> int:
              "shard_dirs_after_runs": sorted(p.name for p in Path(".gpucache/data").glob("shards-*"))
              if Path(".gpucache/data").is_dir() else None}
 
+    budget = {"budget_s": a.budget, "stages_s": round(sum(x["seconds"] for x in st.values()), 1)}
     fig = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "versions": read_json(w / "versions.json"), "stages": st, "bench_gpu": b, "runs": runs,
-           "fp8_vs_bf16": cmp, "resume": res, "export": export, "data_cache": cache, "jit": jit}
+           "versions": read_json(w / "versions.json"), "stages": st, "budget": budget, "bench_gpu": b, "runs": runs,
+           "fp8_vs_bf16": cmp, "gemm": gemm, "sdpa": sdpa, "resume": res, "export": export, "data_cache": cache,
+           "jit": jit}
     Path(a.json).write_text(json.dumps(fig, indent=1))
 
     # ---- summary table ----
@@ -251,6 +264,7 @@ def main() -> int:
     print(f"{'stage':<10} {'rc':>4} {'s':>7}  note")
     for k, s in st.items():
         print(f"{k:<10} {str(s['rc']):>4} {s['seconds']:>7.1f}  {s['note']}")
+    print(f"{'stages':<10} {'':>4} {budget['stages_s']:>7.1f}  of the budget {a.budget} s")
     print(f"bench_gpu: matmul peak {peak} TFLOP/s; " + ", ".join(
         f"{k} {b[k]['tokens_per_s']:.0f} tok/s MFU {b[k]['mfu']:.1%}" for k in ("bf16", "fp32", "fp8") if k in b)
         + f"; fp8/bf16 {b.get('fp8_step_time_ratio')}; tests passed {b.get('tests_passed')} failed "
@@ -263,9 +277,12 @@ def main() -> int:
               f"{str(r['mfu_median_vs_train_peak']):>13} {str(r['mfu_median_vs_bench_peak']):>13} "
               f"{str(r['loss_last']):>9} {str(r['val_loss_last']):>8} {str(pm['torch_max_allocated_gib']):>9} "
               f"{str(pm['nvidia_smi_max_used_gib']):>8}")
-    print(f"fp8/bf16 step time {cmp['step_time_ratio_fp8_over_bf16']}; lm loss @{a.split} bf16 "
-          f"{cmp['lm_loss_at_split_bf16']} fp8 {cmp['lm_loss_at_split_fp8']} (rel {cmp.get('lm_loss_rel_diff')}); "
+    print(f"fp8/bf16 step time {cmp['step_time_ratio_fp8_over_bf16']}; lm loss at the end bf16 "
+          f"{cmp['lm_loss_at_end_bf16']} fp8 {cmp['lm_loss_at_end_fp8']} (rel {cmp.get('lm_loss_rel_diff')}); "
           f"{cmp['fp8_backend']}")
+    print(f"grouped GEMM fp8/bf16 time {gemm['fp8_over_bf16']}: " + " | ".join(gemm["lines"][1:]))
+    for ln in sdpa["lines"]:
+        print(f"sdpa {ln}")
     print(f"resume ok={res['ok']} {res['checks']}")
     print(f"export ok={export['ok']} hf val_loss {hf.get('val_loss')} vs train {res.get('val_loss_end')} "
           f"(rel {export.get('hf_val_loss_rel_diff_vs_train')}); {hf.get('cls')} load {hf.get('load_s')} s")

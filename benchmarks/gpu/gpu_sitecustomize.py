@@ -1,4 +1,4 @@
-"""Peak-memory report for the GPU check, with train.py left as it is.
+"""Peak-memory report for the GPU check, and its throughput runs without checkpoints, with train.py left as it is.
 
 benchmarks/gpu/gpu_train_check.sh copies this file to <dir>/sitecustomize.py and puts <dir> first on
 PYTHONPATH for its training runs, with GTC_MEMLOG=<file>. Python imports sitecustomize at start-up, so
@@ -6,6 +6,10 @@ every process of the run gets an atexit hook; the training processes (argv[0] en
 append one JSON line at exit: torch.cuda.max_memory_allocated / max_memory_reserved when CUDA was used,
 and the process' peak RSS. A run killed by its timeout writes nothing. Any sitecustomize this one
 shadows (e.g. the distribution's) is run afterwards, so nothing else changes.
+
+With GTC_NO_SAVE=1 (the bf16 and FP8 throughput stages) ``Checkpointer.save`` of parallel/state/checkpoint.py
+writes nothing and says so: configs/small.yaml's checkpoint is ~16.5 GB, minutes of a 15-minute lease, and
+the stages that check saving, resuming and exporting use a small config instead.
 """
 import atexit
 import json
@@ -39,6 +43,38 @@ def _report():
 
 if os.environ.get("GTC_MEMLOG"):
     atexit.register(_report)
+
+
+class _NoSave:
+    """A meta-path finder that, once parallel.state.checkpoint is imported, replaces Checkpointer.save."""
+
+    name = "parallel.state.checkpoint"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+
+            def save(saver, engine, out_dir, step, *args, **kwargs):
+                saver.last_stall_s = 0.0
+                print(f"gpu check: the checkpoint of step {step} is not written (GTC_NO_SAVE)", flush=True)
+                return module.checkpoint_root(out_dir) / module.checkpoint_name(step)
+
+            module.Checkpointer.save = save
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("GTC_NO_SAVE") == "1":
+    sys.meta_path.insert(0, _NoSave())
 
 # chain to the sitecustomize this file shadows, if any
 _here = os.path.dirname(os.path.abspath(__file__))
