@@ -142,16 +142,30 @@ class TrainingStopped(RuntimeError):
     """The run cannot usefully go on (e.g. every recent step was non-finite); a checkpoint was saved."""
 
 
+class StoppedBeforeFirstStep(BaseException):   # like KeyboardInterrupt: no "except Exception" swallows it
+    """SIGTERM while the run was being built or its checkpoint loaded: nothing trained yet, nothing to save."""
+
+
 class StopOnSignal:
     """SIGTERM (a scheduler's pre-emption, the launcher passing on a kill) asks the run to stop:
     the ranks agree on it at the end of the step, save, and exit 0. Repeats are ignored, so a
-    second SIGTERM cannot interrupt the save; SIGKILL still ends the process."""
+    second SIGTERM cannot interrupt the save; SIGKILL still ends the process. Before the first step
+    (building the model and engine, loading the resumed checkpoint: minutes for a large model) there is
+    nothing new to save, so it stops the rank at once (StoppedBeforeFirstStep; exit 143); data
+    preparation has its own handler (data/stop.py)."""
 
     def __init__(self):
         self.requested = False
+        self.at_once = True            # until steps_begin(): nothing to save yet
         signal.signal(signal.SIGTERM, self._handle)
 
+    def steps_begin(self) -> None:
+        self.at_once = False
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.at_once and not self.requested:
+            self.requested = True
+            raise StoppedBeforeFirstStep("SIGTERM before the first step")
         if not self.requested:
             print(f"rank {os.environ.get('RANK', '0')}: SIGTERM received; saving at the end of this step",
                   file=sys.stderr, flush=True)
@@ -326,6 +340,8 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
     if device.type == "cuda":   # the allocator's high-water mark on this rank (rank 0 logs)
         metrics.add_fields(lambda s: {"gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30})
     metrics.add_fields(trainer.rank_times.fields)   # which rank holds the job back
+    if built.pipeline is not None:                   # per rank: pipeline idle share, bytes to other stages
+        metrics.add_fields(built.pipeline.fields)
     metrics.add_fields(lambda s: {"expert_load": load.take_interval()})   # (L, E) routed tokens since the last record
     if cfg.parallel.emulate_slowdown:
         slow = {str(k): v for k, v in cfg.parallel.emulate_slowdown.items()}
@@ -362,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                                  if cfg.parallel.ep > 1 else (None, ""))
     built = build_training(cfg, device, sites.size if sites else world, sites=sites, placement=placement,
                            init_from=t.init_from if ckpt is None else None)   # a resume wins over init_from
+    if cfg.data.document_mask:   # packed documents kept apart (model/documents.py)
+        built.model.document_eos_id = int(train_rows.meta["eos_token_id"])
     trainer = Trainer(cfg, built, sampler, train_rows, shares, rank, device, sites, faults, stop_signal)
 
     # ---- run state: each component registers what a resume needs (parallel/state/registry.py) ----
@@ -374,8 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     prefix = trainer.outer.key_prefix if trainer.outer is not None else ""   # sites diverge in a round
     saver = checkpoint.Checkpointer(async_save=t.async_save, state_prefix=prefix,   # its own gloo group
                                     run_id=run_id_for(state))   # the resumed run's id, or a new one
-    if cfg.data.document_mask:   # packed documents kept apart (model/documents.py)
-        built.model.document_eos_id = int(train_rows.meta["eos_token_id"])
     step = 0
     if ckpt is not None:
         checkpoint.load(trainer.engine, ckpt, state, run_state, state_prefix=prefix)
@@ -392,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- the loop: step -> maybe log (and evaluate) -> maybe save -> maybe stop ----
     trainer.engine.train()
+    stop_signal.steps_begin()   # from here SIGTERM stops at the end of a step, with a save
     while step < stop:
         s = trainer.train_step(step + 1)
         step = s.step
@@ -400,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.after_step(s)
         if step == 1 or step % t.log_every == 0 or step == stop or evaluation.due(step) or s.skip_seen or s.stop:
             metrics.record(s)
+        saver.check_background(device)   # an async save that failed on any rank stops the run at the next step
         give_up = trainer.give_up(s)
         if step % t.save_every == 0 or step == stop or s.stop or give_up:
             path = saver.save(trainer.engine, t.out_dir, step, run_state, t.keep_last, faults)
@@ -465,9 +483,13 @@ def cli() -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except TrainingStopped as e:
+    except (TrainingStopped, checkpoint.SaveFailed) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except StoppedBeforeFirstStep:
+        print(f"rank {os.environ.get('RANK', '0')}: SIGTERM before the first step: stopped (nothing trained yet, "
+              "so nothing to save; a resumed checkpoint is unchanged)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def read_header(path: str | os.PathLike) -> Header:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise ValueError(f"{where}: header length {n} exceeds "
-                                 f"{'the file' if n <= MAX_HEADER_BYTES else 'the safetensors limit'} "
-                                 f"({size} bytes, limit {MAX_HEADER_BYTES}): not a safetensors file or truncated")
+                                 f"{'the file' if n <= MAX_HEADER_BYTES else 'the safetensors limit'} (the file has "
+                                 f"{size} bytes, the limit is {MAX_HEADER_BYTES}): not a safetensors file or truncated")
             text = f.read(n)
     except OSError as e:
         raise ValueError(f"{where}: cannot read: {e.strerror or e}") from None

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import threading
 import time
@@ -47,11 +46,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, safe_open
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model.hf.flat_shards import check_shards
 from model.hf.manifest import write_manifest
@@ -72,18 +70,24 @@ from model.hf.weight_reader import (
     state_key,
 )
 from model.hf.weight_reader import read_state as read_state  # the resume reads a checkpoint's state through here
+from parallel.collectives import mean_over_ranks
 from parallel.state import ownership
 from parallel.state.registry import RunState
+from parallel.state.rng_state import rng_state as _rng_state
+from parallel.state.rng_state import set_rng_state as _set_rng_state
 from parallel.state.run_owner import (
     NO_STATE,
     RUN_ID,
     agree_on_run_id,
+    check_out_dir_path,
     refuse_foreign,
     run_id_of,
     saved_run_id,
     step_of,
 )
+from parallel.state.save_errors import SaveFailed, agree_on_failure, from_dcp
 from parallel.state.storage import FlatSlice, FlatSlices, LoadPlanner, SavePlanner, ShardReader, ShardWriter, flat_entry
+from parallel.state.tokenizer_copy import copy_tokenizer
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -125,6 +129,7 @@ def claim_out_dir(out_dir: str, resume: str | None, overwrite: bool, rank: int) 
     removes every checkpoint and metrics.jsonl there, with a log line). A resume needs no complete
     checkpoint of another run newer than the one it continues (a later ``resume=auto`` would pick
     that one, and this run's saves would replace it). ValueError naming the directory otherwise."""
+    check_out_dir_path(out_dir)
     complete = complete_checkpoints(out_dir)
     if resume is None:
         if complete and not overwrite:
@@ -133,12 +138,13 @@ def claim_out_dir(out_dir: str, resume: str | None, overwrite: bool, rank: int) 
                              "train.out_dir, or set train.overwrite=true to replace them")
         root = checkpoint_root(out_dir)
         old = sorted(p for p in root.iterdir() if NAME.match(p.name) and p.is_dir()) if root.is_dir() else []
-        if overwrite and rank == 0 and old:
+        log = Path(out_dir) / "metrics.jsonl"
+        if overwrite and rank == 0 and (old or log.is_file()):   # a fresh log too, when only the log was there
             for p in old:
                 _remove(p)
-            (Path(out_dir) / "metrics.jsonl").unlink(missing_ok=True)
-            print(f"train.overwrite=true: removed {len(old)} checkpoint(s) of another run from {root} "
-                  f"({old[0].name} .. {old[-1].name}) and its metrics.jsonl", flush=True)
+            log.unlink(missing_ok=True)
+            print(f"train.overwrite=true: removed {len(old)} checkpoint(s) of another run from {root}"
+                  + (f" ({old[0].name} .. {old[-1].name})" if old else "") + " and its metrics.jsonl", flush=True)
         return
     ckpt = resolve_resume(resume, out_dir)
     if ckpt is None:
@@ -162,31 +168,6 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    py = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    meta = {"python": json.dumps([py[0], list(py[1]), py[2]]), "numpy": json.dumps(np_state)}
-    return tensors, meta
-
-
-def _set_rng_state(path: Path) -> None:
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
-    v, state, gauss = json.loads(meta["python"])
-    random.setstate((v, tuple(state), gauss))
-    np_state = json.loads(meta["numpy"])
-    np_state["state"]["key"] = np.asarray(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
 
 
 # ---------------------------------------------------------------- the sharded training state
@@ -277,7 +258,21 @@ class Checkpointer:
             self._thread = None
         if self._error is not None:
             e, self._error = self._error, None
-            raise RuntimeError(f"the background checkpoint save failed: {e}") from e
+            raise e if isinstance(e, SaveFailed) else SaveFailed(f"the background checkpoint save failed: {e}")
+
+    def check_background(self, device: torch.device) -> None:
+        """After every step while an async save is in flight (every rank, collective): has it failed on
+        any rank? Then raise SaveFailed now, not at the next save. Once every rank's write is done the
+        thread is joined and the checks stop (the ranks agree on both, so they stay in step)."""
+        if self._thread is None:
+            return
+        done = not self._thread.is_alive()
+        failed, all_done = mean_over_ranks([float(done and self._error is not None), float(done)], device)
+        if failed > 0 or all_done == 1.0:
+            self.wait()                                  # raises this rank's error, if it has one
+            if failed > 0:
+                raise SaveFailed("the background checkpoint save failed on another rank (its error is in its "
+                                 "log); the run stops; resume with train.resume=auto once it is fixed")
 
     def save(self, engine: DeepSpeedEngine, out_dir: str, step: int, run_state: RunState | dict[str, Any],
              keep_last: int, faults: Faults | None = None) -> Path:
@@ -289,11 +284,15 @@ class Checkpointer:
         rank = dist.get_rank()
         path = checkpoint_root(out_dir) / checkpoint_name(step)
         refuse_foreign(path, self.run_id)                 # every rank: each raises the same error
-        if rank == 0:
-            if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
-                shutil.rmtree(path)
-            (path / SHARDS).mkdir(parents=True)
-        dist.barrier(group=self.group)
+        error = None
+        try:
+            if rank == 0:
+                if path.exists():  # a leftover (e.g. a crashed save of this step): never half-reuse it
+                    shutil.rmtree(path)
+                (path / SHARDS).mkdir(parents=True)
+        except OSError as e:
+            error = e
+        agree_on_failure(error, path, self.group)          # the barrier, and a full disk stops every rank
         ownership.ensure_optimizer_state(engine)           # before the first step: zero moments
         stage = self._stage if self.async_save else None
         sd = state_entries(engine, self.state_prefix, stage=stage)
@@ -304,16 +303,21 @@ class Checkpointer:
             from parallel.pipeline.stages import merge_stage_shapes
             shapes = merge_stage_shapes(shapes, self.group)
         tensors, meta = _rng_state()
-        # through the streaming writer: its metadata keys are sorted, so the file is the same every run
-        save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)
-        if rank == 0:
-            trainer_state = run_state.state_dict(dict(
-                step=step, format=FORMAT, tensors=shapes,
-                optimizer_step=ownership.optimizer_step(engine), engine_counters=_engine_counters(engine),
-                expert_placement=ownership.model_placement(engine.module),
-                **({RUN_ID: self.run_id} if self.run_id is not None else {})))
-            copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
-            _atomic_write(path / STATE, json.dumps(trainer_state, indent=1))
+        error = None
+        try:
+            # through the streaming writer: its metadata keys are sorted, so the file is the same every run
+            save_streaming(tensors, path / f"rng_rank{rank}.safetensors", metadata=meta)
+            if rank == 0:
+                trainer_state = run_state.state_dict(dict(
+                    step=step, format=FORMAT, tensors=shapes,
+                    optimizer_step=ownership.optimizer_step(engine), engine_counters=_engine_counters(engine),
+                    expert_placement=ownership.model_placement(engine.module),
+                    **({RUN_ID: self.run_id} if self.run_id is not None else {})))
+                copy_tokenizer(trainer_state.get("config", {}), path / TOKENIZER)
+                _atomic_write(path / STATE, json.dumps(trainer_state, indent=1))
+        except OSError as e:
+            error = e
+        agree_on_failure(error, path, self.group)
         if self.async_save:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()   # the staged (non-blocking) copies have landed before the writer reads
@@ -334,16 +338,23 @@ class Checkpointer:
     def _write(self, sd: dict[str, Any], path: Path, out_dir: str, step: int, keep_last: int,
                faults: Faults | None) -> None:
         rank = dist.get_rank()
-        dcp.save(sd, storage_writer=ShardWriter(path / SHARDS, rank), planner=SavePlanner(),
-                 process_group=self.group)
+        try:
+            dcp.save(sd, storage_writer=ShardWriter(path / SHARDS, rank), planner=SavePlanner(),
+                     process_group=self.group)
+        except CheckpointException as e:                  # raised on every rank: one rank's write failed
+            raise from_dcp(path, e) from None
         if faults is not None:
             faults.in_save(step)   # tests: a rank dies with its shard written, the checkpoint incomplete
         dist.barrier(group=self.group)  # every rank's files are on disk
-        if rank == 0:
-            write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
-            _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
-            prune(out_dir, keep_last, self.run_id)
-        dist.barrier(group=self.group)
+        error = None
+        try:
+            if rank == 0:
+                write_manifest(path)   # before the marker: a complete checkpoint always has its checksums
+                _atomic_write(path / MARKER, json.dumps({"step": step}) + "\n")
+                prune(out_dir, keep_last, self.run_id)
+        except OSError as e:
+            error = e
+        agree_on_failure(error, path, self.group)
 
 
 def save(engine: DeepSpeedEngine, out_dir: str, step: int, run_state: RunState | dict[str, Any], keep_last: int,
@@ -463,28 +474,3 @@ def load(engine: DeepSpeedEngine, path: Path, state: dict[str, Any], run_state: 
     if not rng.is_file():  # resumed on more ranks than saved: reuse rank 0's generators
         rng = path / "rng_rank0.safetensors"
     _set_rng_state(rng)
-
-
-_TOKENIZER_SKIP = {"train_key.json"}
-
-
-def tokenizer_source(config: dict[str, Any]) -> Path | None:
-    """Where the run's tokenizer lives: data.tokenizer, else the BPE trained into data.cache_dir."""
-    data = config.get("data", {})
-    if data.get("tokenizer"):
-        return Path(data["tokenizer"]).expanduser()
-    if data.get("cache_dir"):
-        return Path(data["cache_dir"]).expanduser() / "tokenizer"
-    return None
-
-
-def copy_tokenizer(config: dict[str, Any], dest: Path) -> bool:
-    """Copy the run's tokenizer files into dest (the export ships them); False if none is found."""
-    src = tokenizer_source(config)
-    if src is None or not src.is_dir():
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _TOKENIZER_SKIP and not f.name.startswith("."):
-            shutil.copy2(f, dest / f.name)
-    return True
