@@ -143,6 +143,7 @@ class ParallelConfig:
     pp: int = 1                           # pipeline ranks; 1: no pipeline
     pp_schedule: str = "1f1b"             # 1f1b | interleaved (2 looped stages per rank) | dualpipev (2, V-shaped)
     pp_layers: Any = None                 # [n0, n1, ...] decoder layers per stage (overrides the planned split)
+    pp_overlap: bool = True               # dualpipev: run each paired forward and backward at the same time
 
 
 @dataclass

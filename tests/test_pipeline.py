@@ -2,8 +2,10 @@
 whose losses, gradient norms, weights and router biases equal one process's with the same global batch.
 
 Every run trains the same 4-layer tiny model (one dense layer, three MoE layers, one MTP depth, the
-sequence-wise aux loss on) on a global batch of 4 rows for 10 steps: one process with grad_accum=4 is
-the reference; a pipeline rank reads the same 4 rows as micro-batches of 1. Cost (2-core CPU):
+sequence-wise aux loss on) on a global batch of 8 rows for 10 steps: one process with grad_accum=8 is
+the reference; a pipeline reads the same 8 rows as micro-batches of 1 (two pipelines of 4 under ep=2).
+DualPipeV runs its paired forward and backward overlapped (parallel.pp_overlap, the default): under ep=2
+each of a rank's two stages all-to-alls on its own EP group. Cost (2-core CPU):
 the multi-process tests together about 4-5 minutes."""
 from __future__ import annotations
 
@@ -66,9 +68,8 @@ def test_bad_layouts_fail_with_one_line(overrides, world, names):
     assert names in str(e.value) and "\n" not in str(e.value)
 
 
-def test_bad_pipeline_value_fails_before_any_process_group():
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "parallel.pp=2", "train.eval_batches=0"], cwd=ROOT,
-                       env=clean_env(), capture_output=True, text=True, timeout=120)
+def test_bad_pipeline_value_fails_before_any_process_group(tmp_path):
+    p = train(["parallel.pp=2", "train.eval_batches=0", f"train.out_dir={tmp_path / 'run'}"], check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: parallel.pp=2") and "world size 1" in last, p.stderr[-2000:]
@@ -78,10 +79,10 @@ def test_bad_pipeline_value_fails_before_any_process_group():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, grad_accum=4, saving at step 5 and 10."""
+    """One process, grad_accum=8, saving at step 5 and 10."""
     root = tmp_path_factory.mktemp("pipeline")
     corpus = make_corpus(root)
-    train(run_args(root, corpus, "one", COMMON + ["train.grad_accum=4", f"train.save_every={SAVED}"]))
+    train(run_args(root, corpus, "one", COMMON + ["train.grad_accum=8", f"train.save_every={SAVED}"]))
     return root, corpus
 
 
@@ -111,7 +112,7 @@ def _same_weights(a_dir, b_dir, what: str, exact_biases: bool = True) -> None:
 def pp2(reference):
     """pp=2 (1F1B) on 2 ranks, saving at step 5 and 10."""
     root, corpus = reference
-    spawn_ranks(2, run_args(root, corpus, "pp2", COMMON + ["parallel.pp=2", "train.grad_accum=4",
+    spawn_ranks(2, run_args(root, corpus, "pp2", COMMON + ["parallel.pp=2", "train.grad_accum=8",
                                                            f"train.save_every={SAVED}"]))
     return root / "pp2"
 
@@ -130,10 +131,11 @@ def test_pp2_1f1b_equals_one_process(reference, pp2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, layout", [
-    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.grad_accum=4"]),
-    (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "train.grad_accum=4"]),
-    (4, ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2"]),
-], ids=["dualpipev", "interleaved", "pp2-ep2"])
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "train.grad_accum=8"]),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "train.grad_accum=8"]),
+    (4, ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=4"]),
+    (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipev", "train.grad_accum=4"]),
+], ids=["dualpipev", "interleaved", "pp2-ep2", "dualpipev-ep2"])
 def test_pipeline_equals_one_process(reference, ranks, layout):
     root, corpus = reference
     name = "pp_" + "_".join(x.split("=")[1] for x in layout)
@@ -152,9 +154,9 @@ def _export(src, out):  # noqa: ANN001, ANN202
 def test_checkpoints_resume_across_pipeline_layouts_and_export(reference, pp2, tmp_path):
     root, corpus = reference
     # a pp=2 checkpoint at pp=1, a pp=1 checkpoint at pp=2: the remaining steps equal the uninterrupted run's
-    train(run_args(root, corpus, "to_pp1", COMMON + ["train.grad_accum=4", f"train.save_every={STEPS}",
+    train(run_args(root, corpus, "to_pp1", COMMON + ["train.grad_accum=8", f"train.save_every={STEPS}",
                                                      f"train.resume={_ckpt(pp2, SAVED)}"]))
-    spawn_ranks(2, run_args(root, corpus, "to_pp2", COMMON + ["parallel.pp=2", "train.grad_accum=4",
+    spawn_ranks(2, run_args(root, corpus, "to_pp2", COMMON + ["parallel.pp=2", "train.grad_accum=8",
                                                               f"train.save_every={STEPS}",
                                                               f"train.resume={_ckpt(root / 'one', SAVED)}"]))
     ref = [r for r in metrics(root / "one") if r["step"] > SAVED]
@@ -166,7 +168,7 @@ def test_checkpoints_resume_across_pipeline_layouts_and_export(reference, pp2, t
     # export: the pp=1 run's step-5 weights, carried into a pp=2 checkpoint unchanged (one step at lr 1e-30 and
     # bias speed 0), export to the same tensors, bit for bit, as the pp=1 checkpoint itself
     spawn_ranks(2, run_args(root, corpus, "pp2_same", COMMON[:1] + COMMON[2:] + [
-        "parallel.pp=2", "train.grad_accum=4", f"train.max_steps={SAVED + 1}", f"train.save_every={SAVED + 1}",
+        "parallel.pp=2", "train.grad_accum=8", f"train.max_steps={SAVED + 1}", f"train.save_every={SAVED + 1}",
         "train.lr=1e-30", "train.min_lr=0", "train.warmup_steps=0", "train.bias_update_speed=0",
         f"train.resume={_ckpt(root / 'one', SAVED)}"]))
     a = _export(_ckpt(root / "one", SAVED), tmp_path / "from_pp1")

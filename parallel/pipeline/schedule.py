@@ -11,6 +11,8 @@ already divided by the micro-batch count, as DeepSpeed's ``engine.backward`` div
 """
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +39,8 @@ def boundary_shapes(mbs: int, seq: int, hidden: int, depths: int, dtype: torch.d
 def build_schedule(modules: list[StageModule], n_stages: int, schedule: str, micro_batches: int, mbs: int,
                    seq: int, dtype: torch.dtype, device: torch.device, pipe_group: Any,
                    loss_fn: Callable[[tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]) -> Any:
-    """-> the schedule object whose ``step(*inputs, target=labels)`` runs one optimizer step's micro-batches."""
+    """-> (the schedule object whose ``step(*inputs, target=labels)`` runs one optimizer step's micro-batches,
+    this rank's PipelineStage objects)."""
     stages = []
     for m in modules:
         hidden, depths = m.hidden, m.depths
@@ -47,5 +50,66 @@ def build_schedule(modules: list[StageModule], n_stages: int, schedule: str, mic
                                     group=pipe_group))
     cls = SCHEDULE_CLASSES[schedule]
     if schedule == "1f1b":
-        return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
-    return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+        return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False), stages
+    return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False), stages
+
+
+class StageClock:
+    """Seconds this rank computes (forward, backward, weight-gradient chunks) and bytes it sends to other
+    ranks across stage boundaries, by wrapping the stages' chunk methods: the rest of a schedule step is
+    pipeline idle time (the bubble, and waiting for a neighbour's activations or gradients).
+    ``boundary_bytes``: one micro-batch's tensors across a boundary (the same each way)."""
+
+    def __init__(self, stages: list[Any], my_rank: int, boundary_bytes: int):
+        self.busy_s, self.sent_bytes = 0.0, 0
+        self._active, self._since, self._lock = 0, 0.0, threading.Lock()   # overlapped chunks count once
+        for st in stages:
+            for name, step in (("forward_one_chunk", 1), ("backward_one_chunk", -1), ("backward_weight_one_chunk", 0)):
+                neighbour = st.stage_index + step
+                crosses = step != 0 and 0 <= neighbour < st.num_stages and \
+                    st.stage_index_to_group_rank[neighbour] != my_rank
+                setattr(st, name, self._timed(getattr(st, name), boundary_bytes if crosses else 0))
+
+    def _timed(self, fn: Callable, sends: int) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                self._active += 1
+                if self._active == 1:
+                    self._since = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    if self._active == 0:
+                        self.busy_s += time.perf_counter() - self._since
+                    self.sent_bytes += sends
+        return run
+
+
+def run_sub_action(action: Any, ctx: Any) -> None:
+    """One FORWARD or FULL_BACKWARD sub-action of an OVERLAP_F_B pair, as torch's _PipelineScheduleRuntime runs
+    it (torch 2.13, schedules.py: wait for the received input, compute, the loss on the last stage, the hand-over
+    to an adjacent stage on this rank at the V's turn); the sends are the schedule's own later actions."""
+    from torch.distributed.pipelining.schedules import FORWARD, _wait_batch_p2p
+
+    sched = ctx.schedule_ref
+    stages = {st.stage_index: st for st in sched._stages}
+    i, mb = action.stage_index, action.microbatch_index
+    stage = stages[i]
+    if action.computation_type == FORWARD:
+        if not stage.is_first and i - 1 not in stages:
+            _wait_batch_p2p(sched.fwd_recv_ops.pop((i, mb)))
+        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=False)
+        sched._maybe_compute_loss(stage, output, ctx.target_mbs, mb, None)
+        if i + 1 in stages:
+            stages[i + 1].set_local_fwd_input(output, mb)
+        return
+    if not stage.is_last and i + 1 not in stages:
+        _wait_batch_p2p(sched.bwd_recv_ops.pop((i, mb)))
+    loss = sched._maybe_get_loss(stage, mb)
+    sched.backward_counter[i] += 1
+    stage.backward_one_chunk(mb, loss=loss, full_backward=True,
+                             last_backward=sched.backward_counter[i] == sched._n_microbatches)
+    if i - 1 in stages:
+        stages[i - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining.schedules import OVERLAP_F_B
 
 from data import batch_from_rows
 from model.loss import IGNORE_INDEX
@@ -27,8 +28,9 @@ from parallel.balance import gather_counts, update_biases
 from parallel.collectives import agree_on_step
 from parallel.engine import set_lr
 from parallel.metrics.record import StepStats
+from parallel.pipeline.overlap import overlapped_pair, own_ep_group
 from parallel.pipeline.plan import num_stages, rank_stages, split_layers
-from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.schedule import StageClock, build_schedule, run_sub_action
 from parallel.pipeline.stages import StageModule, keep_stages, next_tokens
 
 if TYPE_CHECKING:
@@ -68,9 +70,19 @@ class Pipeline:
 
     def build_schedule(self, device: torch.device, dtype: torch.dtype) -> None:
         t = self.cfg.train
-        self.schedule = build_schedule(self.modules, self.n_stages, self.cfg.parallel.pp_schedule, t.grad_accum,
-                                       t.micro_batch_size, self.cfg.data.seq_len, dtype, device,
-                                       self.groups.pipe_group, self.loss_fn)
+        self.schedule, stages = build_schedule(self.modules, self.n_stages, self.cfg.parallel.pp_schedule,
+                                               t.grad_accum, t.micro_batch_size, self.cfg.data.seq_len, dtype,
+                                               device, self.groups.pipe_group, self.loss_fn)
+        depths, D = self.model.config.num_nextn_predict_layers, self.model.config.hidden_size
+        boundary = (1 + depths) * t.micro_batch_size * self.cfg.data.seq_len * D * torch.finfo(dtype).bits // 8
+        self.clock = StageClock(stages, self.groups.pipe_rank, boundary)
+        p = self.cfg.parallel
+        if p.pp_schedule == "dualpipev" and p.pp_overlap:   # the paired forward and backward at the same time
+            if p.ep > 1:
+                own_ep_group(self.modules[1], p.ep, self.groups.size, p.pp)
+            self.schedule.register_custom_function(OVERLAP_F_B, overlapped_pair(run_sub_action))
+        self.device = device
+        self._wall = self._busy = 0.0
 
     def loss_fn(self, outputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch: the output head on the normed states, MTP's on each depth's
@@ -95,10 +107,26 @@ class Pipeline:
         self._lm.clear()
         self._mtp.clear()
         args = ((x, next_tokens(y, depths)) if depths else (x,)) if self.first else ()
+        t0, busy0 = time.perf_counter(), self.clock.busy_s
         self.schedule.step(*args, target=y if self.last else None, return_outputs=False)
+        self._wall += time.perf_counter() - t0
+        self._busy += self.clock.busy_s - busy0
         total = lambda vals: float(torch.stack(vals).double().sum()) if vals else 0.0   # noqa: E731
         return torch.tensor([total(self._lm), sum(total(m.aux_values) for m in self.modules), total(self._mtp)],
                             dtype=torch.float64)
+
+    def fields(self, s: StepStats) -> dict:
+        """Collective (metrics record): per rank, the seconds the schedule ran and the share of them it did not
+        compute (the bubble and the waits on neighbours), since the last record; bytes sent to other stages."""
+        t = torch.tensor([self._wall, self._busy, float(self.clock.sent_bytes)], dtype=torch.float64,
+                         device=self.device)
+        parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        self._wall = self._busy = 0.0
+        self.clock.sent_bytes = 0
+        return {"pp_schedule_s": [round(float(p[0]), 6) for p in parts],
+                "pp_idle_fraction": [round(1 - float(p[1]) / max(float(p[0]), 1e-12), 6) for p in parts],
+                "pp_sent_bytes": [int(p[2]) for p in parts]}
 
     def train_step(self, trainer: Any, step: int) -> StepStats:
         """train.py's Trainer.train_step under parallel.pp (same record, same order of collectives per rank)."""
