@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             path = saver.save(trainer.engine, t.out_dir, step, run_state, t.keep_last, faults)
             monitor.write(f"{'saving' if t.async_save else 'saved'} {path} (training held up "
                           f"{saver.last_stall_s:.2f} s)")
+            # SIGTERM while saving: this step's state is in that checkpoint, so stop now (not one step and save later)
+            s.stop = s.stop or (not give_up and mean_over_ranks([float(stop_signal.requested)], device)[0] > 0)
         if give_up:
             saver.wait()
             monitor.close()

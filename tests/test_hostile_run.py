@@ -60,7 +60,23 @@ def _disk_full_at(step_dir: str, shards_only: bool) -> None:
     safetensors_stream.SafetensorsWriter.write = write
 
 
+def _sigterm_while_saving(step_dir: str) -> None:
+    """The first safetensors write into ``step_dir`` sends this process SIGTERM (a pre-emption mid-save)."""
+    from model.hf import safetensors_stream
+
+    real = safetensors_stream.SafetensorsWriter.write
+    sent = []
+
+    def write(self, name, tensor, row=0):  # noqa: ANN001, ANN202
+        if step_dir in str(self.path) and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, name, tensor, row)
+    safetensors_stream.SafetensorsWriter.write = write
+
+
 PATCHES = {
+    "sigterm_in_save_step2": lambda: _sigterm_while_saving("step_0000002"),
     "sigterm_in_build": lambda: _sigterm_then_hang("parallel.build", "build_training"),
     "sigterm_in_resume_load": lambda: _sigterm_then_hang("parallel.state.checkpoint", "load"),
     "disk_full_step2": lambda: _disk_full_at("step_0000002", shards_only=False),
@@ -124,6 +140,16 @@ def test_sigterm_while_loading_the_resumed_checkpoint_stops_at_once(tmp_path, co
     assert "SIGTERM before the first step: stopped" in p.stderr and "Traceback" not in p.stderr
     assert checkpoint.complete_checkpoints(str(tmp_path / "run")) == [ckpt]
     assert {f: f.read_bytes() for f in ckpt.rglob("*") if f.is_file()} == before
+
+
+def test_sigterm_during_a_save_stops_after_that_save(tmp_path, corpus):
+    """The checkpoint being written holds the step's state: the run stops once it is complete, without
+    another step and another save (before: one more step, a second save)."""
+    p, _ = train_patched("sigterm_in_save_step2", _args(tmp_path, corpus, "train.max_steps=6", "train.save_every=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stopped by SIGTERM at step 2; resume with train.resume=auto" in p.stdout
+    assert [m["step"] for m in metrics(tmp_path / "run")][-1] == 2
+    assert [c.name for c in checkpoint.complete_checkpoints(str(tmp_path / "run"))] == ["step_0000002"]
 
 
 # ---------------------------------------------------------------- 10. a full disk during a save
