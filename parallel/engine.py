@@ -335,7 +335,7 @@ class FiniteAdamW(torch.optim.AdamW):
         shared = torch.zeros(2, device=device)
         for name, ps in experts.items():
             shared[1] += sum_sq(ps) / ds_groups._get_expert_data_parallel_world_size(name)
-        shared[0] = float(not bool(torch.isfinite(dense_sq + shared[1])))
+        shared[0] = (~torch.isfinite(dense_sq + shared[1])).float()    # on the device: one read, below
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(shared, group=self.group)
         if self.pipe_group is not None:       # each stage's dense sum is the same on its ranks: add the stages'
@@ -348,11 +348,11 @@ class FiniteAdamW(torch.optim.AdamW):
             self.zero_grad(set_to_none=True)
             return None
         norm = (dense_sq + shared[1]).sqrt()
-        self._global_grad_norm = float(norm)
+        self._global_grad_norm = norm                                   # a tensor: read when logged
         if self.max_grad_norm > 0:
-            coef = self.max_grad_norm / (self._global_grad_norm + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_([p.grad for p in params], coef)
+            # max / (norm + 1e-6) in float64, as a Python float would be, then capped at 1 (x * 1 is x): no read
+            coef = torch.full_like(norm, self.max_grad_norm, dtype=torch.float64) / (norm.double() + 1e-6)
+            torch._foreach_mul_([p.grad for p in params], coef.clamp(max=1.0).float())
         return super().step(closure)
 
 

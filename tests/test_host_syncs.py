@@ -194,6 +194,15 @@ def test_a_bf16_step_syncs_at_most_twice(tmp_path):
     assert len(steps[-1]) > 2, steps[-1]    # the record reads what the steps kept on the device
 
 
+def test_a_zero0_fp32_step_syncs_at_most_twice(tmp_path):
+    """ZeRO stage 0 in fp32 steps through the trainer's FiniteAdamW (parallel/engine.py): one read of the
+    all-reduced finiteness flag, the clipping factor on the device; with the agreement, 2. ~6 s."""
+    steps = _steps_of_train_py(tmp_path, 1, ["deepspeed.zero_optimization.stage=0"])[0]
+    for n, events in enumerate(_ordinary(steps), start=2):
+        assert len(events) <= 2, f"step {n}: {events}"
+    assert len(steps[-1]) > 2, steps[-1]
+
+
 @pytest.mark.slow
 def test_an_expert_parallel_step_syncs_at_most_twice_beside_the_split_sizes(tmp_path):
     """parallel.ep=2 on 2 ranks (fp32, ZeRO-1): besides the all-to-all split sizes (one read per MoE
