@@ -9,8 +9,9 @@ the share of the schedule's wall time a rank did not spend in forward/backward c
 steps after the first two. Beside it the textbook fractions: 1F1B (P-1)/(M+P-1); DualPipeV from DeepSeek's
 bubble (PP/2 - 1)(F&B + B - 3W) with PP = 2P stages, F:B:W = 1:2:1 per chunk and no overlap (F&B = F + B):
 (P-1)(F&B + B - 3W) = 2(P-1) chunk-forwards against a rank's 6M of work. With --ep-link, pp=2 x ep=2 (4 ranks)
-with the emulated EP link (parallel.link_bandwidth_gbps) for 1f1b and dualpipev. The boundary bytes are counted
-by the run (``pp_sent_bytes``); the 16B preset's are computed from its config.
+for 1f1b and dualpipev with its pairs run in turn and overlapped, each with and without the emulated EP link
+(parallel.link_bandwidth_gbps): the exposed all-to-all share of a step is (T_link - T_no_link) / T_link. The
+boundary bytes are counted by the run (``pp_sent_bytes``); the 16B preset's are computed from its config.
 Ranks beyond the cores share them: P=4 on a 2-core machine measures time-slicing as well as the schedule.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = make_corpus(root, n_docs=40)
-        for P in (int(x) for x in args.ranks.split(",")):
+        for P in (int(x) for x in args.ranks.split(",") if x):
             for sched in ("1f1b", "dualpipev"):
                 s = summary(run(root, corpus, f"{sched}{P}", P, args,
                                 [f"parallel.pp={P}", f"parallel.pp_schedule={sched}"]))
@@ -82,14 +83,21 @@ def main() -> None:
                 print(f"{sched:9s} P={P} M={args.accum}: idle per rank {[round(x, 3) for x in s['idle']]} "
                       f"(formula {s['formula']:.3f}), step {s['step_s']:.3f} s, boundary bytes sent per step by rank "
                       f"{s['sent']}", flush=True)
-        if args.ep_link:
-            for sched in ("1f1b", "dualpipev"):
-                s = summary(run(root, corpus, f"ep_{sched}", 4, args, [
-                    "parallel.pp=2", "parallel.ep=2", f"parallel.pp_schedule={sched}",
-                    f"parallel.link_bandwidth_gbps={args.ep_link}"]))
-                out["overlap"][sched] = s
-                print(f"pp=2 ep=2 link {args.ep_link} Gbit/s {sched:9s}: step {s['step_s']:.3f} s, idle per rank "
-                      f"{[round(x, 3) for x in s['idle']]}", flush=True)
+        if args.ep_link:   # pp=2 x ep=2: the same run with and without the emulated link, per schedule
+            variants = (("1f1b", ["parallel.pp_schedule=1f1b"]),
+                        ("dualpipev, pairs in turn", ["parallel.pp_schedule=dualpipev", "parallel.pp_overlap=false"]),
+                        ("dualpipev, pairs overlapped", ["parallel.pp_schedule=dualpipev"]))
+            for label, flags in variants:
+                times = {}
+                for link in (None, args.ep_link):
+                    extra = ["parallel.pp=2", "parallel.ep=2", *flags] + (
+                        [f"parallel.link_bandwidth_gbps={link}"] if link else [])
+                    times[link] = summary(run(root, corpus, f"ep_{len(out['overlap'])}_{link}", 4, args, extra))
+                slow, fast = times[args.ep_link]["step_s"], times[None]["step_s"]
+                out["overlap"][label] = {"step_s_link": slow, "step_s_no_link": fast,
+                                         "exposed_fraction": (slow - fast) / slow}
+                print(f"pp=2 ep=2 {label:28s}: step {slow:.3f} s with the {args.ep_link} Gbit/s link, {fast:.3f} s "
+                      f"without; exposed all-to-all {(slow - fast) / slow:.3f} of the step", flush=True)
     out["bytes_16b"] = bytes_16b(args.accum)
     b = out["bytes_16b"]
     print(f"16B preset, pp=2, {args.accum} micro-batches of 1 x 4096: a boundary carries "
