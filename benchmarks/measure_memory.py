@@ -45,6 +45,9 @@ def layout_overrides(lay) -> list[str]:
            f"train.micro_batch_size={lay.mbs}", f"data.seq_len={lay.seq}"]
     if lay.offload:
         out.append("deepspeed.zero_optimization.offload_optimizer.device=cpu")
+    if lay.pp > 1:
+        out += [f"parallel.pp={lay.pp}", f"parallel.pp_schedule={lay.pp_schedule}",
+                f"train.grad_accum={lay.micro_batches}", "train.eval_batches=0"]
     return out
 
 
@@ -215,6 +218,59 @@ def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
     return result
 
 
+def measure_pipeline(cfg, lay, device) -> dict:
+    """Under parallel.pp: this rank's state (as ``measure``) and, for the plain model, its activations at the
+    schedule's peak: the heap high-water mark after each forward chunk above the heap before the step (what
+    the micro-batches in flight keep for backward, with their received boundary tensors), the gradients
+    allocated beforehand. Use ZeRO-0 for the activations: ZeRO-1/2 allocate their reduce bucket during the
+    first backward of a step, inside the measured window."""
+    from parallel.build import build_training
+
+    built = build_training(cfg, device, lay.world, module_transforms=False)
+    engine, pipe = built.engine, built.pipeline
+    gen = torch.Generator().manual_seed(1000 + int(os.environ.get("RANK", 0)) % (lay.world // lay.pp))
+    x = torch.randint(0, cfg.model.vocab_size, (lay.mbs * lay.micro_batches, lay.seq), generator=gen).to(device)
+
+    def step():
+        pipe.run_micro_batches(x, x)
+        engine.step()
+
+    for _ in range(2):
+        step()
+    result = {"state": peak_state(engine, step), "activations": {}}
+    sched = pipe.schedule
+    peak = [0]
+    for st in getattr(sched, "_stages", None) or [sched._stage]:
+        def watched(*a, _fn=st.forward_one_chunk, **k):
+            out = _fn(*a, **k)
+            peak[0] = max(peak[0], heap_in_use())
+            return out
+        st.forward_one_chunk = watched
+    for prm in engine.module.parameters():   # gradients accumulate in place: the heap grows by activations only
+        prm.grad = torch.zeros_like(prm)
+    with torch.backends.mkldnn.flags(enabled=False):
+        before = heap_in_use()
+        peak[0] = before
+        step()
+    result["activations"]["plain"] = peak[0] - before
+    return result
+
+
+def pipeline_table(pl, measured: list[dict], lay) -> str:
+    """Per rank: its pipeline rank's planned state and in-flight activations beside the measurement (MiB)."""
+    n = lay.world // lay.pp
+    rows = [f"{'rank':>4s} {'pp rank':>7s} {'state plan':>10s} {'measured':>9s} {'m/p':>6s} "
+            f"{'act plan':>9s} {'measured':>9s} {'m/p':>6s}"]
+    for r, m in enumerate(measured):
+        rp = pl.pipeline[r // n]
+        state = sum(v for k, v in m["state"].items() if k in STATE and not k.endswith("_host"))
+        act = m["activations"]["plain"]
+        rows.append(f"{r:4d} {r // n:7d} {rp.state.device / 2**20:10.2f} {state / 2**20:9.2f} "
+                    f"{state / rp.state.device:6.3f} {rp.activations['plain'] / 2**20:9.2f} {act / 2**20:9.2f} "
+                    f"{act / rp.activations['plain']:6.3f}")
+    return "\n".join(rows)
+
+
 def table(pl, measured: list[dict], lay, cfg) -> str:
     """Plan vs every rank's measurement in MiB, with measured/plan (column m/p)."""
     ap = activation_plan(cfg.model, lay), activation_plan(cfg.model, lay, fp8=True)
@@ -256,14 +312,14 @@ def main(argv=None) -> int:
     rank, world, local_rank = init_distributed()
     cpu_threads_per_rank()
     device = torch.device(get_accelerator().device_name(local_rank))
-    mine = measure(cfg, lay, device)
+    mine = measure_pipeline(cfg, lay, device) if lay.pp > 1 else measure(cfg, lay, device)
     every = [None] * world
     dist.all_gather_object(every, mine)
     if rank == 0:
         pl = plan(cfg.model, lay)
         print(f"{args.config or 'configs/tiny.yaml'} {' '.join(args.overrides)}\n--plan {args.plan}: "
               f"{pl.params.total / 1e6:.2f}M parameters, device {device}, torch {torch.__version__}")
-        print(table(pl, every, lay, cfg))
+        print(pipeline_table(pl, every, lay) if lay.pp > 1 else table(pl, every, lay, cfg))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"plan": pl.as_dict(), "measured": every, "GiB": GiB}, f, indent=1)
