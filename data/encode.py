@@ -19,7 +19,6 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,8 +75,10 @@ class Encoder:
             ids = [e.ids for e in self._tokenizer().encode_batch_fast(pieces, add_special_tokens=False)]
         else:
             ids = self.slow(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        parts = list(chain.from_iterable((x, [self.eos]) if end else (x,) for x, end in zip(ids, ends)))
-        flat = np.fromiter(chain.from_iterable(parts), dtype=np.int64, count=sum(map(len, parts)))
+        eos = np.array([self.eos], dtype=np.int64)
+        parts = [a for x, end in zip(ids, ends) for a in ((np.asarray(x, dtype=np.int64), eos) if end else
+                                                        (np.asarray(x, dtype=np.int64),))]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         n_ends = sum(ends)
         if len(flat) and (flat.max() >= self.vocab_size or flat.min() < 0):
             raise ValueError(f"tokenizer produced id {flat.max()} outside [0, {self.vocab_size})")

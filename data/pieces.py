@@ -24,25 +24,43 @@ from collections.abc import Iterable, Iterator
 
 PIECE_CHARS = 64 * 1024   # characters per tokenizer call at most (a few MB of tokenizer memory)
 _LOOKBACK = PIECE_CHARS // 2   # how far before the limit a safe boundary is looked for
-_CUTS = (re.compile(r"(?<=\S) (?=\S)"), re.compile(r"(?<=\S)\s(?=\S)"), re.compile(r"(?<=\s)\s(?=\S)"))
+# 2. a lone whitespace character, 3. the last one of a longer run: as seen in the reversed window
+_CUTS_REVERSED = (re.compile(r"\S\s(?=\S)"), re.compile(r"\S\s(?=\s)"))
 
 
-def _cut(text: str, limit: int) -> int:
-    """Where to end the first piece of `text` (len(text) > limit): a safe boundary at or before limit."""
-    lo = max(1, limit - _LOOKBACK)
-    window = text[lo:limit + 1]   # one character past the limit: the lookahead of a cut at the limit
-    for pattern in _CUTS:
-        last = None
-        for last in pattern.finditer(window):  # noqa: B007 (the last match is the one wanted)
-            pass
-        if last is not None:
-            return lo + last.start()   # the whitespace character starts the next piece
-    return limit
+def _cut(text: str, start: int, limit: int) -> int:
+    """Where to end the piece that starts at `start` (len(text) - start > limit): a safe boundary at most
+    `limit` characters on, as an index into `text`."""
+    lo, hi = start + max(1, limit - _LOOKBACK), start + limit
+    i = text.rfind(" ", lo, hi)
+    while i > lo:   # 1. a lone space, searched from the end (in prose the first one found)
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i
+        i = text.rfind(" ", lo, i)
+    backwards = text[lo:hi + 1][::-1]   # one character past the limit (the lookahead of a cut at the limit)
+    for pattern in _CUTS_REVERSED:      # the first match backwards is the last one forwards
+        m = pattern.search(backwards)
+        if m is not None:
+            return hi - m.start() - 1   # the whitespace character (after the matched \S) starts the next piece
+    return start + limit
+
+
+def _pieces(text: str, limit: int, keep: int) -> Iterator[tuple[str, int]]:
+    """(piece, where it ends) while more than `keep` characters would remain after it; no copy of the text."""
+    start = 0
+    while len(text) - start > keep:
+        end = _cut(text, start, limit)
+        yield text[start:end], end
+        start = end
 
 
 def split_text(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
     """The pieces of one in-memory document, in order (one piece when it is short)."""
-    yield from split_stream([text], limit)
+    start = 0
+    for piece, start in _pieces(text, limit, limit):  # noqa: B007 (start: where the rest begins)
+        yield piece
+    if start < len(text):
+        yield text[start:]
 
 
 def split_stream(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[str]:
@@ -51,13 +69,8 @@ def split_stream(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[st
     buf = ""
     for chunk in chunks:
         buf += chunk
-        while len(buf) > 2 * limit:   # keep a full limit after the cut, so the boundary test sees it
-            end = _cut(buf, limit)
-            yield buf[:end]
-            buf = buf[end:]
-    while len(buf) > limit:
-        end = _cut(buf, limit)
-        yield buf[:end]
-        buf = buf[end:]
-    if buf:
-        yield buf
+        start = 0
+        for piece, start in _pieces(buf, limit, 2 * limit):  # noqa: B007 (a full limit kept for the boundary test)
+            yield piece
+        buf = buf[start:]
+    yield from split_text(buf, limit)
