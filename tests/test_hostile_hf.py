@@ -24,7 +24,6 @@ import torch
 
 from model.hf import load_hf, save_hf, weight_reader
 from model.hf.manifest import write_manifest
-from model.hf.safe_paths import inside
 from model.transformer import DeepseekV3
 from scripts import export_hf, import_hf
 from tests.helpers import tiny_cfg
@@ -251,6 +250,8 @@ def test_an_hf_index_naming_a_file_outside_is_refused(hf_dir, tmp_path, capsys, 
 
 def test_the_hf_cache_layout_with_symlinks_into_blobs_is_accepted(hf_dir, tmp_path, capsys):
     """huggingface_hub's cache: snapshots/REV/NAME -> ../../blobs/SHA. The repository folder is the fence."""
+    from model.hf.safe_paths import inside
+
     repo = tmp_path / "hub" / "models--org--tiny"
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
@@ -359,6 +360,8 @@ def test_a_manifest_naming_a_file_outside_is_refused(checkpoint_dir, tmp_path):
 
 
 def test_symlinks_are_checked_without_following_them_first(tmp_path):
+    from model.hf.safe_paths import inside
+
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "ok").write_text("x")
     assert inside(tmp_path / "d", "ok", "t", plain=True) == tmp_path / "d" / "ok"
