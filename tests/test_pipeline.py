@@ -60,6 +60,8 @@ def test_stage_to_rank_maps():
     (["parallel.pp=2", "parallel.pp_schedule=interleaved", "model.num_hidden_layers=6"], 2, "interleaved"),
     (["parallel.pp=2", "parallel.pp_layers=[1, 2]"], 2, "parallel.pp_layers=[1, 2]"),
     (["parallel.pp=2", "parallel.sites=2"], 4, "parallel.sites=2"),
+    (["parallel.pp=2", "parallel.pp_schedule=dualpipev", "model.num_hidden_layers=4", "train.grad_accum=4",
+      "train.activation_checkpointing=true"], 2, "train.activation_checkpointing=true"),
 ])
 def test_bad_layouts_fail_with_one_line(overrides, world, names):
     cfg = _cfg("train.eval_batches=0", *overrides)
@@ -135,12 +137,28 @@ def test_pp2_1f1b_equals_one_process(reference, pp2):
     (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved", "train.grad_accum=8"]),
     (4, ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=4"]),
     (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipev", "train.grad_accum=4"]),
-], ids=["dualpipev", "interleaved", "pp2-ep2", "dualpipev-ep2"])
+    (2, ["parallel.pp=2", "train.grad_accum=8", "train.activation_checkpointing=true"]),
+], ids=["dualpipev", "interleaved", "pp2-ep2", "dualpipev-ep2", "1f1b-checkpointed"])
 def test_pipeline_equals_one_process(reference, ranks, layout):
     root, corpus = reference
-    name = "pp_" + "_".join(x.split("=")[1] for x in layout)
+    name = "pp_" + "_".join(x.split("=")[1] for x in layout if not x.startswith("train.activation"))
+    name += "_ckpt" if "train.activation_checkpointing=true" in layout else ""
     spawn_ranks(ranks, run_args(root, corpus, name, COMMON + layout + [f"train.save_every={STEPS}"]))
     _check_run(root, name)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_the_last_stage_skips_the_step_on_every_stage(reference):
+    """A NaN loss on rank 1 (the last stage) at step 2: both stages skip that step (DeepSpeed's overflow flag
+    is ORed over the pipe group; agree_on_step raises if the ranks disagree), training goes on after it."""
+    root, corpus = reference
+    spawn_ranks(2, run_args(root, corpus, "pp_nan", COMMON[:1] + COMMON[2:] + [
+        "train.max_steps=3", "parallel.pp=2", "train.grad_accum=8", "train.save_every=3"]),
+        env={"MOE_FAULTS": "nan_loss@2/1"})
+    got = metrics(root / "pp_nan")
+    assert [r["skipped"] for r in got] == [False, True, False]
+    ref = metrics(root / "one")
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)   # step 1 as the reference's
 
 
 def _export(src, out):  # noqa: ANN001, ANN202

@@ -63,10 +63,12 @@ class Pipeline:
         self._lm: list[torch.Tensor] = []
         self._mtp: list[torch.Tensor] = []
         self.loss_scale = 1.0
+        self.overlap = False
 
     def describe(self) -> str:
         return (f"pipeline: pp {self.cfg.parallel.pp}, {self.cfg.parallel.pp_schedule}, {self.n_stages} stages of "
-                f"{[len(s) for s in self.split]} layers; this rank runs stages {self.stages}")
+                f"{[len(s) for s in self.split]} layers; this rank runs stages {self.stages}"
+                + ("; paired forward/backward overlapped" if self.overlap else ""))
 
     def build_schedule(self, device: torch.device, dtype: torch.dtype) -> None:
         t = self.cfg.train
@@ -77,7 +79,8 @@ class Pipeline:
         boundary = (1 + depths) * t.micro_batch_size * self.cfg.data.seq_len * D * torch.finfo(dtype).bits // 8
         self.clock = StageClock(stages, self.groups.pipe_rank, boundary)
         p = self.cfg.parallel
-        if p.pp_schedule == "dualpipev" and p.pp_overlap:   # the paired forward and backward at the same time
+        self.overlap = p.pp_schedule == "dualpipev" and p.pp_overlap   # paired forward and backward at once
+        if self.overlap:
             if p.ep > 1:
                 own_ep_group(self.modules[1], p.ep, self.groups.size, p.pp)
             self.schedule.register_custom_function(OVERLAP_F_B, overlapped_pair(run_sub_action))
