@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from types import FrameType
 
 
-class PreparationStopped(Exception):
-    """SIGTERM arrived while data was being prepared."""
+class PreparationStopped(BaseException):
+    """SIGTERM arrived while data was being prepared (a BaseException: no `except Exception` swallows it)."""
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
