@@ -1,6 +1,6 @@
 """Aten ops (about kernel launches on a GPU) and host syncs of the FP8 expert GEMMs, beside bf16.
 
-    python benchmarks/bench_fp8_ops.py [--experts 16 64 256] [--config configs/tiny.yaml] [--triton]
+    python benchmarks/bench_fp8_ops.py [--experts 16 64 256] [--config configs/tiny.yaml] [--triton] [--no-step] [--ep]
 
 Three measurements, all exact counts (no timing), on whatever machine runs it:
   grouped GEMM   ops of ONE grouped GEMM forward + backward (x (N, K) sorted by expert,
@@ -9,6 +9,7 @@ Three measurements, all exact counts (no timing), on whatever machine runs it:
                  grouped_mm (bf16 on a GPU, fp32 here; the op count is the same).
   per step       ops and host syncs of one forward + backward of the config's model (one micro-batch),
                  FP8 against no FP8, and host syncs per MoE layer.
+  --ep           host syncs per MoE layer of one micro-step with parallel.ep=2 (2 gloo ranks), FP8 and not.
   --triton       also counts the Triton FP8 grouped path: aten ops plus Triton launches, run through
                  the interpreter (TRITON_INTERPRET=1 is set here when no GPU is present).
 
@@ -63,7 +64,9 @@ def _launches() -> Callable[[], int]:
 
         def run(self, *a, _orig=orig, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
             count[0] += 1
-            return _orig(self, *a, **k)
+            # the interpreter's own tensor copies are not the launch's: keep them out of the op count
+            with torch._C._DisableTorchDispatch():
+                return _orig(self, *a, **k)
         cls.run = run
     return lambda: count[0]
 
@@ -109,12 +112,53 @@ def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
             "where": sorted({w for _, w in syncs.events})}
 
 
+def _ep_worker(rank: int, world: int, port: int, fp8: bool) -> None:
+    """One forward + backward of a tiny model with parallel.ep=2 (overlap, 2 chunks); rank 0 prints its syncs."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from parallel.engine import skip_shm_allreduce_buffers
+    from parallel.expert.sharding import create_groups, shard_experts
+    from tests.helpers import tiny_cfg
+
+    torch.set_num_threads(1)
+    skip_shm_allreduce_buffers()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    group, _ = create_groups(world)
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, num_nextn_predict_layers=1)
+    model = DeepseekV3(cfg).train()
+    if fp8:
+        apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+    shard_experts(model, group, world, overlap=True, chunks=2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
+    with HostSyncs() as syncs:
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    if rank == 0:
+        n, layers = len(syncs.events), len(model.moe_layers())
+        print(f"  {'fp8' if fp8 else 'no fp8'}, ep=2: {n} host syncs per micro-step on rank 0, {layers} MoE layers "
+              f"({n / layers:.1f} per layer) {sorted({w for _, w in syncs.events})}", flush=True)
+
+
+def ep_syncs() -> None:
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    print("\nexpert parallelism (2 gloo ranks, tiny test model, one micro-step fwd+bwd)")
+    for fp8 in (False, True):
+        mp.spawn(_ep_worker, args=(2, free_port(), fp8), nprocs=2, join=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
     ap.add_argument("--kernel", default="emulated", help="FP8 kernel of the grouped GEMM")
     ap.add_argument("--triton", action="store_true", help="also count the Triton FP8 grouped path")
+    ap.add_argument("--no-step", action="store_true", help="only the grouped GEMM table")
+    ap.add_argument("--ep", action="store_true", help="also host syncs per MoE layer with parallel.ep=2")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"# {platform.node()} {platform.machine()} torch {torch.__version__}, {os.cpu_count()} CPUs")
@@ -138,6 +182,10 @@ def main() -> None:
             cells.append(f"{ops} ({compute} not views)" + (f" + {extra // 2} triton" if extra else "")
                          + f" ops, {syncs} syncs")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.ep:
+        ep_syncs()
+    if args.no_step:
+        return
     hp, f8 = step_ops(args.config, False), step_ops(args.config, True, args.kernel)
     print(f"\nper step ({os.path.relpath(args.config, ROOT)}, one micro-batch fwd+bwd, {hp['moe_layers']} MoE layers)")
     print(f"  no fp8: {hp['ops']} ops ({hp['compute']} not views), {hp['syncs']} host syncs {hp['where']}")
