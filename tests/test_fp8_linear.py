@@ -238,9 +238,12 @@ def test_cuda_backend_matches_emulated():
     tol = 1e-2 if kernel == "blockwise" else 1e-4                            # bf16 output allowed for blockwise
     for e, d in zip(emu[:3], dev[:3]):
         assert rel_err(d.cpu(), e) < tol
+    if torch.cuda.get_device_capability() < (8, 9):
+        return                                                               # no fp8 tensor cores: no Triton path
     xg, wg, counts, gyg = _grouped_setup()
+    print("experts:", resolve_kernels("cuda", None, [], [(200, 96), (96, 200)])["experts"])
     emu_g = _grouped_grads(fp8_grouped_mm, xg, wg, counts, gyg)
     dev_g = _grouped_grads(lambda a, b, c: fp8_grouped_mm(a, b, c, kernel="triton"),
                            xg.cuda(), wg.cuda(), counts.cuda(), gyg.cuda())
     for e, d in zip(emu_g, dev_g):
-        assert rel_err(d.cpu(), e) < tol
+        assert rel_err(d.cpu(), e) < 1e-4                                    # fp32 accumulation, same tiles
