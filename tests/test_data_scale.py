@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +422,27 @@ def test_sigterm_during_preparation_stops_and_a_rerun_resumes(tmp_path, tok_dir)
     assert re.search(r"data: resuming the preparation in .*: \d+ finished shard\(s\) kept", p.stdout), p.stdout
     assert (shards / "train_00000.bin").stat().st_ino == first.st_ino
     assert all(c.problem is None for c in verify_shards(shards))
+
+
+def test_a_waiting_rank_logs_gets_the_result_or_the_error_and_is_bounded(monkeypatch):
+    """data/handoff.py over a real TCPStore (what train.py passes): the waiting side logs while it waits, gets
+    the preparer's JSON result, its failure as one line naming it, or gives up after data.prepare_wait_s."""
+    import torch.distributed as dist
+
+    from data import handoff
+    from tests.helpers import free_port
+
+    monkeypatch.setattr(handoff, "LOG_EVERY_S", 0.05)
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=30))
+    said: list[str] = []
+    key = handoff.next_key(0)
+    threading.Timer(0.5, handoff.publish, (store, key, {"train": "/x"})).start()
+    assert handoff.wait_for(store, key, "rank 0", None, said.append, poll_s=0.02) == {"train": "/x"}
+    assert said and all(re.fullmatch(r"waiting for rank 0 to prepare the data \(\d+ s so far\)", s) for s in said)
+    key = handoff.next_key(0)
+    handoff.publish(store, key, error=ValueError("corpus /c: no documents"))
+    with pytest.raises(RuntimeError, match=r"^rank 0 failed to prepare the data \(ValueError: corpus /c: no "
+                                           r"documents\)$"):
+        handoff.wait_for(store, key, "rank 0", None, said.append)
+    with pytest.raises(TimeoutError, match=r"waited 0 s \(data\.prepare_wait_s\) for rank 2 to prepare the data"):
+        handoff.wait_for(store, handoff.next_key(2), "rank 2", 0.2, said.append, poll_s=0.02)
