@@ -9,7 +9,7 @@ The three GEMMs of a linear y = x W^T (x (M,K), W (N,K)):
 Only FP8 tensors + scales are saved for backward (``cache_fp8``); x is re-tiled 1x128 -> 128x1 in
 backward. Master weights and weight gradients stay in the weight's dtype (fp32).
 
-Kernels (see ``resolve_backend``):
+Kernels of the linear (chosen by model/fp8_probe.py):
   emulated   dequantize exactly, fp32 matmul. Runs anywhere; the test oracle.
   rowwise    torch._scaled_mm with row-wise scales, one call per 128-wide K chunk, partial sums
              added in fp32 -- the tile recipe expressed with row-wise scaling (also what DeepSeek
