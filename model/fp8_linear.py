@@ -143,9 +143,9 @@ def fp8_mm(a: QTensor, b: QTensor, kernel: str) -> torch.Tensor:
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, pow2: bool,
-                cache_fp8: bool) -> torch.Tensor:
-        """x (M, K), weight (N, K), bias (N,) or None -> (M, N) in x.dtype."""
-        xq, wq = quantize_act(x, pow2), quantize_weight(weight, pow2)
+                cache_fp8: bool, w_fp8: QTensor | None) -> torch.Tensor:
+        """x (M, K), weight (N, K) (and its FP8 copy, or None), bias (N,) or None -> (M, N) in x.dtype."""
+        xq, wq = quantize_act(x, pow2), w_fp8 if w_fp8 is not None else quantize_weight(weight, pow2)
         y = fp8_mm(xq, wq, kernel)                                           # (M, N) fp32
         if bias is not None:
             y = y + bias.float()
@@ -171,13 +171,13 @@ class _FP8LinearFn(torch.autograd.Function):
             dw = fp8_mm(quantize_wgrad(dy, pow2).t(), x_w.t(), kernel).to(w_dtype)  # (N, K)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(w_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "emulated",
-               pow2: bool = False, cache_fp8: bool = True) -> torch.Tensor:
-    """x (..., K) -> (..., N) with all three GEMMs in FP8."""
-    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, kernel, pow2, cache_fp8)
+               pow2: bool = False, cache_fp8: bool = True, w_fp8: QTensor | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) with all three GEMMs in FP8; ``w_fp8``: the weight already quantized."""
+    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, kernel, pow2, cache_fp8, w_fp8)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -189,7 +189,9 @@ class FP8Linear(nn.Linear):
     cache_fp8: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.fp8_kernel, self.fp8_pow2, self.cache_fp8)
+        cache = self.__dict__.setdefault("_fp8_weights", {})                # the class is swapped in: no __init__
+        w_fp8 = cached_fp8(cache, self.weight, self.fp8_pow2, quantize_weight)
+        return fp8_linear(x, self.weight, self.bias, self.fp8_kernel, self.fp8_pow2, self.cache_fp8, w_fp8)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8={self.fp8_kernel}"
@@ -211,15 +213,21 @@ def _weights_stepped(*_: object) -> None:
 register_optimizer_step_post_hook(_weights_stepped)
 
 
-def quantized_experts(cache: dict, w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (E, K, M) -> quantize_experts(w), reused from ``cache`` while w is unchanged: same storage, same
-    in-place version counter, no optimizer step since (``.data`` writes escape the version counter)."""
+def cached_fp8(cache: dict, w: torch.Tensor, pow2: bool, quantizer: Any) -> Any:
+    """quantizer(w, pow2), reused from ``cache`` while w is unchanged: same storage, same in-place version
+    counter, no optimizer step since (``.data`` writes escape the version counter, the step hook does not)."""
     key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, pow2, _WEIGHT_EPOCH[0])
     hit = cache.get(id(w))
     if hit is None or hit[0] != key:
-        hit = (key, *quantize_experts(w, pow2))
+        with torch.no_grad():
+            hit = (key, quantizer(w, pow2))
         cache[id(w)] = hit
-    return hit[1], hit[2]
+    return hit[1]
+
+
+def quantized_experts(cache: dict, w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (E, K, M) -> quantize_experts(w), reused across micro-steps (``cached_fp8``)."""
+    return cached_fp8(cache, w, pow2, lambda w_, p: quantize_experts(w_, p))
 
 
 def _pad_cols(t: torch.Tensor, mult: int) -> torch.Tensor:

@@ -223,6 +223,27 @@ def test_grouped_fp8_weights_quantized_once_per_optimizer_step():
         model_fp8_linear.quantize_experts = real
 
 
+def test_fp8_linear_weight_quantized_once_per_optimizer_step():
+    from model.fp8_linear import FP8Linear
+
+    lin = torch.nn.Linear(64, 32)
+    lin.__class__ = FP8Linear
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    x, calls = torch.randn(8, 64), []
+    real = model_fp8_linear.quantize_weight
+    model_fp8_linear.quantize_weight = lambda *a: calls.append(1) or real(*a)
+    try:
+        lin(x).sum().backward()
+        lin(x).sum().backward()                             # a second micro-step reuses the FP8 weight
+        assert len(calls) == 1
+        opt.step()
+        y = lin(x)
+        assert len(calls) == 2
+        torch.testing.assert_close(y, fp8_linear(x, lin.weight, lin.bias))   # the renewed copy is current
+    finally:
+        model_fp8_linear.quantize_weight = real
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_backend_matches_emulated():
     kernel, reason = resolve_backend("cuda")
