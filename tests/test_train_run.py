@@ -157,7 +157,7 @@ def test_embedded_default_corpus_trains_and_is_cached(tmp_path):
     train(args)
     shards = sorted(cache.glob("shards-*/*"))
     meta = json.loads(next(cache.glob("shards-*/meta.json")).read_text())
-    assert "<stdlib>" in meta["source"] and (cache / "tokenizer" / "tokenizer.json").is_file()
+    assert meta["corpus_path"].startswith("<default corpus") and (cache / "tokenizer" / "tokenizer.json").is_file()
     assert any(p.name.startswith("train_") for p in shards) and any(p.name.startswith("val_") for p in shards)
     stamps = {p: p.stat().st_mtime_ns for p in shards + [cache / "tokenizer" / "tokenizer.json"]}
     recs = metrics(tmp_path / "default")
