@@ -108,10 +108,12 @@ def _check_splits(path: Path, splits: Any, needs_max_id: bool) -> None:
 
 def check_files(d: Path, meta: dict[str, Any], split: str) -> list[tuple[Path, dict[str, Any]]]:
     """(file, its entry in meta) for each shard of `split`, after checking each file's size against meta."""
+    from model.hf.safe_paths import inside  # the one check every index's file names go through
+
     itemsize = np.dtype(meta["dtype"]).itemsize
     out = []
     for shard in meta["splits"][split]["shards"]:
-        f = d / shard["file"]
+        f = inside(d, shard["file"], str(d / META_NAME), plain=True)   # a symlink out of d is refused too
         if not f.is_file():
             raise FileNotFoundError(f"shard file missing: {f} (listed in {d / META_NAME})")
         expected = shard["rows"] * meta["row_len"] * itemsize

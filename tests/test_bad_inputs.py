@@ -89,6 +89,15 @@ def truncate(name: str, size: int):
     return edit
 
 
+def symlink_out(e, name: str):
+    """The shard moved out of its directory (same bytes) and a symlink left in its place."""
+    def edit(d: Path) -> None:
+        outside = e.tmp / ("outside_" + name)
+        (d / name).rename(outside)
+        (d / name).symlink_to(outside)
+    return edit
+
+
 def corpus_file(e, name: str, content: str | bytes) -> str:
     f = e.tmp / name
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -211,6 +220,9 @@ CASES = [
     ("shard-listed-outside-its-dir",
      lambda e: TokenShards(shards_copy(e, lambda m: m["splits"]["train"]["shards"][0].update(file="../x.bin"))),
      V, r"lists shard file '\.\./x\.bin', not a plain file name inside"),
+    ("shard-file-a-symlink-out-of-its-dir",
+     lambda e: TokenShards(shards_copy(e, edit_files=symlink_out(e, "train_00000.bin"))),
+     V, r"meta\.json: .*train_00000\.bin is a symlink to .*outside"),
     ("shard-row-count-not-a-number",
      lambda e: TokenShards(shards_copy(e, lambda m: m["splits"]["train"]["shards"][0].update(rows="3"))),
      V, r"shard 'train_00000\.bin' has rows='3'"),
