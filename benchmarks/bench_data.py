@@ -14,7 +14,7 @@ case that would exhaust the machine fails instead. Cases:
 
   single50   one 50 MB document (one JSON line)          docs50    the same text as 1,000 documents
   jsonl100   100 MB of JSON lines, 31k documents         jsonl1000 1 GB of JSON lines, 310k documents
-  txt100     a folder of 10,000 .txt files, 100 MB
+  txt100     a folder of 10,000 .txt files, 100 MB      txt1000   a folder of 100,000 .txt files, 1 GB
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from benchmarks.synth_corpus import write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"single50": (50, 1, "jsonl"), "docs50": (50, 1000, "jsonl"), "jsonl100": (100, 31000, "jsonl"),
-         "jsonl1000": (1000, 310000, "jsonl"), "txt100": (100, 10000, "dir")}
+         "jsonl1000": (1000, 310000, "jsonl"), "txt100": (100, 10000, "dir"), "txt1000": (1000, 100000, "dir")}
 
 PREPARE = """
 import json, logging, sys, time
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--cap-gb", type=float, default=None)
     ap.add_argument("--raw-mb", type=float, default=20, help="text for the raw tokenizers rate (MB)")
+    ap.add_argument("--keep-cache", action="store_true", help="keep each case's prepared cache (SCRATCH/cache-CASE)")
     a = ap.parse_args()
     scratch = Path(a.scratch)
     (scratch / "corpora").mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,8 @@ def main() -> None:
                 print(f"  CPU per token: raw {raw_cpu * 1e6:.2f} us (its parse of the text excluded), tokenizing + "
                       f"packing {r['pack_cpu_s'] / r['tokens'] * 1e6:.2f} us (reading and parsing the corpus "
                       f"included): raw/ours = {raw_cpu * r['tokens'] / r['pack_cpu_s']:.2f}", flush=True)
-        shutil.rmtree(cache, ignore_errors=True)
+        if not a.keep_cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

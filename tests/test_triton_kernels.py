@@ -19,7 +19,9 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"        # before the kernels' modules import triton
+    # tests/conftest.py sets it for the whole session (triton may be imported before this module); this
+    # line keeps the file runnable on its own
+    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from model.fp8 import quantize_act, quantize_experts, quantize_segments, segments  # noqa: E402
