@@ -37,7 +37,7 @@ def sample_pieces(corpus: Corpus, sample_bytes: int) -> Iterator[str]:
     if corpus.saved:
         yield from _systematic(corpus.documents(), fraction)
         return
-    seen = 0
+    seen = taken = 0
     for f in corpus.files:
         size = f.stat().st_size
         suffix = f.suffix.lower()
@@ -45,10 +45,18 @@ def sample_pieces(corpus: Corpus, sample_bytes: int) -> Iterator[str]:
             yield from _jsonl_windows(corpus, f, size, size * fraction)
         elif corpus.path is not None and suffix in JSON_SUFFIXES | PARQUET_SUFFIXES:
             yield from _systematic(corpus.file_documents(f), fraction)
-        elif math.floor((seen + size) * fraction) > math.floor(seen * fraction):   # a text file: whole or not
+        elif _behind(taken, seen + size, fraction):   # a text file: whole or not
             for doc in corpus.file_documents(f):
                 yield from doc
+            taken += size
         seen += size
+
+
+def _behind(taken: int, seen: int, fraction: float) -> bool:
+    """Systematic sampling by bytes: the next unit (a document, a text file) is taken while the bytes taken
+    are behind ``fraction`` of the bytes seen, the unit included, so the sample stays within one unit of
+    ``fraction`` x the bytes seen and spread evenly over the corpus."""
+    return taken < fraction * seen
 
 
 def _is_array(f: Path) -> bool:
@@ -57,13 +65,14 @@ def _is_array(f: Path) -> bool:
 
 
 def _systematic(documents: Iterator[Iterator[str]], fraction: float) -> Iterator[str]:
-    seen = 0
+    seen = taken = 0
     for doc in documents:
         pieces = list(doc)   # bounded: one document's pieces (texts of these formats are held whole anyway)
         size = sum(len(p) for p in pieces)
-        if math.floor((seen + size) * fraction) > math.floor(seen * fraction):
-            yield from pieces
         seen += size
+        if _behind(taken, seen, fraction):
+            yield from pieces
+            taken += size
 
 
 def _jsonl_windows(corpus: Corpus, f: Path, size: int, budget: float) -> Iterator[str]:

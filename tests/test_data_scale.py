@@ -173,6 +173,25 @@ def test_tokenizer_sample_is_spread_deterministic_and_recorded(tmp_path):
     assert s["chars"] == sum(map(len, sample))
 
 
+def test_a_text_folder_and_a_document_list_are_sampled_to_the_requested_bytes(tmp_path):
+    """Whole files (and whole documents of the whole-document formats) are taken systematically: the
+    sample stays within one unit of the request and reaches the end of the corpus. Before, every unit
+    of more than 1/fraction bytes was taken (a 1 GB folder trained its BPE on all of it: 2.1 GB peak)."""
+    texts = list(synth_texts(400_000, 200, seed=3))
+    d = tmp_path / "txt"
+    d.mkdir()
+    for i, text in enumerate(texts):
+        (d / f"{i:04d}.txt").write_text(text, encoding="utf-8")
+    corpus = Corpus(str(d))
+    sample = list(sample_pieces(corpus, 40_000))
+    biggest = max(f.stat().st_size for f in corpus.files)
+    assert abs(sum(map(len, sample)) - 40_000) <= biggest
+    assert any(sample[-1] in t for t in texts[-12:])                       # spread to the end of the folder
+    from data.sample import _systematic
+    picked = list(_systematic(([t] for t in texts), 0.1))
+    assert abs(sum(map(len, picked)) - 0.1 * sum(map(len, texts))) <= max(map(len, texts))
+
+
 # ---------------------------------------------------------------- packing: parallel, progress, resumable
 
 def test_parallel_packing_equals_the_whole_document_reference(tok_dir, tmp_path, caplog, monkeypatch):
