@@ -36,7 +36,7 @@ from model.fp8_linear import fp8_grouped_mm  # noqa: E402
 from model.fp8_swap import apply_fp8, set_fp8_option  # noqa: E402
 from model.grouped_gemm import grouped_mm  # noqa: E402
 from model.transformer import DeepseekV3  # noqa: E402
-from tests.host_sync import HostSyncs  # noqa: E402
+from tests.host_sync import HostSyncs, start_ep_rank  # noqa: E402
 
 
 class OpCount(TorchDispatchMode):
@@ -114,18 +114,10 @@ def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
 
 def _ep_worker(rank: int, world: int, port: int, fp8: bool) -> None:
     """One forward + backward of a tiny model with parallel.ep=2 (overlap, 2 chunks); rank 0 prints its syncs."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    import deepspeed
-
-    from parallel.engine import skip_shm_allreduce_buffers
-    from parallel.expert.sharding import create_groups, shard_experts
+    from parallel.expert.sharding import shard_experts
     from tests.helpers import tiny_cfg
 
-    torch.set_num_threads(1)
-    skip_shm_allreduce_buffers()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    group, _ = create_groups(world)
+    group = start_ep_rank(rank, world, port)
     torch.manual_seed(0)
     cfg = tiny_cfg(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, num_nextn_predict_layers=1)
     model = DeepseekV3(cfg).train()

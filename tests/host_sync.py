@@ -78,3 +78,21 @@ class HostSyncs(TorchDispatchMode):
     def count(self, prefix: str = "") -> int:
         """Events made from files whose path starts with ``prefix`` (all by default)."""
         return sum(1 for _, where in self.events if where.startswith(prefix))
+
+
+def start_ep_rank(rank: int, world: int, port: int):
+    """One rank of a spawned gloo world for the EP sync counts: DeepSpeed's process group on 127.0.0.1:port,
+    one thread, and the expert-parallel group over all ``world`` ranks (returned)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import deepspeed
+
+    from parallel.engine import skip_shm_allreduce_buffers
+    from parallel.expert.sharding import create_groups
+
+    torch.set_num_threads(1)
+    skip_shm_allreduce_buffers()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    return create_groups(world)[0]

@@ -5,8 +5,6 @@ on one device syncs 0 times (as bf16), and with expert parallelism once per laye
 as bf16). The whole-step budgets of train.py are in tests/test_host_syncs.py."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,7 +13,7 @@ from configs.schema import FP8Config
 from model.fp8_swap import apply_fp8
 from model.transformer import DeepseekV3
 from tests.helpers import free_port, tiny_cfg
-from tests.host_sync import HostSyncs
+from tests.host_sync import HostSyncs, start_ep_rank
 
 
 def _model() -> DeepseekV3:
@@ -38,17 +36,9 @@ def test_fp8_moe_layers_on_one_device_never_sync():
 
 
 def _ep_fp8_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    import deepspeed
+    from parallel.expert.sharding import shard_experts
 
-    from parallel.engine import skip_shm_allreduce_buffers
-    from parallel.expert.sharding import create_groups, shard_experts
-
-    torch.set_num_threads(1)
-    skip_shm_allreduce_buffers()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    group, _ = create_groups(world)
+    group = start_ep_rank(rank, world, port)
     found = []
     for fp8_dispatch in (False, True):
         model = _model()                              # the build order: fp8 swap, then expert sharding

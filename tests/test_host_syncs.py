@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from model.transformer import DeepseekV3
 from tests.helpers import free_port, tiny_cfg
-from tests.host_sync import HostSyncs
+from tests.host_sync import HostSyncs, start_ep_rank
 
 
 def _cfg():
@@ -48,17 +48,9 @@ def test_moe_layers_on_one_device_never_sync():
 
 
 def _ep_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    import deepspeed
+    from parallel.expert.sharding import shard_experts
 
-    from parallel.engine import skip_shm_allreduce_buffers
-    from parallel.expert.sharding import create_groups, shard_experts
-
-    torch.set_num_threads(1)
-    skip_shm_allreduce_buffers()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    group, _ = create_groups(world)
+    group = start_ep_rank(rank, world, port)
     found = []
     for overlap, chunks in ((True, 2), (True, 3), (False, 1)):
         torch.manual_seed(0)
