@@ -212,6 +212,22 @@ def test_an_expert_parallel_step_syncs_at_most_twice_beside_the_split_sizes(tmp_
             assert len(rest) <= 2, f"rank {rank} step {n}: {rest}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_a_pipeline_step_syncs_at_most_twice(tmp_path, schedule):
+    """parallel.pp=2 on 2 ranks (fp32, ZeRO-1, 4 micro-batches): the pipelined step keeps its loss parts, router
+    counts and gradient norm on the device as train.py's step does, so each rank of each stage makes at most 2
+    host syncs per ordinary step. DualPipeV's pairs run in turn here: the counter is a dispatch mode, which a
+    helper thread (the overlapped pairs) would not see. ~15 s each."""
+    steps_per_rank = _steps_of_train_py(tmp_path, 2, [
+        "parallel.pp=2", f"parallel.pp_schedule={schedule}", "parallel.pp_overlap=false", "model.num_hidden_layers=4",
+        "train.micro_batch_size=1", "train.grad_accum=4", "train.eval_batches=0"])
+    for rank, steps in enumerate(steps_per_rank):
+        for n, events in enumerate(_ordinary(steps), start=2):
+            assert len(events) <= 2, f"rank {rank} step {n}: {events}"
+        assert len(steps[-1]) > 2, steps[-1]    # the record reads what the steps kept on the device
+
+
 def test_bf16_nan_step_is_still_skipped_with_one_read(tmp_path):
     """The single read of DeepSpeed's step (parallel/overflow.py) still skips a non-finite step in bf16
     under ZeRO-1: the state after the skipped step 2 is step 1's, byte for byte, and step 3 trains. ~8 s."""

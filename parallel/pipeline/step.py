@@ -26,6 +26,7 @@ from model.schedules import gamma_at, lr_at, mtp_weight_at
 from model.transformer import DeepseekV3, shift_left
 from parallel.balance import gather_counts, update_biases
 from parallel.collectives import agree_on_step
+from parallel.device import batch_to_device
 from parallel.engine import set_lr
 from parallel.metrics.record import StepStats
 from parallel.pipeline.overlap import overlapped_pair, own_ep_group
@@ -101,8 +102,8 @@ class Pipeline:
         return (lm + mtp) * self.loss_scale / self.cfg.train.grad_accum
 
     def run_micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One step's micro-batches through the schedule -> (3,) float64 sums of lm, aux, mtp over them,
-        this rank's part (lm and mtp on the last stage, aux on every stage with MoE layers)."""
+        """One step's micro-batches through the schedule -> (3,) float64 sums of lm, aux, mtp over them on the
+        device, this rank's part (lm and mtp on the last stage, aux on every stage with MoE layers)."""
         depths = self.model.config.num_nextn_predict_layers
         for m in self.modules:
             m.aux_values.clear()
@@ -114,9 +115,11 @@ class Pipeline:
         self.schedule.step(*args, target=y if self.last else None, return_outputs=False)
         self._wall += time.perf_counter() - t0
         self._busy += self.clock.busy_s - busy0
-        total = lambda vals: float(torch.stack(vals).double().sum()) if vals else 0.0   # noqa: E731
-        return torch.tensor([total(self._lm), sum(total(m.aux_values) for m in self.modules), total(self._mtp)],
-                            dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        total = lambda vals: torch.stack(vals).double().sum() if vals else zero   # noqa: E731
+        # on the device: read at logging steps only (as train.py's step)
+        return torch.stack([total(self._lm), sum((total(m.aux_values) for m in self.modules), zero),
+                            total(self._mtp)])
 
     def fields(self, s: StepStats) -> dict:
         """Collective (metrics record): per rank, the seconds the schedule ran and the share of them it did not
@@ -142,17 +145,15 @@ class Pipeline:
         self.loss_scale = trainer.faults.loss_scale(step)
         rows = trainer.sampler.next_batch()                      # (grad_accum x mbs,) this pipeline's rows
         x, y = batch_from_rows(trainer.train_rows, rows)
-        lm_aux_mtp = self.run_micro_batches(x.to(device), y.to(device)).to(device)
+        lm_aux_mtp = self.run_micro_batches(batch_to_device(x, device), batch_to_device(y, device))
         engine.step()                                            # reduce over the stage group, then the update
         dist.all_reduce(lm_aux_mtp, group=self.groups.pipe_group)   # lm, mtp: the last stage's; aux: every stage's
-        lm, aux, mtp = lm_aux_mtp.cpu().tolist()
-        parts = torch.tensor([lm + aux + mtp, lm, aux, mtp], dtype=torch.float64)
+        parts = torch.cat([lm_aux_mtp.sum(0, keepdim=True), lm_aux_mtp])   # (4,) loss, lm, aux, mtp on the device
         local = gather_counts(trainer.moes, self.groups.stage_group)   # (L_here, E) this rank's MoE layers
         counts = torch.zeros(self.total_moe, self.cfg.model.n_routed_experts, device=device)
         if local.numel():
             counts[self.moe_index] = local.to(device)
         dist.all_reduce(counts, group=self.groups.pipe_group)    # every layer's row from the stage that runs it
-        counts = counts.cpu()
         trainer.expert_load.add(counts)
         stop, skipped, skip_seen = agree_on_step(trainer.stop_signal.requested, not engine.was_step_applied(),
                                                  device)
@@ -160,10 +161,10 @@ class Pipeline:
         if not skipped:
             update_biases(trainer.moes, local, gamma)
         trainer.skipped_in_a_row = trainer.skipped_in_a_row + 1 if skipped else 0
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()                # a device tensor under ZeRO: read when logged
         seconds = time.perf_counter() - t0
         busy, wait = trainer.clock.step_end(seconds)
         return StepStats(step=step, parts=parts / t.grad_accum, weight=1.0, lr=lr, mtp_weight=mtp_weight,
-                         grad_norm=None if grad_norm is None else float(grad_norm), counts=counts, gamma=gamma,
+                         grad_norm=grad_norm, counts=counts, gamma=gamma,
                          skipped=skipped, skipped_in_a_row=trainer.skipped_in_a_row, skip_seen=skip_seen, stop=stop,
                          seconds=seconds, busy_s=busy, wait_s=wait)
