@@ -1,6 +1,7 @@
 """Aten ops (about kernel launches on a GPU) and host syncs of the FP8 expert GEMMs, beside bf16.
 
     python benchmarks/bench_fp8_ops.py [--experts 16 64 256] [--config configs/tiny.yaml] [--triton] [--no-step] [--ep]
+                                       [--top 15]
 
 Three measurements, all exact counts (no timing), on whatever machine runs it:
   grouped GEMM   ops of ONE grouped GEMM forward + backward (x (N, K) sorted by expert,
@@ -10,8 +11,10 @@ Three measurements, all exact counts (no timing), on whatever machine runs it:
   per step       ops and host syncs of one forward + backward of the config's model (one micro-batch),
                  FP8 against no FP8, and host syncs per MoE layer.
   --ep           host syncs per MoE layer of one micro-step with parallel.ep=2 (2 gloo ranks), FP8 and not.
-  --triton       also counts the Triton FP8 grouped path: aten ops plus Triton launches, run through
-                 the interpreter (TRITON_INTERPRET=1 is set here when no GPU is present).
+  --triton       also counts the Triton FP8 path (grouped GEMMs, dense FP8 linears, the fused quantizers of
+                 model/kernels/fp8_quant.py): aten ops plus Triton launches, run through the interpreter
+                 (TRITON_INTERPRET=1 is set here when no GPU is present), per grouped GEMM, per FP8 linear
+                 and per step (with the most frequent ops of the step, --top).
 
 Ops are counted with a TorchDispatchMode (every aten call, views included); host syncs with
 tests/host_sync.py (the same counter the budget tests use).
@@ -22,6 +25,7 @@ import argparse
 import os
 import platform
 import sys
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -46,10 +50,12 @@ class OpCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.n = self.compute = 0
+        self.by_op: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.n += 1
         self.compute += not func.is_view
+        self.by_op[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -94,7 +100,19 @@ def grouped_ops(E: int, fn: Callable, N: int = 1024, K: int = 256, M: int = 128)
     return ops.n, ops.compute, len(syncs.events)
 
 
-def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
+def linear_ops(fn: Callable, M: int = 2048, K: int = 256, N: int = 256) -> tuple[int, int]:
+    """(aten ops, of which not views) of one forward + backward of fn(x, w) (x (M, K), w (N, K))."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    w = (torch.randn(N, K, generator=g) * 0.05).requires_grad_()
+    dy = torch.randn(M, N, generator=g)
+    fn(x, w).backward(dy)                                    # warm
+    with OpCount() as ops:
+        fn(x, w).backward(dy)
+    return ops.n, ops.compute
+
+
+def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None, launches: Callable[[], int] | None = None) -> dict:
     cfg = load_config(cfg_path)
     torch.manual_seed(0)
     model = DeepseekV3(cfg.model).train()
@@ -106,10 +124,26 @@ def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None) -> dict:
                         generator=torch.Generator().manual_seed(0))
     model(ids, labels=ids).loss.backward()                   # warm
     model.zero_grad(set_to_none=True)
+    before = launches() if launches else 0
     with HostSyncs() as syncs, OpCount() as ops:
         model(ids, labels=ids).loss.backward()
     return {"ops": ops.n, "compute": ops.compute, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
-            "where": sorted({w for _, w in syncs.events})}
+            "where": sorted({w for _, w in syncs.events}), "launches": launches() - before if launches else 0,
+            "top": ops.by_op.most_common()}
+
+
+def print_linear_ops(launches: Callable[[], int], M: int = 2048, K: int = 256, N: int = 256) -> None:
+    """Ops of one linear forward + backward: fp32 F.linear, FP8 emulated, FP8 triton (+ its launches)."""
+    import torch.nn.functional as F
+
+    from model.fp8_linear import fp8_linear
+    print(f"\none linear fwd+bwd (x ({M}, {K}), w ({N}, {K}), no bias, x cached in FP8)")
+    for name, fn in (("fp32 F.linear", F.linear), ("fp8 emulated", lambda x, w: fp8_linear(x, w, kernel="emulated")),
+                     ("fp8 triton", lambda x, w: fp8_linear(x, w, kernel="triton"))):
+        before = launches()
+        ops, compute = linear_ops(fn, M, K, N)
+        n = (launches() - before) // 2                       # warm + counted
+        print(f"  {name}: {ops} ops ({compute} not views)" + (f" + {n} triton launches = {ops + n}" if n else ""))
 
 
 def _ep_worker(rank: int, world: int, port: int, fp8: bool) -> None:
@@ -151,6 +185,7 @@ def main() -> None:
     ap.add_argument("--triton", action="store_true", help="also count the Triton FP8 grouped path")
     ap.add_argument("--no-step", action="store_true", help="only the grouped GEMM table")
     ap.add_argument("--ep", action="store_true", help="also host syncs per MoE layer with parallel.ep=2")
+    ap.add_argument("--top", type=int, default=15, help="most frequent ops of the FP8 step to list")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"# {platform.node()} {platform.machine()} torch {torch.__version__}, {os.cpu_count()} CPUs")
@@ -174,6 +209,8 @@ def main() -> None:
             cells.append(f"{ops} ({compute} not views)" + (f" + {extra // 2} triton" if extra else "")
                          + f" ops, {syncs} syncs")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if launches:
+        print_linear_ops(launches)
     if args.ep:
         ep_syncs()
     if args.no_step:
@@ -181,9 +218,17 @@ def main() -> None:
     hp, f8 = step_ops(args.config, False), step_ops(args.config, True, args.kernel)
     print(f"\nper step ({os.path.relpath(args.config, ROOT)}, one micro-batch fwd+bwd, {hp['moe_layers']} MoE layers)")
     print(f"  no fp8: {hp['ops']} ops ({hp['compute']} not views), {hp['syncs']} host syncs {hp['where']}")
-    print(f"  fp8 {args.kernel}: {f8['ops']} ops ({f8['ops'] / hp['ops']:.2f}x; {f8['compute']} not views, "
-          f"{f8['compute'] / hp['compute']:.2f}x), {f8['syncs']} host syncs "
-          f"({f8['syncs'] / f8['moe_layers']:.1f} per MoE layer) {f8['where']}")
+    runs = [(args.kernel, f8)]
+    if launches:
+        runs.append(("triton", step_ops(args.config, True, "triton", launches)))
+    for kernel, f in runs:
+        total = f["ops"] + f["launches"]
+        print(f"  fp8 {kernel}: {f['ops']} ops ({f['compute']} not views, {f['compute'] / hp['compute']:.2f}x)"
+              + (f" + {f['launches']} triton launches = {total}" if f["launches"] else "")
+              + f" ({total / hp['ops']:.2f}x no fp8), {f['syncs']} host syncs "
+              f"({f['syncs'] / f['moe_layers']:.1f} per MoE layer) {f['where']}")
+    print(f"  most frequent ops, fp8 {runs[-1][0]} (no fp8 beside): "
+          + ", ".join(f"{op} {n} ({dict(hp['top']).get(op, 0)})" for op, n in runs[-1][1]["top"][: args.top]))
 
 
 if __name__ == "__main__":

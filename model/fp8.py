@@ -81,10 +81,13 @@ def _ceil_to(n: int, m: int) -> int:
 
 def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """amax (any shape) -> dequant scale amax/448, clamped > 0; pow2 rounds *up* to 2^k so that
-    x/scale still fits in [-448, 448] and the scaling itself is exact in binary."""
+    x/scale still fits in [-448, 448] and the scaling itself is exact in binary. The rounding works on
+    the fp32 bits (all-ones added to the mantissa carries into the exponent unless the mantissa is
+    zero), exact where exp2(ceil(log2(s))) was not (log2 rounds s just above 2^k down to k), and the
+    rule the Triton quantizers (model/kernels/fp8_quant.py) repeat bit for bit."""
     s = amax.float().clamp_min(AMAX_EPS) / FP8_MAX
     if pow2:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
     return s
 
 
@@ -118,6 +121,11 @@ def quantize_weight(w: torch.Tensor, pow2: bool = False) -> QTensor:
 def quantize_wgrad(x: torch.Tensor, pow2: bool = False) -> QTensor:
     """(M, K) activations re-tiled 128x1 (along tokens) for the weight-gradient GEMM."""
     return quantize(x, WGRAD_TILE, pow2)
+
+
+def quantize_dual(x: torch.Tensor, pow2: bool = False) -> tuple[QTensor, QTensor]:
+    """(M, K) -> (1x128, 128x1) tiles of the same tensor: an output gradient feeds the dgrad and the wgrad."""
+    return quantize_act(x, pow2), quantize_wgrad(x, pow2)
 
 
 def retile_wgrad(q: QTensor, pow2: bool = False) -> QTensor:
@@ -161,25 +169,28 @@ class Segments:
 
     start, end  (E,) int64  first row and one past the last row of each expert
     tile_first  (E,) int64  index of the expert's first 128-row tile (tiles never span two experts)
-    tile_of_row (N,) int64  the 128-row tile of every row
+    tile_of_row (N,) int64  the 128-row tile of every row (None where only the bounds are needed)
     n_tiles     int         an upper bound of the tile count known on the host: N // 128 + E
     """
     start: torch.Tensor
     end: torch.Tensor
     tile_first: torch.Tensor
-    tile_of_row: torch.Tensor
+    tile_of_row: torch.Tensor | None
     n_tiles: int
 
 
-def segments(counts: torch.Tensor, n_rows: int, rows_per_tile: int = 128) -> Segments:
+def segments(counts: torch.Tensor, n_rows: int, rows_per_tile: int = 128, with_rows: bool = True) -> Segments:
     """counts (E,) rows per expert (summing to n_rows) -> Segments, without reading counts on the host
-    (repeat_interleave is told its output size)."""
+    (repeat_interleave is told its output size). ``with_rows=False`` leaves tile_of_row None: the Triton
+    quantizer (model/kernels/fp8_quant.py) walks the segments and never needs it."""
     E = counts.shape[0]
     counts = counts.long()
     end = counts.cumsum(0)
     start = end - counts
     tiles = (counts + rows_per_tile - 1) // rows_per_tile
     tile_first = tiles.cumsum(0) - tiles
+    if not with_rows:
+        return Segments(start, end, tile_first, None, n_rows // rows_per_tile + E)
     expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=n_rows)   # (N,)
     row = torch.arange(n_rows, device=counts.device)
     tile_of_row = tile_first[expert] + (row - start[expert]) // rows_per_tile

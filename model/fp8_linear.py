@@ -11,6 +11,9 @@ backward. Master weights and weight gradients stay in the weight's dtype (fp32).
 
 Kernels of the linear (chosen by model/fp8_probe.py):
   emulated   dequantize exactly, fp32 matmul. Runs anywhere; the test oracle.
+  triton     the Triton FP8 GEMMs of the experts with one group (model/kernels/fp8_grouped.py: m-grouped for
+             forward and dgrad, k-grouped for wgrad) and the fused quantizers of model/kernels/fp8_quant.py:
+             one launch per GEMM and per quantization. sm89 (Ada), where torch has no blockwise scaled_mm.
   rowwise    torch._scaled_mm with row-wise scales, one call per 128-wide K chunk, partial sums
              added in fp32 -- the tile recipe expressed with row-wise scaling (also what DeepSeek
              means by "promote to FP32 every 128 elements of K"). Works on CPU and pre-blockwise GPUs.
@@ -43,7 +46,6 @@ from model.fp8 import (
     quantize,
     quantize_act,
     quantize_experts,
-    quantize_segments,
     quantize_weight,
     quantize_wgrad,
     retile_wgrad,
@@ -53,7 +55,7 @@ from model.grouped_gemm import _loop_mm, _loop_wgrad, _native_ok
 from model.moe import RoutedExperts
 
 log = logging.getLogger(__name__)
-KERNELS = ("emulated", "rowwise", "blockwise")
+KERNELS = ("emulated", "rowwise", "blockwise", "triton")
 
 
 # ----------------------------------------------------------------------------- GEMM kernels
@@ -124,6 +126,18 @@ def _mm_blockwise(a: QTensor, b: QTensor) -> torch.Tensor:
     return out[:M, :N].float()
 
 
+def _mm_triton(a: QTensor, b: QTensor) -> torch.Tensor:
+    """One launch: m-grouped with one group for b in 128x128 blocks; for the wgrad's operands (128x1 tiles
+    seen transposed, ``QTensor.t()``) k-grouped with one segment over their rows."""
+    from model.kernels.fp8_grouped import dense_fp8_mm, dense_fp8_wgrad
+    if b.tile == WEIGHT_TILE:
+        return dense_fp8_mm(a.data, a.scale, b.data, b.scale)
+    if a.data.stride(0) != 1 or b.data.stride(0) != 1:
+        raise ValueError("fp8_mm(kernel='triton'): a 1x128 b must be a 128x1-tiled tensor seen transposed (wgrad)")
+    at, bt = a.t(), b.t()
+    return dense_fp8_wgrad(at.data, at.scale, bt.data, bt.scale)
+
+
 def fp8_mm(a: QTensor, b: QTensor, kernel: str) -> torch.Tensor:
     """a (M, K) 1x128 tiles, b (N, K) 128x128 blocks or 1x128 tiles -> fp32 (M, N) = a @ b^T."""
     if a.tile != ACT_TILE or b.tile not in (WEIGHT_TILE, ACT_TILE) or a.shape[1] != b.shape[1]:
@@ -135,17 +149,46 @@ def fp8_mm(a: QTensor, b: QTensor, kernel: str) -> torch.Tensor:
     if kernel == "blockwise":
         # blockwise scaled_mm is CUDA-only; a CPU tensor (model kept on CPU) takes the rowwise path
         return _mm_blockwise(a, b) if a.data.is_cuda else _mm_rowwise(a, b)
+    if kernel == "triton":
+        return _mm_triton(a, b)
     raise ValueError(f"fp8 kernel={kernel!r}: must be one of {KERNELS}")
 
 
 # ----------------------------------------------------------------------------- FP8 linear
+
+def quantizers(kernel: str) -> Any:
+    """The module whose quantize_act / quantize_wgrad / retile_wgrad / quantize_segments feed ``kernel``:
+    the fused Triton ones for the Triton kernels, else model/fp8.py (their oracle, same bits)."""
+    if kernel == "triton":
+        from model.kernels import fp8_quant
+        return fp8_quant
+    from model import fp8
+    return fp8
+
+
+def _dgrad(dyq: QTensor, wq: QTensor, kernel: str) -> torch.Tensor:
+    """dy (M, N) 1x128, W (N, K) blocks -> fp32 (M, K) = dy @ W (Triton reads W transposed, no view)."""
+    if kernel == "triton":
+        from model.kernels.fp8_grouped import dense_fp8_mm
+        return dense_fp8_mm(dyq.data, dyq.scale, wq.data, wq.scale, transpose_b=True)
+    return fp8_mm(dyq, wq.t(), kernel)
+
+
+def _wgrad(dy_w: QTensor, x_w: QTensor, kernel: str) -> torch.Tensor:
+    """dy (M, N), x (M, K), both 128x1 -> fp32 (N, K) = dy^T @ x (Triton: no transposed views)."""
+    if kernel == "triton":
+        from model.kernels.fp8_grouped import dense_fp8_wgrad
+        return dense_fp8_wgrad(dy_w.data, dy_w.scale, x_w.data, x_w.scale)
+    return fp8_mm(dy_w.t(), x_w.t(), kernel)
+
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, pow2: bool,
                 cache_fp8: bool, w_fp8: QTensor | None) -> torch.Tensor:
         """x (M, K), weight (N, K) (and its FP8 copy, or None), bias (N,) or None -> (M, N) in x.dtype."""
-        xq, wq = quantize_act(x, pow2), w_fp8 if w_fp8 is not None else quantize_weight(weight, pow2)
+        xq = quantizers(kernel).quantize_act(x, pow2)
+        wq = w_fp8 if w_fp8 is not None else quantize_weight(weight, pow2)
         y = fp8_mm(xq, wq, kernel)                                           # (M, N) fp32
         if bias is not None:
             y = y + bias.float()
@@ -162,13 +205,19 @@ class _FP8LinearFn(torch.autograd.Function):
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         wq = QTensor(w_data, w_scale, WEIGHT_TILE, w_shape)
         dy = dy.contiguous()
+        qz = quantizers(kernel)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = fp8_mm(quantize_act(dy, pow2), wq.t(), kernel).to(x_dtype)       # (M, K)
-        if ctx.needs_input_grad[1]:
-            x_w = (retile_wgrad(QTensor(x_data, x_scale, ACT_TILE, x_shape), pow2) if cache_fp8
-                   else quantize_wgrad(x_data, pow2))                        # (M, K) 128x1
-            dw = fp8_mm(quantize_wgrad(dy, pow2).t(), x_w.t(), kernel).to(w_dtype)  # (N, K)
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        # dy in 1x128 tiles (dgrad) and 128x1 (wgrad); one read of dy when both are needed
+        dy_a, dy_w = (qz.quantize_dual(dy, pow2) if need_dx and need_dw
+                      else (qz.quantize_act(dy, pow2) if need_dx else None, qz.quantize_wgrad(dy, pow2) if need_dw
+                            else None))
+        if need_dx:
+            dx = _dgrad(dy_a, wq, kernel).to(x_dtype)                         # (M, K)
+        if need_dw:
+            x_w = (qz.retile_wgrad(QTensor(x_data, x_scale, ACT_TILE, x_shape), pow2) if cache_fp8
+                   else qz.quantize_wgrad(x_data, pow2))                     # (M, K) 128x1
+            dw = _wgrad(dy_w, x_w, kernel).to(w_dtype)                       # (N, K)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(w_dtype)
         return dx, dw, db, None, None, None, None
@@ -251,15 +300,23 @@ def _wgrad_emulated(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> t
     return _loop_wgrad(a, b, counts.tolist())
 
 
+def grouped_plan(counts: torch.Tensor, n_rows: int, kernel: str) -> Any:
+    """The Triton m-grouped kernel's tile plan (made once, shared by forward and dgrad), else None."""
+    if kernel != "triton":
+        return None
+    from model.kernels.fp8_grouped import M_GROUPED_BLOCKS, tile_plan
+    return tile_plan(counts, n_rows, M_GROUPED_BLOCKS[0])
+
+
 def grouped_fwd(xq: QTensor, w_data: torch.Tensor, w_scale: torch.Tensor, counts: torch.Tensor, kernel: str,
-                transpose_w: bool = False) -> torch.Tensor:
+                transpose_w: bool = False, plan: Any = None) -> torch.Tensor:
     """xq (N, k) 1x128 tiles, experts w (E, K, M) in 128x128 blocks -> fp32 (N, M) = x_e @ w[e]
     (or, with transpose_w, (N, K) = x_e @ w[e]^T: the dgrad). One grouped GEMM either way."""
     E, K, M = w_data.shape
     n_out = K if transpose_w else M
     if kernel == "triton":
-        from model.kernels.fp8_grouped import M_GROUPED_BLOCKS, m_grouped_fp8, tile_plan
-        plan = tile_plan(counts, xq.shape[0], M_GROUPED_BLOCKS[0])
+        from model.kernels.fp8_grouped import m_grouped_fp8
+        plan = plan or grouped_plan(counts, xq.shape[0], kernel)
         return m_grouped_fp8(xq.data, xq.scale, w_data, w_scale, plan, transpose_b=transpose_w)
     wd = dequantize_experts(w_data, w_scale)                                 # (E, Kp, Mp) fp32
     wd = wd.transpose(1, 2) if transpose_w else wd                           # (E, k, n) for x (N, k)
@@ -286,8 +343,9 @@ class _FP8GroupedFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, w_data: torch.Tensor,
                 w_scale: torch.Tensor, kernel: str, pow2: bool, cache_fp8: bool) -> torch.Tensor:
         """x (N, K) sorted by expert, w (E, K, M) and its FP8 copy, counts (E,) -> (N, M) in x.dtype."""
-        xq = quantize_act(x, pow2)
-        y = grouped_fwd(xq, w_data, w_scale, counts, kernel)
+        xq = quantizers(kernel).quantize_act(x, pow2)
+        ctx.plan = grouped_plan(counts, x.shape[0], kernel)                 # plain tensors of counts: no grads
+        y = grouped_fwd(xq, w_data, w_scale, counts, kernel, plan=ctx.plan)
         saved_x = (xq.data, xq.scale) if cache_fp8 else (x, x.new_empty(0))
         ctx.save_for_backward(*saved_x, w_data, w_scale, counts)
         ctx.meta = (kernel, pow2, cache_fp8, tuple(x.shape), x.dtype, w.dtype)
@@ -298,15 +356,20 @@ class _FP8GroupedFn(torch.autograd.Function):
         kernel, pow2, cache_fp8, x_shape, x_dtype, w_dtype = ctx.meta
         x_data, x_scale, w_data, w_scale, counts = ctx.saved_tensors
         dy = dy.contiguous()                                                 # (N, M)
+        qz = quantizers(kernel)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = grouped_fwd(quantize_act(dy, pow2), w_data, w_scale, counts, kernel, transpose_w=True).to(x_dtype)
+            dx = grouped_fwd(qz.quantize_act(dy, pow2), w_data, w_scale, counts, kernel, transpose_w=True,
+                             plan=ctx.plan).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            seg = segments(counts, dy.shape[0])
-            # the cached 1x128 x is dequantized and re-tiled 128x1 per expert segment (as DeepSeek-V3 does)
-            x_hp = (dequantize_act_padded(QTensor(x_data, x_scale, ACT_TILE, x_shape))[:, :x_shape[1]] if cache_fp8
-                    else x_data)
-            dw = grouped_wgrad(quantize_segments(x_hp, seg, pow2), quantize_segments(dy, seg, pow2), seg, counts,
+            # the Triton path reads only the segment bounds; the torch quantizer also needs each row's tile
+            seg = segments(counts, dy.shape[0], with_rows=kernel != "triton")
+            # the cached 1x128 x is dequantized and re-tiled 128x1 per expert segment (as DeepSeek-V3 does;
+            # the Triton quantizer fuses the dequantize)
+            x_c = QTensor(x_data, x_scale, ACT_TILE, x_shape) if cache_fp8 else x_data
+            if cache_fp8 and kernel != "triton":
+                x_c = dequantize_act_padded(x_c)[:, :x_shape[1]]
+            dw = grouped_wgrad(qz.quantize_segments(x_c, seg, pow2), qz.quantize_segments(dy, seg, pow2), seg, counts,
                                kernel).to(w_dtype)
         return dx, dw, None, None, None, None, None, None
 

@@ -1,7 +1,9 @@
 """Which FP8 kernel runs each GEMM kind, verified on the device at every GEMM shape the model runs.
 
 GEMM kinds and their kernels (model/fp8_linear.py):
-  linear              forward, dgrad, wgrad of FP8Linear: blockwise scaled_mm, else rowwise scaled_mm
+  linear              forward, dgrad, wgrad of FP8Linear: blockwise scaled_mm (Hopper), else the Triton FP8
+                      GEMMs with one group and fused quantizers (sm89: one launch per GEMM where rowwise
+                      scaled_mm needs K/128), else rowwise scaled_mm
   experts fwd/dgrad   Triton m-grouped FP8 GEMM (model/kernels/fp8_grouped.py)
   experts wgrad       Triton k-grouped FP8 GEMM
 Each candidate is run at every distinct (K, N) the converted modules have, with ragged rows (an
@@ -87,9 +89,15 @@ def _resolve_cuda(dev: torch.device, linear: frozenset, experts: frozenset) -> d
     name = f"{torch.cuda.get_device_name(dev)} (sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))})"
     out, why = {}, {}
     if linear:
-        for kernel in ("blockwise", "rowwise"):
+        for kernel in ("blockwise", "triton", "rowwise"):
             if kernel == "blockwise" and not hasattr(F, "scaled_mm"):
                 why[kernel] = "torch has no F.scaled_mm"
+                continue
+            if kernel == "triton":
+                why[kernel] = _grouped_unavailable(dev) or _probe_linear(kernel, dev, linear)
+                if why[kernel] is None:
+                    out["linear"] = (kernel, "Triton FP8 GEMM, one group (fused Triton quantizers)")
+                    break
                 continue
             for out_dtype in (torch.float32, torch.bfloat16):
                 fp8_linear._OUT_DTYPE[kernel] = out_dtype
@@ -101,7 +109,8 @@ def _resolve_cuda(dev: torch.device, linear: frozenset, experts: frozenset) -> d
                 break
         else:
             raise ValueError(f"fp8: no usable FP8 kernel for the linear layers on {name}: blockwise scaled_mm "
-                             f"({why.get('blockwise')}), rowwise scaled_mm ({why.get('rowwise')}); "
+                             f"({why.get('blockwise')}), Triton FP8 GEMM ({why.get('triton')}), rowwise scaled_mm "
+                             f"({why.get('rowwise')}); "
                              "set fp8.backend: emulated to run the slow emulated path")
     if experts:
         missing = _grouped_unavailable(dev) or _probe_grouped("triton", dev, experts)
