@@ -9,7 +9,8 @@ Three measurements, all exact counts (no timing), on whatever machine runs it:
                  kernel given by --kernel, the CPU default is emulated) against the high-precision
                  grouped_mm (bf16 on a GPU, fp32 here; the op count is the same).
   per step       ops and host syncs of one forward + backward of the config's model (one micro-batch),
-                 FP8 against no FP8, and host syncs per MoE layer.
+                 FP8 against no FP8, and host syncs per MoE layer; FP8 twice: a micro-step that reuses
+                 the FP8 weight copies, and the first one after an optimizer step (weights quantized).
   --ep           host syncs per MoE layer of one micro-step with parallel.ep=2 (2 gloo ranks), FP8 and not.
   --triton       also counts the Triton FP8 path (grouped GEMMs, dense FP8 linears, the fused quantizers of
                  model/kernels/fp8_quant.py): aten ops plus Triton launches, run through the interpreter
@@ -36,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 from configs import load_config  # noqa: E402
 from configs.schema import FP8Config  # noqa: E402
-from model.fp8_linear import fp8_grouped_mm  # noqa: E402
+from model.fp8_linear import _WEIGHT_EPOCH, fp8_grouped_mm  # noqa: E402
 from model.fp8_swap import apply_fp8, set_fp8_option  # noqa: E402
 from model.grouped_gemm import grouped_mm  # noqa: E402
 from model.transformer import DeepseekV3  # noqa: E402
@@ -127,19 +128,37 @@ def step_ops(cfg_path: str, fp8: bool, kernel: str | None = None, launches: Call
     before = launches() if launches else 0
     with HostSyncs() as syncs, OpCount() as ops:
         model(ids, labels=ids).loss.backward()
-    return {"ops": ops.n, "compute": ops.compute, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
-            "where": sorted({w for _, w in syncs.events}), "launches": launches() - before if launches else 0,
-            "top": ops.by_op.most_common()}
+    out = {"ops": ops.n, "compute": ops.compute, "syncs": len(syncs.events), "moe_layers": len(model.moe_layers()),
+           "where": sorted({w for _, w in syncs.events}), "launches": launches() - before if launches else 0,
+           "top": ops.by_op.most_common()}
+    if fp8:   # the first micro-step after an optimizer step: every FP8 weight copy is quantized again
+        _WEIGHT_EPOCH[0] += 1                                # what the optimizer's step hook does
+        model.zero_grad(set_to_none=True)
+        before = launches() if launches else 0
+        with OpCount() as ops:
+            model(ids, labels=ids).loss.backward()
+        out["requant"] = ops.n + (launches() - before if launches else 0)
+    return out
 
 
 def print_linear_ops(launches: Callable[[], int], M: int = 2048, K: int = 256, N: int = 256) -> None:
-    """Ops of one linear forward + backward: fp32 F.linear, FP8 emulated, FP8 triton (+ its launches)."""
+    """Ops of one linear forward + backward: fp32 F.linear, FP8 emulated, FP8 triton (+ its launches); the
+    FP8 weight copy reused, as FP8Linear does between optimizer steps, and (once per step) quantized."""
     import torch.nn.functional as F
 
-    from model.fp8_linear import fp8_linear
+    from model.fp8 import quantize_weight
+    from model.fp8_linear import cached_fp8, fp8_linear
+
+    cache: dict = {}
+
+    def fp8(kernel: str, reuse: bool = True) -> Callable:
+        return lambda x, w: fp8_linear(x, w, kernel=kernel,
+                                       w_fp8=cached_fp8(cache, w, False, quantize_weight) if reuse else None)
     print(f"\none linear fwd+bwd (x ({M}, {K}), w ({N}, {K}), no bias, x cached in FP8)")
-    for name, fn in (("fp32 F.linear", F.linear), ("fp8 emulated", lambda x, w: fp8_linear(x, w, kernel="emulated")),
-                     ("fp8 triton", lambda x, w: fp8_linear(x, w, kernel="triton"))):
+    for name, fn in (("fp32 F.linear", F.linear), ("fp8 emulated, weight copy reused", fp8("emulated")),
+                     ("fp8 emulated, weight quantized", fp8("emulated", False)),
+                     ("fp8 triton, weight copy reused", fp8("triton")),
+                     ("fp8 triton, weight quantized (torch)", fp8("triton", False))):
         before = launches()
         ops, compute = linear_ops(fn, M, K, N)
         n = (launches() - before) // 2                       # warm + counted
@@ -227,6 +246,8 @@ def main() -> None:
               + (f" + {f['launches']} triton launches = {total}" if f["launches"] else "")
               + f" ({total / hp['ops']:.2f}x no fp8), {f['syncs']} host syncs "
               f"({f['syncs'] / f['moe_layers']:.1f} per MoE layer) {f['where']}")
+        print(f"    after an optimizer step (FP8 weight copies quantized again): {f['requant']} ops"
+              + (" + launches" if f["launches"] else "") + f" ({f['requant'] / hp['ops']:.2f}x no fp8)")
     print(f"  most frequent ops, fp8 {runs[-1][0]} (no fp8 beside): "
           + ", ".join(f"{op} {n} ({dict(hp['top']).get(op, 0)})" for op, n in runs[-1][1]["top"][: args.top]))
 

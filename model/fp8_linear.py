@@ -157,8 +157,8 @@ def fp8_mm(a: QTensor, b: QTensor, kernel: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- FP8 linear
 
 def quantizers(kernel: str) -> Any:
-    """The module whose quantize_act / quantize_wgrad / retile_wgrad / quantize_segments feed ``kernel``:
-    the fused Triton ones for the Triton kernels, else model/fp8.py (their oracle, same bits)."""
+    """The module whose quantize_act / _wgrad / _dual / _weight / _experts, retile_wgrad and quantize_segments
+    feed ``kernel``: the fused Triton ones for the Triton kernels, else model/fp8.py (their oracle, same bits)."""
     if kernel == "triton":
         from model.kernels import fp8_quant
         return fp8_quant
@@ -188,7 +188,8 @@ class _FP8LinearFn(torch.autograd.Function):
                 cache_fp8: bool, w_fp8: QTensor | None) -> torch.Tensor:
         """x (M, K), weight (N, K) (and its FP8 copy, or None), bias (N,) or None -> (M, N) in x.dtype."""
         xq = quantizers(kernel).quantize_act(x, pow2)
-        wq = w_fp8 if w_fp8 is not None else quantize_weight(weight, pow2)
+        wq = (w_fp8 if w_fp8 is not None else
+              quantizers(kernel).quantize_weight(weight, pow2) if kernel == "triton" else quantize_weight(weight, pow2))
         y = fp8_mm(xq, wq, kernel)                                           # (M, N) fp32
         if bias is not None:
             y = y + bias.float()
@@ -239,7 +240,8 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self.__dict__.setdefault("_fp8_weights", {})                # the class is swapped in: no __init__
-        w_fp8 = cached_fp8(cache, self.weight, self.fp8_pow2, quantize_weight)
+        quantizer = quantizers("triton").quantize_weight if self.fp8_kernel == "triton" else quantize_weight
+        w_fp8 = cached_fp8(cache, self.weight, self.fp8_pow2, quantizer)
         return fp8_linear(x, self.weight, self.bias, self.fp8_kernel, self.fp8_pow2, self.cache_fp8, w_fp8)
 
     def extra_repr(self) -> str:
@@ -274,8 +276,12 @@ def cached_fp8(cache: dict, w: torch.Tensor, pow2: bool, quantizer: Any) -> Any:
     return hit[1]
 
 
-def quantized_experts(cache: dict, w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (E, K, M) -> quantize_experts(w), reused across micro-steps (``cached_fp8``)."""
+def quantized_experts(cache: dict, w: torch.Tensor, pow2: bool, kernel: str = "emulated"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (E, K, M) -> quantize_experts(w) (the fused Triton one for the triton kernel: the same bits),
+    reused across micro-steps (``cached_fp8``)."""
+    if kernel == "triton":
+        return cached_fp8(cache, w, pow2, quantizers(kernel).quantize_experts)
     return cached_fp8(cache, w, pow2, lambda w_, p: quantize_experts(w_, p))
 
 
@@ -381,7 +387,9 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kerne
     ``w_fp8``: w already quantized (``quantized_experts``); kernel: emulated | triton."""
     if kernel not in GROUPED_KERNELS:
         raise ValueError(f"fp8 grouped kernel={kernel!r}: must be one of {GROUPED_KERNELS}")
-    w_data, w_scale = w_fp8 if w_fp8 is not None else quantize_experts(w, pow2)
+    if w_fp8 is None:
+        w_fp8 = quantizers(kernel).quantize_experts(w, pow2) if kernel == "triton" else quantize_experts(w, pow2)
+    w_data, w_scale = w_fp8
     return _FP8GroupedFn.apply(x.contiguous(), w, counts, w_data, w_scale, kernel, pow2, cache_fp8)
 
 
@@ -413,6 +421,6 @@ class FP8RoutedExperts(RoutedExperts):
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         cache = self.__dict__.setdefault("_fp8_weights", {})                # the class is swapped in: no __init__
-        w_fp8 = quantized_experts(cache, w, self.fp8_pow2)
+        w_fp8 = quantized_experts(cache, w, self.fp8_pow2, self.fp8_kernel)
         return fp8_grouped_mm(x, w, counts, kernel=self.fp8_kernel, pow2=self.fp8_pow2, cache_fp8=self.cache_fp8,
                               w_fp8=w_fp8)

@@ -4,8 +4,9 @@ TRITON_INTERPRET=1.
 - Every quantizer is BIT-identical to its torch oracle in model/fp8.py (the bytes of the fp8 data and the
   fp32 scales, same shapes), on ragged shapes: rows and K not multiples of 128, all-zero tiles, values past
   448 before scaling, pow2 on and off, no rows, K = 0; per expert segment: empty segments, a one-row
-  segment, segments of exact multiples of 128, no rows. The E4M3 encoder is checked on every code, every
-  midpoint between neighbours (ties to even) and the fp32 values one ulp either side.
+  segment, segments of exact multiples of 128, no rows; 128x128 weight blocks, one matrix or all experts.
+  The E4M3 encoder is checked on every code, every midpoint between neighbours (ties to even) and the
+  fp32 values one ulp either side.
 - The dense "triton" FP8 linear (m-grouped kernel with one group, k-grouped with one segment) against the
   emulated oracle: y, dx, dw to ~1e-7 relative (only fp32 summation order differs), with 0 host syncs.
 - Op budgets (counts, not timings): an FP8 linear forward + backward on the triton path issues at most
@@ -69,6 +70,20 @@ def test_quantizers_bit_identical_to_torch(shape, pow2):
         assert same_bits(ref, got), name
     x16 = x.to(torch.bfloat16)                     # any float input dtype: read and widened in the kernel
     assert same_bits(fp8.quantize_act(x16, pow2), fp8_quant.quantize_act(x16, pow2))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_weight_quantizers_bit_identical_to_torch(pow2):
+    g = torch.Generator().manual_seed(5)
+    for N, K in ((136, 200), (256, 384), (1, 1), (0, 5), (300, 0)):
+        w = torch.randn(N, K, generator=g) * 30
+        assert same_bits(fp8.quantize_weight(w, pow2), fp8_quant.quantize_weight(w, pow2)), (N, K)
+    for E, K, M in ((3, 200, 96), (4, 130, 260), (0, 16, 16)):
+        w = torch.randn(E, K, M, generator=g) * 0.05
+        w[:1] = 0                                                          # an all-zero expert
+        (rd, rs), (gd, gs) = fp8.quantize_experts(w, pow2), fp8_quant.quantize_experts(w, pow2)
+        assert rd.shape == gd.shape and torch.equal(rd.view(torch.uint8), gd.view(torch.uint8)), (E, K, M)
+        assert torch.equal(rs, gs), (E, K, M)
 
 
 def test_e4m3_encoding_every_code_and_tie():

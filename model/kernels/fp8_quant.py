@@ -8,6 +8,8 @@ The same results, bit for bit, as the torch quantizers of model/fp8.py, which st
   quantize_segments  (N, K) sorted by expert -> 128x1 tiles that restart at every expert's first row
                      (``Segments``), optionally from a cached 1x128 input  = fp8.quantize_segments
   quantize_dual      both 1x128 and 128x1 tiles of an output gradient from one read = fp8.quantize_dual
+  quantize_weight    (N, K) -> 128x128 blocks                              = fp8.quantize_weight
+  quantize_experts   (E, K, M) -> 128x128 blocks of every expert           = fp8.quantize_experts
 Same scale rule (amax per tile over the zero-padded tile, clamped to AMAX_EPS, divided by 448, or
 rounded up to a power of two), same division, same clamp, same layout of data and scales (the
 scale grid covers the padded shape; no rows still give one row of floor scales, as torch's
@@ -21,9 +23,10 @@ normal numbers, the fp32 adder's rounding against 2^14 for subnormals (below 2^-
 clamped to +-448 just before, so nothing saturates. The byte is stored through a uint8 view of the
 fp8 output pointer. The same code runs on a GPU, where it costs a few integer ops per element.
 
-Bit-identity also needs the division to be IEEE round-to-nearest: Triton's ``/`` on fp32 is an
-approximate division on NVIDIA GPUs, so every division here is ``tl.math.div_rn``. No add follows a
-multiply (the dequantize of a cached input is a plain product), so no FMA contraction changes a bit.
+Bit-identity also needs the division to be IEEE round-to-nearest, which Triton's ``/`` on fp32 does not
+promise on a GPU (``tl.math.fdiv`` documents approximate modes), so every division here is
+``tl.math.div_rn``. No add follows a multiply (the dequantize of a cached input is a plain product), so
+no FMA contraction changes a bit.
 Not bit-identical: non-finite inputs (NaN or inf in a tile): both sides give NaN codes, not
 necessarily the same ones (Triton's max ignores NaN where torch's amax propagates it).
 """
@@ -33,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.fp8 import ACT_TILE, AMAX_EPS, FP8_DTYPE, FP8_MAX, WGRAD_TILE, QTensor, Segments
+from model.fp8 import ACT_TILE, AMAX_EPS, FP8_DTYPE, FP8_MAX, WEIGHT_TILE, WGRAD_TILE, QTensor, Segments
 
 TILE = 128             # the 128 of 1x128 and 128x1
 _EPS = tl.constexpr(AMAX_EPS)
@@ -148,6 +151,23 @@ def _quant_both_kernel(x_ptr, qa_ptr, sa_ptr, qw_ptr, sw_ptr, M, K, n_act_scale_
     tl.store(sw_ptr + tl.program_id(0).to(tl.int64) * stride_swt + cols, s_col, mask=cols < KS)
 
 
+@triton.jit
+def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xb, stride_xr, stride_sb, stride_sr,
+                         POW2: tl.constexpr):
+    """128x128 blocks of matrix b of a batch: program (i, j, b) quantizes block (i, j) with one scale."""
+    b = tl.program_id(2).to(tl.int64)
+    rows = (tl.program_id(0) * 128 + tl.arange(0, 128)).to(tl.int64)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    ok = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xr + cols[None, :], mask=ok, other=0.0)
+    x = x.to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(tl.abs(x), axis=1), axis=0), POW2)
+    q = tl.clamp(tl.math.div_rn(x, scale), -_MAX, _MAX)
+    tl.store(q_ptr.to(tl.pointer_type(tl.uint8)) + b * R * C + rows[:, None] * C + cols[None, :], _e4m3_bits(q),
+             mask=ok)
+    tl.store(s_ptr + b * stride_sb + tl.program_id(0) * stride_sr + tl.program_id(1), scale)
+
+
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
@@ -226,3 +246,31 @@ def quantize_dual(x: torch.Tensor, pow2: bool = False) -> tuple[QTensor, QTensor
     _quant_both_kernel[(Mt, Kt)](x, qa, sa, qw, sw, M, K, max(M, 1), max(K, 1), x.stride(0), sa.stride(0),
                                  sw.stride(0), POW2=pow2, num_warps=8)
     return QTensor(qa, sa, ACT_TILE, (M, K)), QTensor(qw, sw, WGRAD_TILE, (M, K))
+
+
+def quantize_weight(w: torch.Tensor, pow2: bool = False) -> QTensor:
+    """(N, K) weight -> 128x128 blocks, one launch = fp8.quantize_weight."""
+    w = _rows_contiguous(w.detach())
+    N, K = w.shape
+    Nt, Kt = -(-max(N, 1) // TILE), -(-max(K, 1) // TILE)
+    q = torch.empty(N, K, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(Nt, Kt, dtype=torch.float32, device=w.device)
+    _quant_blocks_kernel[(Nt, Kt, 1)](w, q, scale, N, K, 0, w.stride(0), 0, scale.stride(0), POW2=pow2,
+                                      num_warps=8)
+    return QTensor(q, scale, WEIGHT_TILE, (N, K))
+
+
+def quantize_experts(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts' weights (E, K, M) -> data (E, K, M) fp8, scale (E, Kt, Mt), one launch
+    = fp8.quantize_experts."""
+    w = w.detach()
+    if w.stride(2) != 1 or w.stride(1) != w.shape[2] or w.stride(0) != w.shape[1] * w.shape[2]:
+        w = w.contiguous()
+    E, K, M = w.shape
+    Kt, Mt = -(-max(K, 1) // TILE), -(-max(M, 1) // TILE)
+    q = torch.empty(E, K, M, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(E, Kt, Mt, dtype=torch.float32, device=w.device)
+    if E:
+        _quant_blocks_kernel[(Kt, Mt, E)](w, q, scale, K, M, w.stride(0), w.stride(1), scale.stride(0),
+                                          scale.stride(1), POW2=pow2, num_warps=8)
+    return q, scale
