@@ -322,7 +322,7 @@ def grouped_fwd(xq: QTensor, w_data: torch.Tensor, w_scale: torch.Tensor, counts
     n_out = K if transpose_w else M
     if kernel == "triton":
         from model.kernels.fp8_grouped import m_grouped_fp8
-        plan = plan or grouped_plan(counts, xq.shape[0], kernel)
+        plan = plan if plan is not None else grouped_plan(counts, xq.shape[0], kernel)
         return m_grouped_fp8(xq.data, xq.scale, w_data, w_scale, plan, transpose_b=transpose_w)
     wd = dequantize_experts(w_data, w_scale)                                 # (E, Kp, Mp) fp32
     wd = wd.transpose(1, 2) if transpose_w else wd                           # (E, k, n) for x (N, k)

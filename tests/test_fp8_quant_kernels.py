@@ -11,7 +11,7 @@ TRITON_INTERPRET=1.
   emulated oracle: y, dx, dw to ~1e-7 relative (only fp32 summation order differs), with 0 host syncs.
 - Op budgets (counts, not timings): an FP8 linear forward + backward on the triton path issues at most
   LINEAR_BUDGET aten ops + Triton launches (the emulated path: 105), a grouped FP8 GEMM at most
-  GROUPED_BUDGET, the same for 4 and 64 experts.
+  GROUPED_BUDGET, the same for 4 and 32 experts.
 Cost: about 10 s on 2 CPU cores.
 """
 from __future__ import annotations
@@ -196,17 +196,17 @@ def test_fp8_linear_op_budget(launches):
 
 def test_grouped_fp8_op_budget_independent_of_experts(launches):
     counts = {}
-    for E in (4, 64):
+    for E in (4, 32):
         g = torch.Generator().manual_seed(E)
         x = torch.randn(300, 128, generator=g, requires_grad=True)
         w = (torch.randn(E, 128, 96, generator=g) * 0.05).requires_grad_()
-        c = torch.bincount(torch.randint(0, E, (300,), generator=g), minlength=E)     # ragged, some empty at E=64
+        c = torch.bincount(torch.randint(0, E, (300,), generator=g), minlength=E)     # ragged, some empty at E=32
         dy, w_fp8 = torch.randn(300, 96, generator=g), quantized_experts({}, w, False)
         run = (lambda x=x, w=w, c=c, w_fp8=w_fp8, dy=dy:
                fp8_grouped_mm(x, w, c, kernel="triton", w_fp8=w_fp8).backward(dy))
         counts[E] = _ops_and_launches(run, launches)
     print(f"grouped FP8 GEMM fwd+bwd, triton: {counts} aten ops + launches (budget {GROUPED_BUDGET})")
-    assert counts[4] == counts[64] and 0 < counts[4] <= GROUPED_BUDGET
+    assert counts[4] == counts[32] and 0 < counts[4] <= GROUPED_BUDGET
 
 
 def test_whole_model_step_triton_equals_emulated_without_host_syncs():
