@@ -10,7 +10,10 @@ steps after the first two. Beside it the textbook fractions: 1F1B (P-1)/(M+P-1);
 bubble (PP/2 - 1)(F&B + B - 3W) with PP = 2P stages, F:B:W = 1:2:1 per chunk and no overlap (F&B = F + B):
 (P-1)(F&B + B - 3W) = 2(P-1) chunk-forwards against a rank's 6M of work. With --ep-link, pp=2 x ep=2 (4 ranks)
 for 1f1b and dualpipev with its pairs run in turn and overlapped, each with and without the emulated EP link
-(parallel.link_bandwidth_gbps): the exposed all-to-all share of a step is (T_link - T_no_link) / T_link. The
+(parallel.link_bandwidth_gbps): the exposed all-to-all share of a step as (T_link - T_no_link) / T_link, and as
+measured inside each run (``pp_exposed_a2a_fraction``, parallel/exposure.py: the share of the schedule's time in
+which every chunk a rank was running waited on an all-to-all; ``pp_exposed_link_fraction``: on the link's
+transfer time itself, not a slow peer), which stays meaningful when ranks share cores. The
 boundary bytes are counted by the run (``pp_sent_bytes``); the 16B preset's are computed from its config.
 Ranks beyond the cores share them: P=4 on a 2-core machine measures time-slicing as well as the schedule.
 """
@@ -39,8 +42,10 @@ def run(root: Path, corpus: Path, name: str, ranks: int, args: argparse.Namespac
 def summary(records: list[dict]) -> dict:
     idle = [statistics.median(r["pp_idle_fraction"][i] for r in records)
             for i in range(len(records[0]["pp_idle_fraction"]))]
+    med = lambda key: [statistics.median(r[key][i] for r in records) for i in range(len(idle))]   # noqa: E731
     return {"idle": idle, "step_s": statistics.median(max(r["pp_schedule_s"]) for r in records),
-            "sent": records[-1]["pp_sent_bytes"]}
+            "sent": records[-1]["pp_sent_bytes"], "exposed": med("pp_exposed_a2a_fraction"),
+            "exposed_link": med("pp_exposed_link_fraction")}
 
 
 def formulas(P: int, M: int) -> dict:
@@ -95,9 +100,15 @@ def main() -> None:
                     times[link] = summary(run(root, corpus, f"ep_{len(out['overlap'])}_{link}", 4, args, extra))
                 slow, fast = times[args.ep_link]["step_s"], times[None]["step_s"]
                 out["overlap"][label] = {"step_s_link": slow, "step_s_no_link": fast,
-                                         "exposed_fraction": (slow - fast) / slow}
+                                         "exposed_fraction": (slow - fast) / slow,
+                                         "exposed_in_run_link": times[args.ep_link]["exposed"],
+                                         "exposed_in_run_no_link": times[None]["exposed"],
+                                         "exposed_link_time": times[args.ep_link]["exposed_link"]}
                 print(f"pp=2 ep=2 {label:28s}: step {slow:.3f} s with the {args.ep_link} Gbit/s link, {fast:.3f} s "
-                      f"without; exposed all-to-all {(slow - fast) / slow:.3f} of the step", flush=True)
+                      f"without; (T_link - T_no_link) / T_link {(slow - fast) / slow:.3f}; exposed in the run by rank: "
+                      f"{[round(x, 3) for x in times[args.ep_link]['exposed']]} with the link, "
+                      f"{[round(x, 3) for x in times[None]['exposed']]} without; of it on the link itself "
+                      f"{[round(x, 3) for x in times[args.ep_link]['exposed_link']]}", flush=True)
     out["bytes_16b"] = bytes_16b(args.accum)
     b = out["bytes_16b"]
     print(f"16B preset, pp=2, {args.accum} micro-batches of 1 x 4096: a boundary carries "

@@ -8,6 +8,7 @@ meantime: exactly what lets overlap show on one machine. Off by default (bandwid
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ class EmulatedLink:
         self.bytes_per_s = None if bandwidth_gbps is None else bandwidth_gbps * 1e9 / 8
         self.latency_s = latency_us * 1e-6
         self.free_at = 0.0
+        self._lock = threading.Lock()   # DualPipeV's overlapped pairs book transfers from two threads
 
     @property
     def enabled(self) -> bool:
@@ -31,9 +33,10 @@ class EmulatedLink:
         """Book a transfer of nbytes issued now; return the time it may complete."""
         if not self.enabled:
             return 0.0
-        start = max(time.perf_counter(), self.free_at)
-        self.free_at = start + self.latency_s + nbytes / self.bytes_per_s
-        return self.free_at
+        with self._lock:
+            start = max(time.perf_counter(), self.free_at)
+            self.free_at = start + self.latency_s + nbytes / self.bytes_per_s
+            return self.free_at
 
     @staticmethod
     def wait_until(t: float) -> None:

@@ -194,3 +194,30 @@ def test_checkpoints_resume_across_pipeline_layouts_and_export(reference, pp2, t
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_an_overlapped_pair_runs_the_weight_gradients_after_both_sides():
+    """parallel/pipeline/overlap.py: the forward (helper thread) and the backward's input gradients run
+    together, the backward's deferred weight gradients only after both have finished; an error on the
+    forward's thread is raised on the schedule's thread, and the weight part is then not run."""
+    import threading
+    from types import SimpleNamespace
+
+    from parallel.pipeline.overlap import overlapped_pair
+
+    events, both_running = [], threading.Barrier(2, timeout=10)
+
+    def run_action(sub, ctx, defer_weight=False):  # noqa: ANN001, ANN202
+        both_running.wait()                      # deadlocks (then times out) unless the two sides run at once
+        if sub == "F" and ctx == "fail":
+            raise RuntimeError("forward failed")
+        events.append(sub)
+        return (lambda: events.append("W")) if sub == "B" and defer_weight else None
+
+    pair = overlapped_pair(run_action)
+    pair(SimpleNamespace(sub_actions=("F", "B")), "ok")
+    assert sorted(events[:2]) == ["B", "F"] and events[2:] == ["W"]
+    events.clear()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        pair(SimpleNamespace(sub_actions=("F", "B")), "fail")
+    assert events == ["B"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
 
     from model.moe import RoutedExperts
     from parallel.expert.placement import Layer
+    from parallel.exposure import ExposedWait
+
+
+def _blocked(owner: AllToAllDispatcher | None, kind: str) -> AbstractContextManager:
+    """The owner's exposure meter around a wait of ``kind`` (collective | link), if it has one."""
+    return owner.meter.blocked(kind) if owner is not None and owner.meter is not None else nullcontext()
 
 
 class _Transfer:
@@ -63,8 +70,10 @@ class _Transfer:
         if self.owner is not None and self.owner.on_sync is not None:
             self.owner.on_sync()                # parallel/unequal/clock.py: this rank's compute up to here
         t0 = time.perf_counter()
-        self.handle.wait()
-        self.link.wait_until(self.done_at)
+        with _blocked(self.owner, "collective"):
+            self.handle.wait()
+        with _blocked(self.owner, "link"):
+            self.link.wait_until(self.done_at)
         self.handle = None
         if self.owner is not None:
             self.owner.wait_s += time.perf_counter() - t0
@@ -173,6 +182,7 @@ class AllToAllDispatcher:
         self.stats: dict[str, int] = {}
         self.wait_s = 0.0              # seconds blocked in this layer's all-to-alls (parallel/unequal/clock.py)
         self.on_sync = None            # called before each blocking exchange (parallel/unequal/clock.py)
+        self.meter: ExposedWait | None = None   # parallel/exposure.py: waits no other chunk hides (pipeline)
         self._ranks_per_token = None   # node-limited routing check: most distinct ranks one token reached
 
     @property
@@ -209,8 +219,9 @@ class AllToAllDispatcher:
             if self.on_sync is not None:
                 self.on_sync()
             t0 = time.perf_counter()                                         # blocking: a slow peer shows here
-            dist.all_to_all_single(recv_counts, send_counts, [C * self.n_local] * self.ep,
-                                   [C * n for n in self.n_per_rank], group=self.group)
+            with _blocked(self, "collective"):
+                dist.all_to_all_single(recv_counts, send_counts, [C * self.n_local] * self.ep,
+                                       [C * n for n in self.n_per_rank], group=self.group)
             self.wait_s += time.perf_counter() - t0
             recv_counts = recv_counts.view(self.ep, C, self.n_local)
             # the layer's one host sync: every chunk's split sizes, sent (C, ep) and received (C, ep)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B
 
+from parallel.exposure import ExposedWait
 from parallel.pipeline.stages import StageModule
 
 SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B, "dualpipev": ScheduleDualPipeV}
@@ -62,6 +63,7 @@ class StageClock:
 
     def __init__(self, stages: list[Any], my_rank: int, boundary_bytes: int):
         self.busy_s, self.sent_bytes = 0.0, 0
+        self.exposed = ExposedWait()     # the chunks' expert-parallel waits that no other chunk hides
         self._active, self._since, self._lock = 0, 0.0, threading.Lock()   # overlapped chunks count once
         for st in stages:
             for name, step in (("forward_one_chunk", 1), ("backward_one_chunk", -1), ("backward_weight_one_chunk", 0)):
@@ -77,7 +79,8 @@ class StageClock:
                 if self._active == 1:
                     self._since = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                with self.exposed.chunk():
+                    return fn(*args, **kwargs)
             finally:
                 with self._lock:
                     self._active -= 1
@@ -87,10 +90,14 @@ class StageClock:
         return run
 
 
-def run_sub_action(action: Any, ctx: Any) -> None:
+def run_sub_action(action: Any, ctx: Any, defer_weight: bool = False) -> Callable[[], None] | None:
     """One FORWARD or FULL_BACKWARD sub-action of an OVERLAP_F_B pair, as torch's _PipelineScheduleRuntime runs
     it (torch 2.13, schedules.py: wait for the received input, compute, the loss on the last stage, the hand-over
-    to an adjacent stage on this rank at the V's turn); the sends are the schedule's own later actions."""
+    to an adjacent stage on this rank at the V's turn); the sends are the schedule's own later actions.
+    ``defer_weight``: a backward computes the input gradients only (every all-to-all of the backward is on
+    their path) and returns the weight-gradient part (local GEMMs, no communication) to be run later; the first
+    stage has no input gradient to split off (torch runs its whole backward in the weight part), so it runs in
+    full here. -> that deferred part, or None."""
     from torch.distributed.pipelining.schedules import FORWARD, _wait_batch_p2p
 
     sched = ctx.schedule_ref
@@ -104,12 +111,14 @@ def run_sub_action(action: Any, ctx: Any) -> None:
         sched._maybe_compute_loss(stage, output, ctx.target_mbs, mb, None)
         if i + 1 in stages:
             stages[i + 1].set_local_fwd_input(output, mb)
-        return
+        return None
     if not stage.is_last and i + 1 not in stages:
         _wait_batch_p2p(sched.bwd_recv_ops.pop((i, mb)))
     loss = sched._maybe_get_loss(stage, mb)
     sched.backward_counter[i] += 1
-    stage.backward_one_chunk(mb, loss=loss, full_backward=True,
-                             last_backward=sched.backward_counter[i] == sched._n_microbatches)
+    last = sched.backward_counter[i] == sched._n_microbatches
+    split = defer_weight and not stage.is_first
+    stage.backward_one_chunk(mb, loss=loss, full_backward=not split, last_backward=last)
     if i - 1 in stages:
         stages[i - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
+    return (lambda: stage.backward_weight_one_chunk(mb, last_backward=last)) if split else None

@@ -28,6 +28,7 @@ from parallel.balance import gather_counts, update_biases
 from parallel.collectives import agree_on_step
 from parallel.device import batch_to_device
 from parallel.engine import set_lr
+from parallel.expert.dispatcher import AllToAllDispatcher
 from parallel.metrics.record import StepStats
 from parallel.pipeline.overlap import overlapped_pair, own_ep_group
 from parallel.pipeline.plan import num_stages, rank_stages, split_layers
@@ -79,6 +80,9 @@ class Pipeline:
         depths, D = self.model.config.num_nextn_predict_layers, self.model.config.hidden_size
         boundary = (1 + depths) * t.micro_batch_size * self.cfg.data.seq_len * D * torch.finfo(dtype).bits // 8
         self.clock = StageClock(stages, self.groups.pipe_rank, boundary)
+        for m in self.model.modules():                   # expert-parallel waits report to the clock's meter
+            if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher):
+                m.dispatcher.meter = self.clock.exposed
         p = self.cfg.parallel
         self.overlap = p.pp_schedule == "dualpipev" and p.pp_overlap   # paired forward and backward at once
         if self.overlap:
@@ -123,16 +127,21 @@ class Pipeline:
 
     def fields(self, s: StepStats) -> dict:
         """Collective (metrics record): per rank, the seconds the schedule ran and the share of them it did not
-        compute (the bubble and the waits on neighbours), since the last record; bytes sent to other stages."""
-        t = torch.tensor([self._wall, self._busy, float(self.clock.sent_bytes)], dtype=torch.float64,
-                         device=self.device)
+        compute (the bubble and the waits on neighbours), since the last record; bytes sent to other stages; the
+        share in which every chunk it was running waited on an expert-parallel exchange (0 without EP), and in
+        which every one waited on the (emulated) link's transfer time."""
+        t = torch.tensor([self._wall, self._busy, float(self.clock.sent_bytes), *self.clock.exposed.take()],
+                         dtype=torch.float64, device=self.device)
         parts = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t)
         self._wall = self._busy = 0.0
         self.clock.sent_bytes = 0
         return {"pp_schedule_s": [round(float(p[0]), 6) for p in parts],
                 "pp_idle_fraction": [round(1 - float(p[1]) / max(float(p[0]), 1e-12), 6) for p in parts],
-                "pp_sent_bytes": [int(p[2]) for p in parts]}
+                "pp_sent_bytes": [int(p[2]) for p in parts],
+                # parallel/exposure.py: the share of the schedule's time every running chunk waited on an all-to-all
+                "pp_exposed_a2a_fraction": [round(float(p[3]) / max(float(p[0]), 1e-12), 6) for p in parts],
+                "pp_exposed_link_fraction": [round(float(p[4]) / max(float(p[0]), 1e-12), 6) for p in parts]}
 
     def train_step(self, trainer: Any, step: int) -> StepStats:
         """train.py's Trainer.train_step under parallel.pp (same record, same order of collectives per rank)."""
