@@ -59,6 +59,7 @@ from parallel.metrics.record import Metrics, StepStats
 from parallel.metrics.traffic import TrafficFields
 from parallel.multisite.groups import build_sites, check_sites, site_losses
 from parallel.multisite.outer import OuterSync, check_outer_resume
+from parallel.pipeline.evaluate import evaluation_for
 from parallel.pipeline.plan import check_pipeline, data_position
 from parallel.state import checkpoint
 from parallel.state.registry import RunState
@@ -329,7 +330,7 @@ def start_metrics(cfg: Config, trainer: Trainer, built: Built, sampler: ShardedS
         "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
         "params": sum(p.numel() for p in built.model.parameters()), **run_info})
     metrics = Metrics(monitor, peak, tokens_per_step, flops_per_token, t.max_steps, device)
-    evaluation = Evaluation(trainer.engine, val_rows, cfg, rank, world, device)
+    evaluation = evaluation_for(trainer.pipeline, trainer.engine, val_rows, cfg, rank, world, device)
     load, engine = trainer.expert_load, trainer.engine
     metrics.add_fields(lambda s: {"expert_load_imbalance": imbalance(s.counts), "bias_gamma": s.gamma,
                                   "epoch": sampler.epoch, "skipped_steps": int(engine.skipped_steps)})

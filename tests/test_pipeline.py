@@ -22,8 +22,8 @@ from parallel.state import checkpoint
 from tests.train_helpers import ROOT, clean_env, make_corpus, metrics, run_args, spawn_ranks, train
 
 STEPS, SAVED = 10, 5
-COMMON = ["model.num_hidden_layers=4", f"train.max_steps={STEPS}", "train.eval_batches=0", "train.micro_batch_size=1",
-          "train.keep_last=5", "train.grad_clip=0.5"]
+COMMON = ["model.num_hidden_layers=4", f"train.max_steps={STEPS}", "train.eval_batches=3", f"train.eval_every={SAVED}",
+          "train.micro_batch_size=1", "train.keep_last=5", "train.grad_clip=0.5"]
 KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm")
 
 
@@ -92,11 +92,16 @@ def _ckpt(out_dir, step: int):  # noqa: ANN202
     return out_dir / "checkpoints" / checkpoint.checkpoint_name(step)
 
 
-def _same_losses(ref: list[dict], got: list[dict], what: str) -> None:
+def _same_losses(ref: list[dict], got: list[dict], what: str, same_val_rows: bool = True) -> None:
+    """Every step's losses and norm; the validation loss (steps 5 and 10) where both runs evaluated the same
+    rows: one pipeline reads what one process reads, two pipelines each half of a global batch twice as big."""
     assert [r["step"] for r in got] == [r["step"] for r in ref], what
     for a, b in zip(ref, got):
         for key in KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-5), f"{what} step {a['step']} {key}"
+        assert ("val_loss" in a) == ("val_loss" in b) == (a["step"] % SAVED == 0), f"{what} step {a['step']}"
+        if "val_loss" in a and same_val_rows:
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5), f"{what} step {a['step']} val_loss"
 
 
 def _same_weights(a_dir, b_dir, what: str, exact_biases: bool = True) -> None:
@@ -119,8 +124,8 @@ def pp2(reference):
     return root / "pp2"
 
 
-def _check_run(root, name: str) -> None:
-    _same_losses(metrics(root / "one"), metrics(root / name), name)
+def _check_run(root, name: str, same_val_rows: bool = True) -> None:
+    _same_losses(metrics(root / "one"), metrics(root / name), name, same_val_rows)
     _same_weights(_ckpt(root / "one", STEPS), _ckpt(root / name, STEPS), name)
     rows = [r["expert_load"] for r in metrics(root / name)]
     assert rows == [r["expert_load"] for r in metrics(root / "one")]     # every stage's router counts, logged
@@ -144,7 +149,7 @@ def test_pipeline_equals_one_process(reference, ranks, layout):
     name = "pp_" + "_".join(x.split("=")[1] for x in layout if not x.startswith("train.activation"))
     name += "_ckpt" if "train.activation_checkpointing=true" in layout else ""
     spawn_ranks(ranks, run_args(root, corpus, name, COMMON + layout + [f"train.save_every={STEPS}"]))
-    _check_run(root, name)
+    _check_run(root, name, same_val_rows=ranks == 2)      # 4 ranks: two pipelines, a twice bigger eval batch
 
 
 @pytest.mark.slow

@@ -153,7 +153,6 @@ def _check_unsupported(cfg: Config) -> None:
              (zero not in (0, 1), f"deepspeed.zero_optimization.stage={zero} (the pipeline runs ZeRO 0 and 1)"),
              (t.dtype == "bf16" and zero == 0, "train.dtype=bf16 with deepspeed.zero_optimization.stage=0"),
              (offload_device(cfg.deepspeed) != "none", "deepspeed.zero_optimization.offload_optimizer"),
-             (t.eval_batches > 0, f"train.eval_batches={t.eval_batches} (set 0: no pipelined evaluation yet)"),
              (bool(getattr(cfg.data, "document_mask", False)), "data.document_mask"),
              # its split backward (input, then weight gradients) recomputes a checkpointed block twice, and
              # model/recompute.py's recompute context can be entered once

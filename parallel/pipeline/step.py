@@ -89,7 +89,7 @@ class Pipeline:
             if p.ep > 1:
                 own_ep_group(self.modules[1], p.ep, self.groups.size, p.pp)
             self.schedule.register_custom_function(OVERLAP_F_B, overlapped_pair(run_sub_action))
-        self.device = device
+        self.device, self.dtype = device, dtype
         self._wall = self._busy = 0.0
 
     def loss_fn(self, outputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
