@@ -26,6 +26,7 @@ import ctypes
 import json
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -218,12 +219,70 @@ def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
     return result
 
 
+def _stage_objects(sched) -> list:
+    return list(getattr(sched, "_stages", None) or [sched._stage])
+
+
+def _receive_infos(stages: list) -> tuple[list, list]:
+    """(the receive infos torch fills from another rank, those a stage of this rank hands over directly)."""
+    here = {st.stage_index for st in stages}
+    remote, local = [], []
+    for st in stages:
+        for infos, neighbour in ((st.args_recv_info, st.stage_index - 1), (st.grad_recv_info, st.stage_index + 1)):
+            for info in (i for t in infos.values() for i in t if not i.is_root_arg):
+                (local if neighbour in here else remote).append(info)
+    return remote, local
+
+
+def _storage_bytes(tensors: list) -> int:
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(seen.values())
+
+
+class PeakWatch:
+    """The heap in use at every moment a pipeline step can peak: after each forward chunk, after each loss, at the
+    start of each backward (full, input or weight half); with the chunks each stage holds then (torch's own
+    books: forwards waiting for their backward, input halves waiting for their weight half)."""
+
+    def __init__(self, sched, stages: list):
+        self.stages, self.moments = stages, []
+        for st in stages:
+            st.forward_one_chunk = self._after(st.forward_one_chunk, f"F{st.stage_index}")
+            st.backward_one_chunk = self._before(st.backward_one_chunk, f"B{st.stage_index}")
+            st.backward_weight_one_chunk = self._before(st.backward_weight_one_chunk, f"W{st.stage_index}")
+        sched._maybe_compute_loss = self._after(sched._maybe_compute_loss, "loss")
+
+    def sample(self, label: str, mb: object) -> None:
+        chunks = {st.stage_index: len(st.fwd_cache) + len(st.backward_state) for st in self.stages}
+        self.moments.append((heap_in_use(), f"{label}:{mb}", chunks))
+
+    def _after(self, fn, label: str):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            self.sample(label, a[3] if label == "loss" else a[0])
+            return out
+        return run
+
+    def _before(self, fn, label: str):
+        def run(*a, **k):
+            self.sample(label, a[0])
+            return fn(*a, **k)
+        return run
+
+
 def measure_pipeline(cfg, lay, device) -> dict:
-    """Under parallel.pp: this rank's state (as ``measure``) and, for the plain model, its activations at the
-    schedule's peak: the heap high-water mark after each forward chunk above the heap before the step (what
-    the micro-batches in flight keep for backward, with their received boundary tensors), the gradients
-    allocated beforehand. Use ZeRO-0 for the activations: ZeRO-1/2 allocate their reduce bucket during the
-    first backward of a step, inside the measured window."""
+    """Under parallel.pp: this rank's state (as ``measure``) and, for the plain model, its activations: the heap's
+    high-water mark over one step (sampled at every moment it can peak, ``PeakWatch``) above the heap before the
+    step, plus torch's receive buffers (allocated in the first step, kept: M per boundary that crosses ranks).
+    Before the measured step, the tensors the previous step left in the same-rank hand-overs of a V schedule
+    are dropped (torch replaces them before their next use; counted apart as ``left_over``), and the gradients
+    are allocated. Run DualPipeV's pairs as the run does (parallel.pp_overlap: two threads) and, if it
+    overlaps, once more in torch's order (``plain, pairs in turn``). Use ZeRO-0: ZeRO-1/2 allocate their
+    reduce bucket during the first backward of a step, inside the measured window."""
+    import gc
+
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
+
     from parallel.build import build_training
 
     built = build_training(cfg, device, lay.world, module_transforms=False)
@@ -237,37 +296,61 @@ def measure_pipeline(cfg, lay, device) -> dict:
 
     for _ in range(2):
         step()
-    result = {"state": peak_state(engine, step), "activations": {}}
+    result = {"state": peak_state(engine, step), "activations": {}, "pipeline": {}}
     sched = pipe.schedule
-    peak = [0]
-    for st in getattr(sched, "_stages", None) or [sched._stage]:
-        def watched(*a, _fn=st.forward_one_chunk, **k):
-            out = _fn(*a, **k)
-            peak[0] = max(peak[0], heap_in_use())
-            return out
-        st.forward_one_chunk = watched
-    for prm in engine.module.parameters():   # gradients accumulate in place: the heap grows by activations only
-        prm.grad = torch.zeros_like(prm)
-    with torch.backends.mkldnn.flags(enabled=False):
-        before = heap_in_use()
-        peak[0] = before
-        step()
-    result["activations"]["plain"] = peak[0] - before
+    stages = _stage_objects(sched)
+    watch = PeakWatch(sched, stages)
+    remote, local = _receive_infos(stages)
+    pair = getattr(sched, "_comp_type_to_function_map", {}).get(OVERLAP_F_B)
+    for name in ["plain"] + (["plain, pairs in turn"] if pair else []):
+        if name != "plain":
+            del sched._comp_type_to_function_map[OVERLAP_F_B]     # torch runs the pair's actions in turn
+        for prm in engine.module.parameters():   # accumulated in place: the heap grows by activations only
+            prm.grad = torch.zeros_like(prm)
+        gc.collect()
+        with torch.backends.mkldnn.flags(enabled=False):
+            left = heap_in_use()
+            for info in local:                     # last step's hand-overs (replaced before they are read)
+                info.buffer = None
+            gc.collect()
+            before = heap_in_use()
+            watch.moments.clear()
+            step()
+        peak, at, chunks = max(watch.moments, key=lambda m: m[0])
+        buffers = _storage_bytes([i.buffer for i in remote])
+        result["activations"][name] = peak - before + buffers
+        result["pipeline"][name] = {"in_flight": peak - before, "buffers": buffers, "left_over": left - before,
+                                    "peak_at": at, "chunks": chunks,
+                                    "moments": [(h - before, label, c) for h, label, c in watch.moments]}
+    if pair:
+        sched._comp_type_to_function_map[OVERLAP_F_B] = pair
     return result
 
 
-def pipeline_table(pl, measured: list[dict], lay) -> str:
-    """Per rank: its pipeline rank's planned state and in-flight activations beside the measurement (MiB)."""
+def pipeline_table(pl, measured: list[dict], lay, model_cfg) -> str:
+    """Per rank: its pipeline rank's planned state and activations beside the measurement (MiB), the receive
+    buffers (part of the activations) and the chunks each stage held at the measured peak against the plan's;
+    DualPipeV's pairs as configured and, when they overlap, in turn (planned with pp_overlap off)."""
+    from dataclasses import replace
+
+    from model.pipeline_plan import pipeline_ranks
+
+    in_turn = pipeline_ranks(model_cfg, replace(lay, pp_overlap=False))
     n = lay.world // lay.pp
     rows = [f"{'rank':>4s} {'pp rank':>7s} {'state plan':>10s} {'measured':>9s} {'m/p':>6s} "
-            f"{'act plan':>9s} {'measured':>9s} {'m/p':>6s}"]
+            f"{'act plan':>9s} {'measured':>9s} {'m/p':>6s} {'buffers p/m':>13s}  chunks plan / at the peak"]
     for r, m in enumerate(measured):
-        rp = pl.pipeline[r // n]
         state = sum(v for k, v in m["state"].items() if k in STATE and not k.endswith("_host"))
-        act = m["activations"]["plain"]
-        rows.append(f"{r:4d} {r // n:7d} {rp.state.device / 2**20:10.2f} {state / 2**20:9.2f} "
-                    f"{state / rp.state.device:6.3f} {rp.activations['plain'] / 2**20:9.2f} {act / 2**20:9.2f} "
-                    f"{act / rp.activations['plain']:6.3f}")
+        for name, act in m["activations"].items():
+            info, rp = m["pipeline"][name], (pl.pipeline if name == "plain" else in_turn)[r // n]
+            rows.append(f"{r:4d} {r // n:7d} {rp.state.device / 2**20:10.2f} {state / 2**20:9.2f} "
+                        f"{state / rp.state.device:6.3f} {rp.activations['plain'] / 2**20:9.2f} {act / 2**20:9.2f} "
+                        f"{act / rp.activations['plain']:6.3f} "
+                        f"{rp.buffers / 2**20:6.2f}/{info['buffers'] / 2**20:<6.2f}"
+                        f"  {rp.in_flight} / {info['chunks']} at {info['peak_at']}"
+                        + (f"; {name}" if name != "plain" else "")
+                        + (f"; left over from the last step {info['left_over'] / 2**20:.2f}" if info["left_over"]
+                           else ""))
     return "\n".join(rows)
 
 
@@ -301,6 +384,7 @@ def main(argv=None) -> int:
     cfg0 = load_config(args.config, args.overrides)
     lay = parse_plan(args.plan, cfg0)
     cfg = load_config(args.config, list(args.overrides) + layout_overrides(lay))
+    lay = replace(lay, pp_overlap=cfg.parallel.pp_overlap)
     if int(os.environ.get("WORLD_SIZE", 1)) != lay.world:
         raise ValueError(f"--plan world={lay.world}, but this run has {os.environ.get('WORLD_SIZE', 1)} "
                          "process(es): start it with deepspeed --num_gpus WORLD")
@@ -319,7 +403,7 @@ def main(argv=None) -> int:
         pl = plan(cfg.model, lay)
         print(f"{args.config or 'configs/tiny.yaml'} {' '.join(args.overrides)}\n--plan {args.plan}: "
               f"{pl.params.total / 1e6:.2f}M parameters, device {device}, torch {torch.__version__}")
-        print(pipeline_table(pl, every, lay) if lay.pp > 1 else table(pl, every, lay, cfg))
+        print(pipeline_table(pl, every, lay, cfg.model) if lay.pp > 1 else table(pl, every, lay, cfg))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"plan": pl.as_dict(), "measured": every, "GiB": GiB}, f, indent=1)

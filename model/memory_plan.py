@@ -108,6 +108,7 @@ class Layout:
     micro_batches: int = 1
     pp_split: tuple = ()
     pp_rank_stages: tuple = ()
+    pp_overlap: bool = True                 # parallel.pp_overlap: DualPipeV's pairs split their backward
 
     def experts_here(self, n_routed: int) -> int:
         return self.rank_experts or n_routed // self.ep
@@ -266,10 +267,10 @@ def _attention(s: _Saved, c: ModelConfig, p: str, x: str) -> None:
     s.linear(f"{p}.o_proj", f"{p}.attn.o_in", H * dv)
 
 
-def _swiglu(s: _Saved, p: str, x: str, hidden: int) -> None:
-    """MLP (dense FFN or shared experts): gate, silu(gate), up, their product (the down input)."""
-    s.linear(f"{p}.gate_proj", x, hidden)
-    s.linear(f"{p}.up_proj", x, hidden)
+def _swiglu(s: _Saved, p: str, x: str, hidden: int, width: int) -> None:
+    """MLP (dense FFN or shared experts) on the ``width``-wide x: x, gate, silu(gate), up, their product."""
+    s.linear(f"{p}.gate_proj", x, width)
+    s.linear(f"{p}.up_proj", x, width)
     for t in ("gate", "silu", "up"):
         s.keep(f"{p}.{t}", hidden)
     s.linear(f"{p}.down_proj", f"{p}.prod", hidden)
@@ -286,7 +287,7 @@ def _moe(s: _Saved, c: ModelConfig, p: str, x: str, ep: int, copies: float = 1.0
     if c.aux_loss_alpha > 0:
         s.keep(f"{p}.balance.sum", 1, 4)
     if c.n_shared_experts:
-        _swiglu(s, f"{p}.shared", x, F * c.n_shared_experts)
+        _swiglu(s, f"{p}.shared", x, F * c.n_shared_experts, D)
     # routed copies (K per token; Kx on the rank's experts): expert input, gate/up output, silu, product
     Kx = K * copies
     s.linear(f"{p}.experts.w1", f"{p}.experts.x", Kx * D)
@@ -313,7 +314,7 @@ def _block(s: _Saved, c: ModelConfig, p: str, x: str, moe: bool, ep: int, copies
     if moe:
         _moe(s, c, f"{p}.moe", h, ep, copies)
     else:
-        _swiglu(s, f"{p}.mlp", h, c.intermediate_size)
+        _swiglu(s, f"{p}.mlp", h, c.intermediate_size, c.hidden_size)
 
 
 def _outside_blocks(s: _Saved, c: ModelConfig) -> None:
@@ -363,6 +364,21 @@ def _block_constant(c: ModelConfig, moe: bool, lay: Layout, fp8: bool) -> float:
     return out
 
 
+def weight_grad_inputs(c: ModelConfig, moe: bool, a: int, copies: float = 1.0) -> float:
+    """Bytes per token a split backward's input half keeps for its weight half, one block (pipeline schedules
+    with zero-bubble steps: torch.distributed.pipelining's stage_backward_input keeps the gradient arriving at
+    every op that reads a weight): each weight GEMM's output gradient, each RMSNorm's, the router's in fp32."""
+    D, H, F, K = c.hidden_size, c.num_attention_heads, c.moe_intermediate_size, c.num_experts_per_tok
+    q = H * c.qk_head_dim + (c.q_lora_rank or 0)                       # q_proj, or q_a and q_b
+    attn = q + c.kv_lora_rank + c.qk_rope_head_dim + H * (c.qk_nope_head_dim + c.v_head_dim) + D
+    norms = 2 * D + (c.q_lora_rank or 0) + c.kv_lora_rank             # ln1, ln2, q_ln, kv_ln
+    if not moe:
+        return (attn + norms + 2 * c.intermediate_size + D) * a
+    shared = 2 * F * c.n_shared_experts + D if c.n_shared_experts else 0
+    routed = K * copies * (2 * F + D)                                   # w1 (gate and up) and w2 per copy
+    return (attn + norms + shared + routed) * a + 4 * c.n_routed_experts
+
+
 @dataclass
 class ActivationPlan:
     tokens: int
@@ -371,6 +387,9 @@ class ActivationPlan:
     outside_per_token: float               # embedding ids, final norms, MTP glue, loss dh
     outside_constant: float                # the head's dW per head call, RoPE cos/sin
     block_input: int                       # bytes per token a checkpointed block keeps (its input)
+    # a split backward's input half (pipelines): what it keeps for the weight half, per token
+    blocks_weight_grads: list[float] = field(default_factory=list)
+    outside_weight_grads: float = 0.0      # final norm; per MTP depth its three norms and eh_proj
 
     @property
     def saved(self) -> int:
@@ -404,7 +423,9 @@ def activation_plan(c: ModelConfig, lay: Layout, fp8: bool = False) -> Activatio
         outside_per_token=outside.total(),
         # the chunked loss's dW (V, D) per head call; RoPE cos/sin (S, dr/2) each
         outside_constant=(heads * c.vocab_size * c.hidden_size + lay.seq * c.qk_rope_head_dim) * lay.w,
-        block_input=c.hidden_size * lay.w)
+        block_input=c.hidden_size * lay.w,
+        blocks_weight_grads=[weight_grad_inputs(c, moe, lay.w, lay.rank_copies) for moe in moes],
+        outside_weight_grads=(1 + 4 * c.num_nextn_predict_layers) * c.hidden_size * lay.w)
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -7,26 +7,43 @@ split, the one the trainer uses), the embedding on stage 0, the final norm, outp
 the last stage. Its state is model/memory_plan.py's ``state_plan`` over those parameters with world n
 (dense state partitioned over the stage's ranks, experts over the stage's expert-data-parallel group).
 
-Activations: a stage keeps the saved tensors of every micro-batch it has run forward but not yet backward.
-Peak micro-batches in flight (the schedules' warm-up, before the steady one-forward-one-backward phase):
-  1f1b         stage r (rank r): min(M, P - r)                         (the first stage keeps P)
-  interleaved  rank r, two looped stages r, r + P: Megatron's warm-up count + 1,
-               min(2M, 2 (P - r - 1) + P + 1) chunks, the earlier stage holding the larger half
-  dualpipev    rank r runs stages r and 2P-1-r: min(M, 2P - r - 1) of the first (its warm-up F0 steps plus
-               the F0F1 pairs), min(M, r + 1) of the second (torch's ScheduleDualPipeV steps 1-2)
-A stage's saved set per micro-batch is its blocks' (model/memory_plan.py, op by op) plus, on the last stage,
-everything outside the blocks (final norms, MTP glue, the loss's dh; the chunked loss's dW once); a
-stage other than the first also keeps what it received, (1 + MTP depths) x D per token. Under activation
-checkpointing a micro-batch in flight keeps its blocks' inputs, and the peak adds one block's full set.
+Activations: a stage keeps one chunk (the saved tensors of one micro-batch) from its forward to its backward.
+How many chunks of each stage a rank holds at once follows from the order in which its schedule runs the
+actions (``rank_order``: the same order as torch.distributed.pipelining's Schedule1F1B,
+ScheduleInterleaved1F1B and ScheduleDualPipeV, which tests/test_pipeline_plan.py checks action by action):
+  F   forward of (stage, micro-batch): its chunk is alive from here
+  B   full backward: the chunk is freed
+  I   input-gradient half of a backward (DualPipeV's zero-bubble steps): torch keeps the graph
+      (retain_graph) for the weight half, so the chunk stays alive until its W
+  W   weight-gradient half: the chunk is freed
+  (F, B) an overlapped pair (DualPipeV's OVERLAP_F_B): the forward's chunk exists before the backward's is
+      freed (torch runs the forward first; parallel/pipeline/overlap.py runs the two at once, so it can only
+      free sooner)
+The count only grows at a forward, so the rank's peak is the largest, over the moments after each forward,
+of the sum over its stages of chunks alive x bytes per chunk. For 1F1B that is min(M, P - r) chunks on rank
+r; for DualPipeV the V's middle ranks hold one chunk more than their warm-up count (the forward that opens
+the steady phase comes before the first backward).
+
+A stage's chunk: its blocks' saved tensors (model/memory_plan.py, op by op), the stage's outputs (torch's
+stage keeps them for the backward: (1 + MTP depths) x D per token), on the first stage the token ids, on the
+last stage everything outside the blocks (final norms, MTP glue, the loss's dh) and the chunked loss's dW per
+head call (each micro-batch's loss keeps its own until its backward). What a stage receives is not part of
+a chunk: torch's PipelineStage receives into M buffers per boundary allocated once (the first step) and
+kept: M x (1 + depths) x D per token for each stage input and each output gradient that crosses to another
+rank (``buffers``); a boundary between two stages of one rank passes the tensor itself.
+Under activation checkpointing a chunk keeps its blocks' inputs instead of their saved sets, and the peak
+adds the largest block's full set (the one being recomputed).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from model.config import ModelConfig
 from model.flops import _block
 from model.memory_plan import Layout, Params, StatePlan, activation_plan, params, state_plan
+
+Act = tuple[str, int, int]      # (kind F | B | I | W, stage, micro-batch)
+Step = tuple[Act, ...]          # one action, or an overlapped (forward, backward) pair
 
 
 @dataclass
@@ -36,19 +53,165 @@ class RankPlan:
     layers: list[int]
     params: Params
     state: StatePlan
-    in_flight: dict[int, int]      # stage -> micro-batches in flight at the peak
-    activations: dict[str, int]    # variant -> bytes
+    in_flight: dict[int, int]      # stage -> chunks (micro-batches) alive at the peak of the plain model
+    activations: dict[str, int]    # variant -> bytes (chunks in flight + receive buffers)
+    buffers: int = 0               # the receive buffers alone (bytes, in every variant)
 
 
-def in_flight(schedule: str, P: int, M: int, rank: int) -> dict[int, int]:
-    """Stage -> micro-batches whose activations rank ``rank`` holds at its peak (module docstring)."""
-    if schedule == "1f1b":
-        return {rank: min(M, P - rank)}
-    if schedule == "interleaved":
-        n = min(2 * M, 2 * (P - rank - 1) + P + 1)
-        return {rank: math.ceil(n / 2), rank + P: n // 2}
-    return {rank: min(M, 2 * P - rank - 1), 2 * P - 1 - rank: min(M, rank + 1)}
+# ----------------------------------------------------------------------------- the schedules' action orders
 
+def _one_f_one_b(P: int, M: int, r: int) -> list[Step]:
+    """Schedule1F1B on rank r (stage r): min(M, P - r) forwards, then backward and forward in turn."""
+    warm = min(M, P - r)
+    steps: list[Step] = [(("F", r, mb),) for mb in range(warm)]
+    for mb in range(M):
+        steps.append((("B", r, mb),))
+        if warm + mb < M:
+            steps.append((("F", r, warm + mb),))
+    return steps
+
+
+def _interleaved(P: int, M: int, r: int) -> list[Step]:
+    """ScheduleInterleaved1F1B on rank r (stages r, r + P), Megatron's depth-first order: micro-batches in
+    rounds of P per stage; (P + 2 (P - 1 - r)) warm-up forwards, then forward and backward in turn."""
+    rounds = max(1, M // P)
+    per_round = M // rounds
+    total = 2 * M                                     # chunks per rank (two stages), each forward and backward
+    warm = min(per_round + 2 * (P - 1 - r), total)
+    fwd = {r: 0, r + P: 0}
+    bwd = {r: 0, r + P: 0}
+    steps: list[Step] = []
+
+    def forward(op: int) -> None:
+        s = (op // per_round) % 2 * P + r
+        steps.append((("F", s, fwd[s]),))
+        fwd[s] += 1
+
+    def backward(op: int) -> None:
+        s = (1 - (op - warm) // per_round % 2) * P + r
+        steps.append((("B", s, bwd[s]),))
+        bwd[s] += 1
+
+    for op in range(warm):
+        forward(op)
+    for op in range(warm, total):
+        forward(op)
+        backward(op)
+    for op in range(total, total + warm):
+        backward(op)
+    return steps
+
+
+def _dualpipev(P: int, M: int, r: int) -> list[Step]:
+    """ScheduleDualPipeV on rank r, stages a = r (down the V) and b = 2P - 1 - r (back up), DualPipe's steps:
+    1 forwards of a to fill the pipe; 2 a and b forwards; 3 zero-bubble backward of b (I then W) and a forward
+    of b; 4 the steady phase, overlapped pairs (F a, B b) and (F b, B a) (on the last rank the first pair is
+    run as two actions); 5 B b then the pair (F b, B a); 6 backwards of b and a, switching to zero-bubble
+    halves midway; 7 a pending weight half and a backward of a; 8 the remaining weight halves."""
+    a, b = r, 2 * P - 1 - r
+    fwd = {a: 0, b: 0}
+    bwd = {a: 0, b: 0}
+    pending: list[tuple[int, int]] = []               # (stage, micro-batch) whose W is still to run
+    steps: list[Step] = []
+
+    def f(s: int) -> Act:
+        fwd[s] += 1
+        return ("F", s, fwd[s] - 1)
+
+    def back(s: int, half: bool = False) -> Act:
+        bwd[s] += 1
+        if half:
+            pending.append((s, bwd[s] - 1))
+        return ("I" if half else "B", s, bwd[s] - 1)
+
+    def weight() -> None:
+        if pending:
+            s, mb = pending.pop(0)
+            steps.append((("W", s, mb),))
+
+    steps += [(f(a),) for _ in range(2 * (P - r - 1))]                      # 1
+    for _ in range(r + 1):                                                   # 2
+        steps += [(f(a),), (f(b),)]
+    for _ in range(P - r - 1):                                               # 3
+        steps.append((back(b, half=True),))
+        weight()
+        steps.append((f(b),))
+    for i in range(M - 2 * P + r + 1):                                       # 4
+        if i == 0 and r == P - 1:
+            steps += [(f(a),), (back(b),)]
+        else:
+            steps.append((f(a), back(b)))
+        steps.append((f(b), back(a)))
+    for _ in range(P - r - 1):                                               # 5
+        steps.append((back(b),))
+        steps.append((f(b), back(a)))
+    half = False
+    for i in range(r + 1):                                                   # 6
+        half = half or (i == (r + 1) // 2 and r % 2 == 1)
+        steps.append((back(b, half),))
+        half = half or (i == (r + 1) // 2 and r % 2 == 0)
+        steps.append((back(a, half),))
+    for _ in range(P - r - 1):                                               # 7
+        weight()
+        steps.append((back(a, half),))
+    for _ in range(r + 1):                                                   # 8
+        weight()
+    return steps
+
+
+ORDERS = {"1f1b": _one_f_one_b, "interleaved": _interleaved, "dualpipev": _dualpipev}
+
+
+def rank_order(schedule: str, P: int, M: int, rank: int, overlap: bool = False) -> list[Step]:
+    """The compute actions pipeline rank ``rank`` runs in one step, in order (module docstring). ``overlap``
+    (parallel.pp_overlap, DualPipeV): parallel/pipeline/overlap.py runs a pair's forward beside the input half
+    of its backward, then the weight half (a backward of the first stage, which has no input gradient, whole)."""
+    steps = ORDERS[schedule](P, M, rank)
+    if not (overlap and schedule == "dualpipev"):
+        return steps
+    out: list[Step] = []
+    for step in steps:
+        if len(step) == 2 and step[1][1] != 0:
+            (_, s, mb) = step[1]
+            out += [(step[0], ("I", s, mb)), (("W", s, mb),)]
+        else:
+            out.append(step)
+    return out
+
+
+Moment = tuple[dict[int, int], dict[int, int]]   # stage -> chunks alive; stage -> of them, input halves done
+
+
+def live_chunks(order: list[Step]) -> list[Moment]:
+    """The chunks alive, and how many of them wait for their weight half, at every moment the bytes can peak:
+    after each forward and each input half (in a pair, after both, before the pair's backward frees)."""
+    alive: dict[int, int] = {}
+    halves: dict[int, int] = {}
+    moments = []
+    for step in order:
+        for kind, stage, _ in step:
+            alive.setdefault(stage, 0)
+            halves.setdefault(stage, 0)
+            alive[stage] += kind == "F"
+            halves[stage] += kind == "I"
+        if any(kind in "FI" for kind, _, _ in step):
+            moments.append((dict(alive), dict(halves)))
+        for kind, stage, _ in step:
+            alive[stage] -= kind in "BW"
+            halves[stage] -= kind == "W"
+    return moments
+
+
+def in_flight(schedule: str, P: int, M: int, rank: int, chunk_bytes: dict[int, float] | None = None,
+              overlap: bool = False) -> dict[int, int]:
+    """Stage -> chunks alive at the rank's peak: the moment with the most bytes (``chunk_bytes``: per chunk of
+    each stage; default 1, the most chunks); the earliest such moment."""
+    moments = live_chunks(rank_order(schedule, P, M, rank, overlap))
+    weight = chunk_bytes or {}
+    return max(moments, key=lambda m: sum(n * weight.get(s, 1.0) for s, n in m[0].items()))[0]
+
+
+# ----------------------------------------------------------------------------- parameters and bytes
 
 def stage_params(c: ModelConfig, split: list[list[int]], stages: list[int], ep: int) -> Params:
     """Params of the modules a rank's ``stages`` run (dense: replicated over the stage; experts: over ep)."""
@@ -72,21 +235,40 @@ def stage_params(c: ModelConfig, split: list[list[int]], stages: list[int], ep: 
                   router_bias=moe_layers * c.n_routed_experts)
 
 
-def _stage_activation(c: ModelConfig, lay: Layout, layers: list[int], first: bool, last: bool, count: int,
-                      fp8: bool) -> tuple[float, float, float]:
-    """-> (saved bytes of ``count`` micro-batches, the same checkpointed, the largest block's own set)."""
+def boundary_bytes(c: ModelConfig, lay: Layout) -> int:
+    """One micro-batch across a stage boundary: the hidden states and one embedding per MTP depth."""
+    return (1 + c.num_nextn_predict_layers) * lay.mbs * lay.seq * c.hidden_size * lay.w
+
+
+def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, last: bool, fp8: bool
+                 ) -> tuple[float, float, float, float]:
+    """One micro-batch of one stage -> (its chunk's bytes, the same checkpointed, the largest block's own set,
+    what its backward's input half adds until the weight half: the gradients it keeps for the weights and the
+    input gradients it hands back; nothing on the first stage, whose input half torch leaves to the weights)."""
     ap = activation_plan(c, lay, fp8)
-    T, a, D = ap.tokens, lay.w, c.hidden_size
-    L = c.num_hidden_layers
-    blocks = list(layers) + (list(range(L, L + c.num_nextn_predict_layers)) if last else [])
-    per = sum(T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks)
-    ckpt = T * ap.block_input * len(blocks)
-    outside = T * ap.outside_per_token if last else T * 8 if first else 0.0   # token ids on the first
-    received = 0.0 if first else T * (1 + c.num_nextn_predict_layers) * D * a
-    plain = count * (per + outside + received) + (ap.outside_constant if last else 0.0)
-    checkpointed = count * (ckpt + outside + received) + (ap.outside_constant if last else 0.0)
-    largest = max((T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks), default=0.0)
-    return plain, checkpointed, largest
+    T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
+    blocks = list(layers) + (list(range(L, L + depths)) if last else [])
+    sets = [T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks]
+    glue = boundary_bytes(c, lay)                                  # the outputs the stage keeps
+    glue += T * 8 * (1 + depths) if first else 0.0                 # token ids and the MTP depths' next tokens
+    glue += T * ap.outside_per_token + ap.outside_constant if last else 0.0
+    half = 0.0 if first else T * (sum(ap.blocks_weight_grads[i] for i in blocks)
+                                  + (ap.outside_weight_grads if last else 0.0)) + boundary_bytes(c, lay)
+    return sum(sets) + glue, T * ap.block_input * len(blocks) + glue, max(sets, default=0.0), half
+
+
+def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: int) -> int:
+    """Bytes of torch's receive buffers on a rank: M per stage input and per output gradient that comes from
+    another rank (the stage-to-rank map in ``lay``)."""
+    owner = {s: r for r, ss in enumerate(lay.pp_rank_stages) for s in ss}
+    ends = sum((s > 0 and owner[s - 1] != owner[s]) + (s < n_stages - 1 and owner[s + 1] != owner[s])
+               for s in stages)
+    return ends * lay.micro_batches * boundary_bytes(c, lay)
+
+
+def _held(m: Moment, chunk: dict[int, tuple[float, ...]], kind: int) -> float:
+    """Bytes of the chunks alive at moment ``m`` (kind 0: saved sets; 1: checkpointed) and of the input halves."""
+    return sum(n * chunk[s][kind] + m[1].get(s, 0) * chunk[s][3] for s, n in m[0].items())
 
 
 def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) -> RankPlan:
@@ -94,19 +276,22 @@ def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) ->
     the split and the stage-to-rank map as parallel/layout.py's parse_plan put them in the layout)."""
     n_stages = len(split)
     stages = list(lay.pp_rank_stages[rank])          # parallel/layout.py: the trainer's stage-to-rank map
-    flight = in_flight(lay.pp_schedule, lay.pp, lay.micro_batches, rank)
     pr = stage_params(c, split, stages, lay.ep)
     stage_lay = replace(lay, world=lay.world // lay.pp)
-    acts = {}
+    moments = live_chunks(rank_order(lay.pp_schedule, lay.pp, lay.micro_batches, rank, lay.pp_overlap))
+    buffers = receive_buffers(c, lay, stages, n_stages)
+    acts, flight = {}, {}
     for variant, fp8 in (("plain", False), ("fp8", True)):
-        plain = ckpt = largest = 0.0
-        for s in stages:
-            p_, c_, l_ = _stage_activation(c, stage_lay, split[s], s == 0, s == n_stages - 1, flight[s], fp8)
-            plain, ckpt, largest = plain + p_, ckpt + c_, max(largest, l_)
-        acts[variant] = int(plain)
-        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(ckpt + largest)
+        chunk = {s: _stage_chunk(c, stage_lay, split[s], s == 0, s == n_stages - 1, fp8) for s in stages}
+        peak = max(moments, key=lambda m: _held(m, chunk, 0))
+        acts[variant] = int(_held(peak, chunk, 0) + buffers)
+        largest = max(chunk[s][2] for s in stages)
+        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(max(_held(m, chunk, 1) for m in moments)
+                                                                         + largest + buffers)
+        flight = flight or peak[0]
     return RankPlan(rank=rank, stages=stages, layers=[i for s in stages for i in split[s]], params=pr,
-                    state=state_plan(c, stage_lay, pr), in_flight=flight, activations=acts)
+                    state=state_plan(c, stage_lay, pr), in_flight={s: flight.get(s, 0) for s in stages},
+                    activations=acts, buffers=buffers)
 
 
 def pipeline_ranks(c: ModelConfig, lay: Layout) -> list[RankPlan]:

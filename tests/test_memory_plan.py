@@ -60,6 +60,30 @@ def test_saved_activations_match_autograd(extra):
     assert saved_bytes(model, x) == pytest.approx(want, rel=0.01)
 
 
+def test_each_block_saves_what_the_plan_says():
+    """Block by block (a pipeline stage holds some blocks only): the dense block and a MoE block of the tiny
+    model. The whole-model sum above hid a dense FFN counted too wide and a shared expert too narrow."""
+    cfg = load_config(None, [])
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).train()
+    lay = parse_plan("world=1,mbs=2,seq=32", cfg)
+    per_token = activation_plan(cfg.model, lay).blocks_per_token
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for i in (0, 1):
+        seen.clear()
+        x = torch.randn(lay.mbs, lay.seq, cfg.model.hidden_size, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.layers[i](x, model.rotary(lay.seq, x.device, x.dtype))
+        assert sum(seen.values()) == pytest.approx(per_token[i] * lay.mbs * lay.seq, rel=0.01), i
+
+
 def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: int = 1, extra: tuple = (),
                    variants: tuple = ("plain", "checkpointed")) -> None:
     """One rank: build each layout's engine as train.py does and measure it (benchmarks/measure_memory.py);
