@@ -93,7 +93,7 @@ def build_training(cfg: Config, device: torch.device, dp_size: int, *, sites: Si
         kept = {id(m.dispatcher) for m in model.moe_layers()}
         built.dispatchers = [d for d in built.dispatchers if id(d) in kept]
     if init_from:
-        load_init_weights(model, init_from)               # every rank, its own expert slice
+        load_init_weights(model, init_from, stage_only=pipe is not None)   # every rank, its own experts and stages
     if module_transforms and cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if module_transforms and cfg.train.compile:

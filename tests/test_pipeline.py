@@ -92,16 +92,16 @@ def _ckpt(out_dir, step: int):  # noqa: ANN202
     return out_dir / "checkpoints" / checkpoint.checkpoint_name(step)
 
 
-def _same_losses(ref: list[dict], got: list[dict], what: str, same_val_rows: bool = True) -> None:
+def _same_losses(ref: list[dict], got: list[dict], what: str, same_val_rows: bool = True, rel: float = 1e-5) -> None:
     """Every step's losses and norm; the validation loss (steps 5 and 10) where both runs evaluated the same
     rows: one pipeline reads what one process reads, two pipelines each half of a global batch twice as big."""
     assert [r["step"] for r in got] == [r["step"] for r in ref], what
     for a, b in zip(ref, got):
         for key in KEYS:
-            assert b[key] == pytest.approx(a[key], rel=1e-5), f"{what} step {a['step']} {key}"
-        assert ("val_loss" in a) == ("val_loss" in b) == (a["step"] % SAVED == 0), f"{what} step {a['step']}"
+            assert b[key] == pytest.approx(a[key], rel=rel), f"{what} step {a['step']} {key}"
+        assert ("val_loss" in a) == ("val_loss" in b), f"{what} step {a['step']}"
         if "val_loss" in a and same_val_rows:
-            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5), f"{what} step {a['step']} val_loss"
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=rel), f"{what} step {a['step']} val_loss"
 
 
 def _same_weights(a_dir, b_dir, what: str, exact_biases: bool = True) -> None:
@@ -126,6 +126,7 @@ def pp2(reference):
 
 def _check_run(root, name: str, same_val_rows: bool = True) -> None:
     _same_losses(metrics(root / "one"), metrics(root / name), name, same_val_rows)
+    assert [r["step"] for r in metrics(root / name) if "val_loss" in r] == [SAVED, STEPS], name
     _same_weights(_ckpt(root / "one", STEPS), _ckpt(root / name, STEPS), name)
     rows = [r["expert_load"] for r in metrics(root / name)]
     assert rows == [r["expert_load"] for r in metrics(root / "one")]     # every stage's router counts, logged
@@ -226,3 +227,65 @@ def test_an_overlapped_pair_runs_the_weight_gradients_after_both_sides():
     with pytest.raises(RuntimeError, match="forward failed"):
         pair(SimpleNamespace(sub_actions=("F", "B")), "fail")
     assert events == ["B"]
+
+
+@pytest.mark.slow
+def test_init_from_and_fp8_under_a_pipeline(reference):
+    """train.init_from at pp=2 (each rank reads its own stages' tensors): one step at lr 1e-30 and bias speed 0
+    saves exactly the step-5 weights of the one-process run it started from. FP8 (every linear and the experts
+    emulated on the CPU) at pp=2 gives one process's FP8 losses and norm: within 1e-5 at step 1 (same weights),
+    2e-3 over 3 steps. ~30 s."""
+    root, corpus = reference
+    base = COMMON[:1] + COMMON[2:] + ["train.grad_accum=8"]
+    spawn_ranks(2, run_args(root, corpus, "pp2_init", base + [
+        "parallel.pp=2", "train.max_steps=1", "train.save_every=1", "train.lr=1e-30", "train.min_lr=0",
+        "train.warmup_steps=0", "train.bias_update_speed=0", f"train.init_from={_ckpt(root / 'one', SAVED)}"]))
+    start, saved = (weight_reader.read_weights(_ckpt(d, s)) for d, s in ((root / "one", SAVED), (root / "pp2_init", 1)))
+    assert list(saved) == list(start)
+    for k in start:
+        assert torch.equal(saved[k], start[k]), k
+    fp8 = ["train.max_steps=3", "fp8.enabled=true"]
+    train(run_args(root, corpus, "one_fp8", base + fp8))
+    spawn_ranks(2, run_args(root, corpus, "pp2_fp8", base + fp8 + ["parallel.pp=2"]))
+    one, pp = metrics(root / "one_fp8"), metrics(root / "pp2_fp8")
+    _same_losses(one[:1], pp[:1], "fp8")     # the same weights: the gradients' rounding differs, that is all
+    # after AdamW steps from gradients equal to rounding (a near-zero gradient's update may flip sign), some FP8
+    # elements round the other way (E4M3 steps of 2^-3 relative): measured 3e-5 (loss) and 7.5e-4 (norm) at step 3
+    _same_losses(one, pp, "fp8", rel=2e-3)
+    assert "fp8" in (root / "pp2_fp8" / "run.json").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_under_a_pipeline_saves_and_resumes_to_the_same_losses(reference, pp2, tmp_path):
+    """SIGTERM to the launcher's whole job at pp=2 (1F1B): both stages agree to stop after the current step,
+    save it and exit; resume=auto then gives the uninterrupted pp=2 run's losses at every step. ~40 s."""
+    import os
+    import signal
+    import time
+
+    from tests.test_reliability import _assert_no_orphans, _job_processes, _kill_leftovers, _start, _steps
+
+    root, corpus = reference
+    out = root / "pp2_term"
+    args = run_args(root, corpus, "pp2_term", COMMON + ["parallel.pp=2", "train.grad_accum=8",
+                                                        f"train.save_every={SAVED}"])
+    p = _start(2, args, tmp_path / "term.log", faults=f"sleep=1@1-{STEPS}")   # slow steps: time to signal
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").is_file() and metrics(out)) and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
+        deadline = time.time() + 60
+        while _job_processes(str(out)) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        _assert_no_orphans(str(out), grace=0)
+        _kill_leftovers(p)
+    log = (tmp_path / "term.log").read_text()
+    stopped = _steps(out)
+    assert len(stopped) == 1 and 1 <= stopped[0] < SAVED, log[-3000:]
+    assert f"stopped by SIGTERM at step {stopped[0]}" in log
+    spawn_ranks(2, args + ["train.resume=auto"])
+    resumed = {r["step"]: r for r in metrics(out)}      # later records of a step overwrite earlier ones
+    _same_losses(metrics(pp2), [resumed[s] for s in sorted(resumed)], "SIGTERM and resume at pp=2")

@@ -26,14 +26,15 @@ def check_init_compatible(saved: dict[str, Any], model_cfg: dict[str, Any], path
         raise ValueError(f"train.init_from={str(path)!r} does not fit the model: its weights have {diff}")
 
 
-def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_init_weights(model: torch.nn.Module, path: str | os.PathLike, stage_only: bool = False) -> None:
     """Load the weights of ``path`` (a directory from scripts/import_hf.py, or a training checkpoint)
     into a freshly built model, which may hold only its EP rank's experts (any ep works): each rank
     reads only what it holds, one tensor at a time (its experts' rows of the stacked tensors).
 
     Checks the stored model config against ``model.config`` first (ValueError naming the field).
     Call it on every rank after the model is built and sharded, before deepspeed.initialize.
-    Only weights are loaded: optimizer, step, sampler and RNG start fresh."""
+    Only weights are loaded: optimizer, step, sampler and RNG start fresh. ``stage_only``: the model holds its
+    pipeline stages' modules only (parallel.pp), so the other stages' tensors in ``path`` are not its own."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"train.init_from={str(path)!r}: directory does not exist")
@@ -47,7 +48,7 @@ def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     layouts = ownership.expert_layouts(model)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights.names()))
-    unexpected = sorted(set(weights.names()) - set(own))
+    unexpected = [] if stage_only else sorted(set(weights.names()) - set(own))   # the config was compared above
     if missing or unexpected:
         raise ValueError(f"train.init_from={str(path)!r}: weights do not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
