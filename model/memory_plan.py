@@ -38,7 +38,8 @@ State per rank (bytes):
            allocate one reduce bucket of reduce_bucket_size elements (default 5e8) in the gradient
            dtype every backward, two with overlap_comm; the all-gather after the step works in place
            (allgather_bucket_size allocates nothing with all_gather_into_tensor). ZeRO-0 all-reduces
-           in flattened buckets of at most allreduce_bucket_size (5e8) elements, transiently.
+           in flattened buckets of at most allreduce_bucket_size (5e8) elements (under EP the dense and
+           the expert gradients in separate ones), transiently.
   Buffers (router bias and token counts, RoPE frequencies) are a few KB and not counted.
 
 Activations: what autograd saves for backward, derived op by op from model/attention.py,
@@ -190,7 +191,7 @@ def state_plan(c: ModelConfig, lay: Layout, pr: Params | None = None) -> StatePl
     if lay.zero == 0:
         master = 4 * P if bf16 else 0
         grads = w * P + (4 * P if bf16 else 0)          # bf16: the FP16 optimizer's fp32 flat gradient
-        buffers = w * min(P, DEFAULT_BUCKET)             # all-reduce of flattened buckets, transient
+        buffers = w * min(max(pr.dense, local) if lay.ep > 1 else P, DEFAULT_BUCKET)
         return StatePlan(weights=w * P, grads=int(grads), master=int(master), moments=8 * P, buffers=int(buffers))
     bucket = lay.reduce_bucket * w * (2 if lay.overlap_comm else 1)
     if lay.offload:
