@@ -442,7 +442,9 @@ class Plan:
     pipeline: list = field(default_factory=list)   # parallel.pp > 1: every pipeline rank's plan (the largest above)
 
     def device_total(self, variant: str) -> int:
-        return self.state.device + self.activations[variant]
+        """Under a pipeline, the largest rank's for this variant (not always the one above)."""
+        return max((r.state.device + r.activations[variant] for r in self.pipeline),
+                   default=self.state.device + self.activations[variant])
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -454,12 +456,8 @@ class Plan:
 def plan(c: ModelConfig, lay: Layout) -> Plan:
     """Every figure of the memory plan for one layout (bytes per rank; under a pipeline, the largest rank's)."""
     if lay.pp > 1:
-        from model.pipeline_plan import pipeline_ranks
-        ranks = pipeline_ranks(c, lay)
-        top = max(ranks, key=lambda r: r.state.device + r.activations["plain"])
-        total = checkpoint_bytes(c)
-        return Plan(layout=lay, params=top.params, state=top.state, activations=top.activations,
-                    checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world), pipeline=ranks)
+        from model.pipeline_plan import pipeline_plan
+        return pipeline_plan(c, lay)
     plain, f8 = activation_plan(c, lay), activation_plan(c, lay, fp8=True)
     acts = {"plain": plain.saved, "checkpointed": plain.peak_checkpointed,
             "fp8": f8.saved, "fp8+checkpointed": f8.peak_checkpointed}

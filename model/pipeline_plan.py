@@ -36,11 +36,12 @@ adds the largest block's full set (the one being recomputed).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from model.config import ModelConfig
 from model.flops import _block
-from model.memory_plan import Layout, Params, StatePlan, activation_plan, params, state_plan
+from model.memory_plan import Layout, Params, Plan, StatePlan, activation_plan, checkpoint_bytes, params, state_plan
 
 Act = tuple[str, int, int]      # (kind F | B | I | W, stage, micro-batch)
 Step = tuple[Act, ...]          # one action, or an overlapped (forward, backward) pair
@@ -297,3 +298,14 @@ def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) ->
 def pipeline_ranks(c: ModelConfig, lay: Layout) -> list[RankPlan]:
     split = [list(s) for s in lay.pp_split]
     return [rank_plan(c, lay, split, r) for r in range(lay.pp)]
+
+
+def pipeline_plan(c: ModelConfig, lay: Layout) -> Plan:
+    """model/memory_plan.py's Plan under a pipeline: every rank's; parameters and state of the rank with the
+    largest plain total, activations per variant of the rank largest for it (Plan.device_total: its total)."""
+    ranks = pipeline_ranks(c, lay)
+    top = max(ranks, key=lambda r: r.state.device + r.activations["plain"])
+    acts = {v: max(ranks, key=lambda r: r.state.device + r.activations[v]).activations[v] for v in top.activations}
+    total = checkpoint_bytes(c)
+    return Plan(layout=lay, params=top.params, state=top.state, activations=acts,
+                checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world), pipeline=ranks)

@@ -26,6 +26,8 @@ def test_every_parameter_is_on_one_pipeline_rank(schedule):
     # the plan is the largest rank's
     p = plan(cfg.model, lay)
     assert p.state.device + p.activations["plain"] == max(r.state.device + r.activations["plain"] for r in ranks)
+    for v in ("plain", "checkpointed", "fp8", "fp8+checkpointed"):      # what fits: the largest rank per variant
+        assert p.device_total(v) == max(r.state.device + r.activations[v] for r in ranks), v
 
 
 def _torch_order_1f1b(P: int, M: int, rank: int) -> list[tuple]:
