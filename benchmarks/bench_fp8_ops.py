@@ -158,7 +158,7 @@ def print_linear_ops(launches: Callable[[], int], M: int = 2048, K: int = 256, N
     for name, fn in (("fp32 F.linear", F.linear), ("fp8 emulated, weight copy reused", fp8("emulated")),
                      ("fp8 emulated, weight quantized", fp8("emulated", False)),
                      ("fp8 triton, weight copy reused", fp8("triton")),
-                     ("fp8 triton, weight quantized (torch)", fp8("triton", False))):
+                     ("fp8 triton, weight quantized", fp8("triton", False))):
         before = launches()
         ops, compute = linear_ops(fn, M, K, N)
         n = (launches() - before) // 2                       # warm + counted
