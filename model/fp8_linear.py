@@ -21,7 +21,8 @@ Kernels of the linear (chosen by model/fp8_probe.py):
 Grouped expert GEMMs (``fp8_grouped_mm``): all experts' weights quantized in one pass (and reused
 across micro-steps), then forward, dgrad and wgrad each ONE grouped GEMM, counts never read on the host:
   emulated   one torch._grouped_mm over the dequantized operands per GEMM (the CPU path).
-  triton     model/kernels/fp8_grouped.py: m-grouped (forward, dgrad) and k-grouped (wgrad), sm89/sm90.
+  triton     model/kernels/fp8_grouped.py: m-grouped (forward, dgrad) and k-grouped (wgrad), sm89/sm90,
+             fed by the fused quantizers of model/kernels/fp8_quant.py (one launch each).
 ``fp8_grouped_reference`` is the slow per-expert loop both are tested against.
 Which kernel runs where: model/fp8_probe.py.
 """

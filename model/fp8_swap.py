@@ -80,7 +80,7 @@ def _gemm_shapes(modules: dict[str, nn.Module]) -> tuple[set, set]:
 def apply_fp8(model: nn.Module, fp8_cfg: FP8Config) -> dict:
     """Swap eligible modules of ``model`` to FP8 in place; returns a report:
 
-    {"enabled": bool, "backend": requested, "kernel": the linear kernel (emulated|rowwise|blockwise),
+    {"enabled": bool, "backend": requested, "kernel": the linear kernel (emulated|rowwise|blockwise|triton),
      "kernels": {"linear": kernel, "experts": emulated|triton}, "reason": str naming each GEMM kind's
      kernel, "converted": [names], "skipped": {name: why}}
 
@@ -124,7 +124,7 @@ def apply_fp8(model: nn.Module, fp8_cfg: FP8Config) -> dict:
 
 def set_fp8_option(model: nn.Module, **opts: str | bool) -> None:
     """Set fp8_kernel / fp8_pow2 / cache_fp8 on every FP8 module (benchmarks and tests). A kernel goes
-    only to the modules that have it: rowwise/blockwise to FP8Linear, triton to FP8RoutedExperts."""
+    only to the modules that have it: rowwise/blockwise to FP8Linear, triton to both."""
     for k, v in opts.items():
         if k not in ("fp8_kernel", "fp8_pow2", "cache_fp8"):
             raise ValueError(f"unknown fp8 option {k}={v!r}")

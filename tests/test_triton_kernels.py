@@ -7,8 +7,10 @@ shapes (an empty expert, a one-row expert, rows and K not multiples of 128).
 - DeepSpeed 0.19.8's Triton grouped GEMM (fwd, dx, dw) vs the per-expert loop, in fp32 and fp16.
   bf16 is not tested here: the 3.9 interpreter returns garbage for bf16 operands (max error ~1e9),
   while fp16 and fp32 match.
-Quantisation stays in torch: Triton 3.9's interpreter rounds fp32 -> fp8 conversions wrongly (triton
-issue 8322), so the kernels only load fp8 (an exact upcast) and the tests feed them torch's FP8.
+The GEMM kernels only load fp8 (an exact upcast); these tests feed them torch's FP8. The fused Triton
+quantizers that feed them in training are checked bit for bit against torch's in
+tests/test_fp8_quant_kernels.py (they encode E4M3 with integer arithmetic: Triton 3.9's interpreter
+rounds fp32 -> fp8 conversions wrongly, triton issue 8322).
 Cost: about 15 s in all on 2 CPU cores (the interpreter runs every program in numpy).
 """
 from __future__ import annotations
