@@ -245,16 +245,38 @@ class PeakWatch:
     books: forwards waiting for their backward, input halves waiting for their weight half)."""
 
     def __init__(self, sched, stages: list):
-        self.stages, self.moments = stages, []
+        self.stages, self.moments, self.chunks = stages, [], {}
         for st in stages:
             st.forward_one_chunk = self._after(st.forward_one_chunk, f"F{st.stage_index}")
             st.backward_one_chunk = self._before(st.backward_one_chunk, f"B{st.stage_index}")
             st.backward_weight_one_chunk = self._before(st.backward_weight_one_chunk, f"W{st.stage_index}")
         sched._maybe_compute_loss = self._after(sched._maybe_compute_loss, "loss")
 
+    @contextlib.contextmanager
+    def polling(self, every_s: float = 2e-4):
+        """Also sample from a thread every ``every_s`` (labelled "poll", with the chunks of the last boundary
+        sample): a backward peaks inside itself (the loss's scaled dW, a checkpointed block's recompute)."""
+        import threading
+        import time
+
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                self.moments.append((heap_in_use(), "poll", self.chunks))
+                time.sleep(every_s)
+
+        worker = threading.Thread(target=poll, name="heap-poll", daemon=True)
+        worker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            worker.join()
+
     def sample(self, label: str, mb: object) -> None:
-        chunks = {st.stage_index: len(st.fwd_cache) + len(st.backward_state) for st in self.stages}
-        self.moments.append((heap_in_use(), f"{label}:{mb}", chunks))
+        self.chunks = {st.stage_index: len(st.fwd_cache) + len(st.backward_state) for st in self.stages}
+        self.moments.append((heap_in_use(), f"{label}:{mb}", self.chunks))
 
     def _after(self, fn, label: str):
         def run(*a, **k):
@@ -271,16 +293,15 @@ class PeakWatch:
 
 
 def measure_pipeline(cfg, lay, device) -> dict:
-    """Under parallel.pp: this rank's state (as ``measure``) and, for the plain model, its activations: the heap's
-    high-water mark over one step (sampled at every moment it can peak, ``PeakWatch``) above the heap before the
-    step, plus torch's receive buffers (allocated in the first step, kept: M per boundary that crosses ranks).
+    """Under parallel.pp: this rank's state (as ``measure``) and its activations: the heap's high-water mark over
+    one step (sampled at every chunk boundary and every 0.2 ms, ``PeakWatch``) above the heap before the step,
+    plus torch's receive buffers (allocated in the first step, kept: M per boundary that crosses ranks).
     Before the measured step, the tensors the previous step left in the same-rank hand-overs of a V schedule
     are dropped (torch replaces them before their next use; counted apart as ``left_over``), and the gradients
     are allocated. Run DualPipeV's pairs as the run does (parallel.pp_overlap: two threads) and, if it
-    overlaps, once more in torch's order (``plain, pairs in turn``). Use ZeRO-0: ZeRO-1/2 allocate their
-    reduce bucket during the first backward of a step, inside the measured window."""
-    import gc
-
+    overlaps, once more in torch's order (``plain, pairs in turn``); other schedules also with activation
+    checkpointing (the trainer refuses it under DualPipeV). Use ZeRO-0: ZeRO-1/2 allocate their reduce bucket
+    during the first backward of a step, inside the measured window."""
     from torch.distributed.pipelining.schedules import OVERLAP_F_B
 
     from parallel.build import build_training
@@ -297,34 +318,47 @@ def measure_pipeline(cfg, lay, device) -> dict:
     for _ in range(2):
         step()
     result = {"state": peak_state(engine, step), "activations": {}, "pipeline": {}}
-    sched = pipe.schedule
+    sched, model = pipe.schedule, built.model
     stages = _stage_objects(sched)
     watch = PeakWatch(sched, stages)
     remote, local = _receive_infos(stages)
     pair = getattr(sched, "_comp_type_to_function_map", {}).get(OVERLAP_F_B)
-    for name in ["plain"] + (["plain, pairs in turn"] if pair else []):
-        if name != "plain":
+    runs = ["plain"] + (["plain, pairs in turn"] if pair else [])
+    runs += ["checkpointed"] if lay.pp_schedule != "dualpipev" else []
+    for name in runs:
+        if name == "plain, pairs in turn":
             del sched._comp_type_to_function_map[OVERLAP_F_B]     # torch runs the pair's actions in turn
-        for prm in engine.module.parameters():   # accumulated in place: the heap grows by activations only
-            prm.grad = torch.zeros_like(prm)
-        gc.collect()
-        with torch.backends.mkldnn.flags(enabled=False):
-            left = heap_in_use()
-            for info in local:                     # last step's hand-overs (replaced before they are read)
-                info.buffer = None
-            gc.collect()
-            before = heap_in_use()
-            watch.moments.clear()
-            step()
-        peak, at, chunks = max(watch.moments, key=lambda m: m[0])
-        buffers = _storage_bytes([i.buffer for i in remote])
-        result["activations"][name] = peak - before + buffers
-        result["pipeline"][name] = {"in_flight": peak - before, "buffers": buffers, "left_over": left - before,
-                                    "peak_at": at, "chunks": chunks,
-                                    "moments": [(h - before, label, c) for h, label, c in watch.moments]}
+        with variant(model, name == "checkpointed", False):
+            if name == "checkpointed":
+                step()                                            # warm: the recompute wrappers
+            result["activations"][name], result["pipeline"][name] = _measured_step(engine, step, watch, remote,
+                                                                                    local)
     if pair:
         sched._comp_type_to_function_map[OVERLAP_F_B] = pair
     return result
+
+
+def _measured_step(engine, step, watch: PeakWatch, remote: list, local: list) -> tuple[int, dict]:
+    """One pipelined step from a clean start -> (activations: peak above the start + receive buffers, details)."""
+    import gc
+
+    for prm in engine.module.parameters():   # accumulated in place: the heap grows by activations only
+        prm.grad = torch.zeros_like(prm)
+    gc.collect()
+    with torch.backends.mkldnn.flags(enabled=False):
+        left = heap_in_use()
+        for info in local:                     # last step's hand-overs (replaced before they are read)
+            info.buffer = None
+        gc.collect()
+        before = heap_in_use()
+        watch.moments.clear()
+        with watch.polling():
+            step()
+    peak, at, chunks = max(watch.moments, key=lambda m: m[0])
+    buffers = _storage_bytes([i.buffer for i in remote])
+    return peak - before + buffers, {"in_flight": peak - before, "buffers": buffers, "left_over": left - before,
+                                     "peak_at": at, "chunks": chunks,
+                                     "moments": [(h - before, label, c) for h, label, c in watch.moments]}
 
 
 def pipeline_table(pl, measured: list[dict], lay, model_cfg) -> str:
@@ -342,10 +376,11 @@ def pipeline_table(pl, measured: list[dict], lay, model_cfg) -> str:
     for r, m in enumerate(measured):
         state = sum(v for k, v in m["state"].items() if k in STATE and not k.endswith("_host"))
         for name, act in m["activations"].items():
-            info, rp = m["pipeline"][name], (pl.pipeline if name == "plain" else in_turn)[r // n]
+            info, rp = m["pipeline"][name], (in_turn if name == "plain, pairs in turn" else pl.pipeline)[r // n]
+            want = rp.activations["checkpointed" if name == "checkpointed" else "plain"]
             rows.append(f"{r:4d} {r // n:7d} {rp.state.device / 2**20:10.2f} {state / 2**20:9.2f} "
-                        f"{state / rp.state.device:6.3f} {rp.activations['plain'] / 2**20:9.2f} {act / 2**20:9.2f} "
-                        f"{act / rp.activations['plain']:6.3f} "
+                        f"{state / rp.state.device:6.3f} {want / 2**20:9.2f} {act / 2**20:9.2f} "
+                        f"{act / want:6.3f} "
                         f"{rp.buffers / 2**20:6.2f}/{info['buffers'] / 2**20:<6.2f}"
                         f"  {rp.in_flight} / {info['chunks']} at {info['peak_at']}"
                         + (f"; {name}" if name != "plain" else "")

@@ -180,12 +180,14 @@ def rank_order(schedule: str, P: int, M: int, rank: int, overlap: bool = False) 
     return out
 
 
-Moment = tuple[dict[int, int], dict[int, int]]   # stage -> chunks alive; stage -> of them, input halves done
+# stage -> chunks alive; stage -> of them, input halves done; the backwards (B or I, stage) starting now
+Moment = tuple[dict[int, int], dict[int, int], tuple[tuple[str, int], ...]]
 
 
 def live_chunks(order: list[Step]) -> list[Moment]:
     """The chunks alive, and how many of them wait for their weight half, at every moment the bytes can peak:
-    after each forward and each input half (in a pair, after both, before the pair's backward frees)."""
+    after each forward and each input half, and as each backward starts (in a pair, after its forward and its
+    input half, before its backward frees)."""
     alive: dict[int, int] = {}
     halves: dict[int, int] = {}
     moments = []
@@ -195,8 +197,8 @@ def live_chunks(order: list[Step]) -> list[Moment]:
             halves.setdefault(stage, 0)
             alive[stage] += kind == "F"
             halves[stage] += kind == "I"
-        if any(kind in "FI" for kind, _, _ in step):
-            moments.append((dict(alive), dict(halves)))
+        if any(kind in "FIB" for kind, _, _ in step):
+            moments.append((dict(alive), dict(halves), tuple((kind, s) for kind, s, _ in step if kind in "BI")))
         for kind, stage, _ in step:
             alive[stage] -= kind in "BW"
             halves[stage] -= kind == "W"
@@ -242,10 +244,12 @@ def boundary_bytes(c: ModelConfig, lay: Layout) -> int:
 
 
 def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, last: bool, fp8: bool
-                 ) -> tuple[float, float, float, float]:
+                 ) -> tuple[float, ...]:
     """One micro-batch of one stage -> (its chunk's bytes, the same checkpointed, the largest block's own set,
     what its backward's input half adds until the weight half: the gradients it keeps for the weights and the
-    input gradients it hands back; nothing on the first stage, whose input half torch leaves to the weights)."""
+    input gradients it hands back (nothing on the first stage, whose input half torch leaves to the weights),
+    what its backward allocates first: on the last stage the chunked loss's scaled dh and dW per head call;
+    an input half, which needs no weight gradient, its dh only)."""
     ap = activation_plan(c, lay, fp8)
     T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
     blocks = list(layers) + (list(range(L, L + depths)) if last else [])
@@ -255,7 +259,9 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
     glue += T * ap.outside_per_token + ap.outside_constant if last else 0.0
     half = 0.0 if first else T * (sum(ap.blocks_weight_grads[i] for i in blocks)
                                   + (ap.outside_weight_grads if last else 0.0)) + boundary_bytes(c, lay)
-    return sum(sets) + glue, T * ap.block_input * len(blocks) + glue, max(sets, default=0.0), half
+    heads = (1 + depths) * c.hidden_size * lay.w if last else 0.0
+    return (sum(sets) + glue, T * ap.block_input * len(blocks) + glue, max(sets, default=0.0), half,
+            heads * (c.vocab_size + T), heads * T)
 
 
 def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: int) -> int:
@@ -268,8 +274,10 @@ def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: in
 
 
 def _held(m: Moment, chunk: dict[int, tuple[float, ...]], kind: int) -> float:
-    """Bytes of the chunks alive at moment ``m`` (kind 0: saved sets; 1: checkpointed) and of the input halves."""
-    return sum(n * chunk[s][kind] + m[1].get(s, 0) * chunk[s][3] for s, n in m[0].items())
+    """Bytes at moment ``m``: the chunks alive (kind 0: saved sets; 1: checkpointed), the input halves, and what
+    a backward starting then allocates first."""
+    return (sum(n * chunk[s][kind] + m[1].get(s, 0) * chunk[s][3] for s, n in m[0].items())
+            + max((chunk[s][4 if kind == "B" else 5] for kind, s in m[2]), default=0.0))
 
 
 def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) -> RankPlan:

@@ -106,7 +106,7 @@ def test_overlapped_pairs_keep_the_backward_chunk_and_its_input_half():
     assert overlapped[i + 1] == (("W", 3, 1),) and (("F", 3, 2), ("B", 0, 0)) in overlapped
     # at that pair: stage 0's fourth chunk beside stage 3's chunk, whose input half is done, its weights not
     moments = live_chunks(overlapped)
-    assert ({0: 4, 3: 1}, {0: 0, 3: 1}) in moments
+    assert ({0: 4, 3: 1}, {0: 0, 3: 1}, (("I", 3),)) in moments
     assert max(sum(m[1].values()) for m in live_chunks(plain)) == 1     # torch's own I3 W3 of step 3
 
 
