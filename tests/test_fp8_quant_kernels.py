@@ -243,3 +243,25 @@ def test_whole_model_step_triton_equals_emulated_without_host_syncs():
     print(f"tiny model step, {len(fp8_mods)} FP8 modules: loss triton {losses['triton']:.6f} emulated "
           f"{losses['emulated']:.6f}, all-grad rel err {total:.2e}")
     assert abs(losses["triton"] - losses["emulated"]) < 1e-5 * abs(losses["emulated"]) and total < 1e-4
+
+
+def test_probe_prefers_triton_linear_where_blockwise_is_missing(monkeypatch):
+    """The CUDA probe on a simulated sm89 (device name and capability patched, no F.scaled_mm): the linear
+    layers land on the Triton kernel, verified by really running it at every shape (here under the
+    interpreter on CPU tensors), before rowwise; on sm86 (no fp8 tensor cores) rowwise is next."""
+    import torch.nn.functional as F
+
+    from model import fp8_probe
+
+    cap = {"value": (8, 9)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "simulated GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap["value"])
+    monkeypatch.delattr(F, "scaled_mm", raising=False)
+    linear, experts = frozenset({(96, 136), (48, 256)}), frozenset({(128, 64), (64, 128)})
+    found = fp8_probe._resolve_cuda(torch.device("cpu"), linear, experts)
+    print(found)
+    assert found["linear"][0] == "triton" and found["experts"][0] == "triton"
+    assert "simulated GPU (sm_89)" in found["linear"][1] and "4 GEMM shapes" in found["linear"][1]
+    assert fp8_probe.describe(found).startswith("linear fwd/dgrad/wgrad=triton;")
+    cap["value"] = (8, 6)
+    assert fp8_probe._resolve_cuda(torch.device("cpu"), linear, frozenset())["linear"][0] == "rowwise"
