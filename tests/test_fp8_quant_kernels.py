@@ -12,7 +12,8 @@ TRITON_INTERPRET=1.
 - Op budgets (counts, not timings): an FP8 linear forward + backward on the triton path issues at most
   LINEAR_BUDGET aten ops + Triton launches (the emulated path: 105), a grouped FP8 GEMM at most
   GROUPED_BUDGET, the same for 4 and 32 experts.
-Cost: about 10 s on 2 CPU cores.
+Cost: 27-45 s on 2 CPU cores (load average 1-4), most of it the interpreter (the whole-model step, the
+grouped budget).
 """
 from __future__ import annotations
 
