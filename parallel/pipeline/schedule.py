@@ -52,7 +52,28 @@ def build_schedule(modules: list[StageModule], n_stages: int, schedule: str, mic
     cls = SCHEDULE_CLASSES[schedule]
     if schedule == "1f1b":
         return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False), stages
+    release_handovers(stages)
     return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False), stages
+
+
+def release_handovers(stages: list[PipelineStage]) -> None:
+    """At a V's turn (stages s and s + 1 on this rank) torch hands s's output to s + 1 and s + 1's input gradient
+    back to s through their receive records and keeps both there until the next step replaces them: up to M
+    boundary tensors each way. After s's backward of a micro-batch neither is read again (its input half keeps
+    its own references for the weight half): drop them then (benchmarks/results/pipeline.md, memory plan)."""
+    here = {st.stage_index: st for st in stages}
+    for st in stages:
+        if st.stage_index + 1 in here:
+            st.backward_one_chunk = _releasing(st.backward_one_chunk, st, here[st.stage_index + 1])
+
+
+def _releasing(backward: Callable, stage: PipelineStage, nxt: PipelineStage) -> Callable:
+    def run(mb: int, *args: Any, **kwargs: Any) -> Any:
+        out = backward(mb, *args, **kwargs)
+        for info in stage.grad_recv_info[mb] + nxt.args_recv_info[mb]:
+            info.buffer = None
+        return out
+    return run
 
 
 class StageClock:
