@@ -19,10 +19,12 @@ ScheduleInterleaved1F1B and ScheduleDualPipeV, which tests/test_pipeline_plan.py
   (F, B) an overlapped pair (DualPipeV's OVERLAP_F_B): the forward's chunk exists before the backward's is
       freed (torch runs the forward first; parallel/pipeline/overlap.py runs the two at once, so it can only
       free sooner)
-The count only grows at a forward, so the rank's peak is the largest, over the moments after each forward,
-of the sum over its stages of chunks alive x bytes per chunk. For 1F1B that is min(M, P - r) chunks on rank
-r; for DualPipeV the V's middle ranks hold one chunk more than their warm-up count (the forward that opens
-the steady phase comes before the first backward).
+The bytes grow at a forward, at an input half and as a backward starts (the last stage's backward first
+allocates the chunked loss's scaled dW and dh per head call, an input half its dh only), so the rank's peak
+is the largest, over those moments, of the sum over its stages of chunks alive x bytes per chunk, plus the
+input halves' gradients and the starting backward's allocation. For 1F1B that is min(M, P - r) chunks on
+rank r; for DualPipeV the V's middle ranks hold one chunk more than their warm-up count (the forward that
+opens the steady phase comes before the first backward).
 
 A stage's chunk: its blocks' saved tensors (model/memory_plan.py, op by op), the stage's outputs (torch's
 stage keeps them for the backward: (1 + MTP depths) x D per token), on the first stage the token ids, on the
