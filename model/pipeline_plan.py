@@ -199,8 +199,8 @@ def live_chunks(order: list[Step]) -> list[Moment]:
             halves.setdefault(stage, 0)
             alive[stage] += kind == "F"
             halves[stage] += kind == "I"
-        if any(kind in "FIB" for kind, _, _ in step):
-            moments.append((dict(alive), dict(halves), tuple((kind, s) for kind, s, _ in step if kind in "BI")))
+        if any(kind in "FIBW" for kind, _, _ in step):
+            moments.append((dict(alive), dict(halves), tuple((kind, s) for kind, s, _ in step if kind in "BIW")))
         for kind, stage, _ in step:
             alive[stage] -= kind in "BW"
             halves[stage] -= kind == "W"
@@ -250,8 +250,9 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
     """One micro-batch of one stage -> (its chunk's bytes, the same checkpointed, the largest block's own set,
     what its backward's input half adds until the weight half: the gradients it keeps for the weights and the
     input gradients it hands back (nothing on the first stage, whose input half torch leaves to the weights),
-    what its backward allocates first: on the last stage the chunked loss's scaled dh and dW per head call;
-    an input half, which needs no weight gradient, its dh only)."""
+    what a backward, an input half and a weight half allocate beyond it: on the last stage the chunked loss's
+    scaled dh and dW per head call first (an input half, which needs no weight gradient, the dh only), then
+    each weight's gradient, the largest the stage has)."""
     ap = activation_plan(c, lay, fp8)
     T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
     blocks = list(layers) + (list(range(L, L + depths)) if last else [])
@@ -262,8 +263,25 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
     half = 0.0 if first else T * (sum(ap.blocks_weight_grads[i] for i in blocks)
                                   + (ap.outside_weight_grads if last else 0.0)) + boundary_bytes(c, lay)
     heads = (1 + depths) * c.hidden_size * lay.w if last else 0.0
+    weight_grad = lay.w * _largest_weight(c, lay, blocks, first, last)
     return (sum(sets) + glue, T * ap.block_input * len(blocks) + glue, max(sets, default=0.0), half,
-            heads * (c.vocab_size + T), heads * T)
+            max(heads * (c.vocab_size + T), weight_grad), heads * T, weight_grad)
+
+
+def _largest_weight(c: ModelConfig, lay: Layout, blocks: list[int], first: bool, last: bool) -> int:
+    """Elements of the stage's largest weight: a backward computes each weight's gradient whole before adding
+    it into .grad (the routed experts' w1 of a grouped GEMM, the embedding's dense gradient, ...)."""
+    D, H, F = c.hidden_size, c.num_attention_heads, c.moe_intermediate_size
+    shapes = [(c.q_lora_rank or D) * H * c.qk_head_dim, D * (c.kv_lora_rank + c.qk_rope_head_dim),
+              c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim), H * c.v_head_dim * D]
+    moe = [c.is_moe_layer(i) if i < c.num_hidden_layers else c.n_routed_experts > 0 for i in blocks]
+    if not all(moe):
+        shapes.append(D * c.intermediate_size)
+    if any(moe):
+        shapes += [lay.experts_here(c.n_routed_experts) * D * 2 * F, D * F * max(1, c.n_shared_experts)]
+    if first or last:
+        shapes.append(c.vocab_size * D)
+    return max(shapes)
 
 
 def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: int) -> int:
@@ -277,9 +295,9 @@ def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: in
 
 def _held(m: Moment, chunk: dict[int, tuple[float, ...]], kind: int) -> float:
     """Bytes at moment ``m``: the chunks alive (kind 0: saved sets; 1: checkpointed), the input halves, and what
-    a backward starting then allocates first."""
+    a backward (B, I or W) running then allocates beyond them."""
     return (sum(n * chunk[s][kind] + m[1].get(s, 0) * chunk[s][3] for s, n in m[0].items())
-            + max((chunk[s][4 if kind == "B" else 5] for kind, s in m[2]), default=0.0))
+            + max((chunk[s]["BIW".index(kind) + 4] for kind, s in m[2]), default=0.0))
 
 
 def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) -> RankPlan:
