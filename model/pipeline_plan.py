@@ -33,13 +33,14 @@ head call (each micro-batch's loss keeps its own until its backward). What a sta
 a chunk: torch's PipelineStage receives into M buffers per boundary allocated once (the first step) and
 kept: M x (1 + depths) x D per token for each stage input and each output gradient that crosses to another
 rank (``buffers``); a boundary between two stages of one rank passes the tensor itself.
-Under activation checkpointing a chunk keeps its blocks' inputs instead of their saved sets, and the peak
-adds the largest block's full set (the one being recomputed).
+Under activation checkpointing a chunk keeps its blocks' inputs instead of their saved sets, and a backward
+adds the largest block's full set (the one being recomputed), the last stage's head side freed by then.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from model.config import ModelConfig
 from model.flops import _block
@@ -245,27 +246,35 @@ def boundary_bytes(c: ModelConfig, lay: Layout) -> int:
     return (1 + c.num_nextn_predict_layers) * lay.mbs * lay.seq * c.hidden_size * lay.w
 
 
-def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, last: bool, fp8: bool
-                 ) -> tuple[float, ...]:
-    """One micro-batch of one stage -> (its chunk's bytes, the same checkpointed, the largest block's own set,
-    what its backward's input half adds until the weight half: the gradients it keeps for the weights and the
-    input gradients it hands back (nothing on the first stage, whose input half torch leaves to the weights),
-    what a backward, an input half and a weight half allocate beyond it: on the last stage the chunked loss's
-    scaled dh and dW per head call first (an input half, which needs no weight gradient, the dh only), then
-    each weight's gradient, the largest the stage has)."""
+class Chunk(NamedTuple):
+    """One micro-batch of one stage, bytes."""
+    saved: float           # what it keeps from its forward to its backward
+    checkpointed: float    # the same with every block checkpointed (block inputs, what is outside the blocks)
+    largest_block: float   # the largest block's own saved set (a checkpointed block's recompute)
+    head_side: float       # the last stage's part outside the blocks, freed before its blocks' backward
+    half: float            # what an input half adds until its weight half: the gradients it keeps for the
+                           # weights, the input gradients it hands back (0 on the first stage: torch leaves its
+                           # input half to the weight half)
+    loss_grads: float      # the last stage's backward first: the chunked loss's scaled dW and dh per head call
+    loss_dh: float         # an input half's (it needs no weight gradient): the dh only
+    weight_grad: float     # each weight's gradient is computed whole before it is added into .grad: the largest
+
+
+def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, last: bool, fp8: bool) -> Chunk:
     ap = activation_plan(c, lay, fp8)
     T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
     blocks = list(layers) + (list(range(L, L + depths)) if last else [])
     sets = [T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks]
-    glue = boundary_bytes(c, lay)                                  # the outputs the stage keeps
+    head_side = T * ap.outside_per_token + ap.outside_constant if last else 0.0
+    glue = boundary_bytes(c, lay) + head_side                      # the outputs the stage keeps
     glue += T * 8 * (1 + depths) if first else 0.0                 # token ids and the MTP depths' next tokens
-    glue += T * ap.outside_per_token + ap.outside_constant if last else 0.0
     half = 0.0 if first else T * (sum(ap.blocks_weight_grads[i] for i in blocks)
                                   + (ap.outside_weight_grads if last else 0.0)) + boundary_bytes(c, lay)
     heads = (1 + depths) * c.hidden_size * lay.w if last else 0.0
-    weight_grad = lay.w * _largest_weight(c, lay, blocks, first, last)
-    return (sum(sets) + glue, T * ap.block_input * len(blocks) + glue, max(sets, default=0.0), half,
-            max(heads * (c.vocab_size + T), weight_grad), heads * T, weight_grad)
+    return Chunk(saved=sum(sets) + glue, checkpointed=T * ap.block_input * len(blocks) + glue,
+                 largest_block=max(sets, default=0.0), head_side=head_side, half=half,
+                 loss_grads=heads * (c.vocab_size + T), loss_dh=heads * T,
+                 weight_grad=lay.w * _largest_weight(c, lay, blocks, first, last))
 
 
 def _largest_weight(c: ModelConfig, lay: Layout, blocks: list[int], first: bool, last: bool) -> int:
@@ -293,11 +302,20 @@ def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: in
     return ends * lay.micro_batches * boundary_bytes(c, lay)
 
 
-def _held(m: Moment, chunk: dict[int, tuple[float, ...]], kind: int) -> float:
-    """Bytes at moment ``m``: the chunks alive (kind 0: saved sets; 1: checkpointed), the input halves, and what
-    a backward (B, I or W) running then allocates beyond them."""
-    return (sum(n * chunk[s][kind] + m[1].get(s, 0) * chunk[s][3] for s, n in m[0].items())
-            + max((chunk[s]["BIW".index(kind) + 4] for kind, s in m[2]), default=0.0))
+def _running(kind: str, ch: Chunk, checkpointed: bool) -> float:
+    """What a backward (B), input half (I) or weight half (W) of a chunk allocates while it runs. Checkpointed,
+    a backward also recomputes its blocks one at a time, the head side already freed."""
+    recompute = ch.largest_block - ch.head_side if checkpointed else 0.0
+    if kind == "B":
+        return max(ch.loss_grads, ch.weight_grad, recompute + ch.weight_grad)
+    return max(ch.loss_dh, recompute) if kind == "I" else ch.weight_grad
+
+
+def _held(m: Moment, chunk: dict[int, Chunk], checkpointed: bool = False) -> float:
+    """Bytes at moment ``m``: the chunks alive, the input halves, and what a backward running then allocates."""
+    alive = sum(n * (chunk[s].checkpointed if checkpointed else chunk[s].saved) + m[1].get(s, 0) * chunk[s].half
+                for s, n in m[0].items())
+    return alive + max((_running(kind, chunk[s], checkpointed) for kind, s in m[2]), default=0.0)
 
 
 def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) -> RankPlan:
@@ -312,11 +330,10 @@ def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) ->
     acts, flight = {}, {}
     for variant, fp8 in (("plain", False), ("fp8", True)):
         chunk = {s: _stage_chunk(c, stage_lay, split[s], s == 0, s == n_stages - 1, fp8) for s in stages}
-        peak = max(moments, key=lambda m: _held(m, chunk, 0))
-        acts[variant] = int(_held(peak, chunk, 0) + buffers)
-        largest = max(chunk[s][2] for s in stages)
-        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(max(_held(m, chunk, 1) for m in moments)
-                                                                         + largest + buffers)
+        peak = max(moments, key=lambda m: _held(m, chunk))
+        acts[variant] = int(_held(peak, chunk) + buffers)
+        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(max(_held(m, chunk, True) for m in moments)
+                                                                         + buffers)
         flight = flight or peak[0]
     return RankPlan(rank=rank, stages=stages, layers=[i for s in stages for i in split[s]], params=pr,
                     state=state_plan(c, stage_lay, pr), in_flight={s: flight.get(s, 0) for s in stages},
