@@ -16,7 +16,12 @@ random tokens, then measures:
   what autograd keeps for backward, for the plain model, with activation checkpointing, with FP8
   and with both (the swaps are undone between variants).
 
-Rank 0 prints plan vs measured for every rank; results go to benchmarks/results/memory.md.
+Under parallel.pp (``--plan ...,pp=P,schedule=S,accum=M``) ``measure_pipeline`` measures each rank over a
+whole pipelined step instead: the heap's high-water mark (at every chunk boundary and every 0.2 ms) plus
+torch's receive buffers, beside model/pipeline_plan.py's plan of that rank.
+
+Rank 0 prints plan vs measured for every rank; results go to benchmarks/results/memory.md (pipelines:
+benchmarks/results/pipeline.md).
 """
 from __future__ import annotations
 
