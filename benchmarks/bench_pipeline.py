@@ -1,7 +1,7 @@
 """Pipeline schedules on this CPU: per-rank idle (bubble) fraction, step time, and the bytes a stage boundary
 carries per step against ZeRO's gradient bytes, with real train.py runs (gloo, forked ranks).
 
-    python benchmarks/bench_pipeline.py [--steps 6] [--accum 8] [--layers 8] [--ranks 2,4] [--ep-link 0.5]
+    python benchmarks/bench_pipeline.py [--steps 6] [--accum 8] [--layers 8] [--ranks 2,4] [--ep-link 0.5] [--set K=V]
 
 For each P in --ranks and each schedule (1f1b, dualpipev) one run of the tiny model with --layers layers and
 M = --accum micro-batches of one row; the idle fraction per rank comes from metrics.jsonl (``pp_idle_fraction``:
@@ -34,7 +34,7 @@ def run(root: Path, corpus: Path, name: str, ranks: int, args: argparse.Namespac
     from tests.train_helpers import metrics, run_args, spawn_ranks
 
     common = [f"model.num_hidden_layers={args.layers}", f"train.max_steps={args.steps}", "train.eval_batches=0",
-              "train.micro_batch_size=1", f"train.grad_accum={args.accum}", "train.save_every=1000"]
+              "train.micro_batch_size=1", f"train.grad_accum={args.accum}", "train.save_every=1000", *args.set]
     spawn_ranks(ranks, run_args(root, corpus, name, common + extra), timeout=900)
     return [r for r in metrics(root / name) if r["step"] > 2]
 
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--ep-link", type=float, default=None, help="Gbit/s of the emulated EP link (pp=2 x ep=2 runs)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (e.g. parallel.chunks=4)")
     args = ap.parse_args()
     from tests.train_helpers import make_corpus
 
