@@ -259,30 +259,13 @@ def test_init_from_and_fp8_under_a_pipeline(reference):
 def test_sigterm_under_a_pipeline_saves_and_resumes_to_the_same_losses(reference, pp2, tmp_path):
     """SIGTERM to the launcher's whole job at pp=2 (1F1B): both stages agree to stop after the current step,
     save it and exit; resume=auto then gives the uninterrupted pp=2 run's losses at every step. ~40 s."""
-    import os
-    import signal
-    import time
-
-    from tests.test_reliability import _assert_no_orphans, _job_processes, _kill_leftovers, _start, _steps
+    from tests.test_reliability import _steps, sigterm_after_first_record
 
     root, corpus = reference
     out = root / "pp2_term"
     args = run_args(root, corpus, "pp2_term", COMMON + ["parallel.pp=2", "train.grad_accum=8",
                                                         f"train.save_every={SAVED}"])
-    p = _start(2, args, tmp_path / "term.log", faults=f"sleep=1@1-{STEPS}")   # slow steps: time to signal
-    try:
-        deadline = time.time() + 240
-        while not ((out / "metrics.jsonl").is_file() and metrics(out)) and time.time() < deadline:
-            time.sleep(0.2)
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout=60)
-        deadline = time.time() + 60
-        while _job_processes(str(out)) and time.time() < deadline:
-            time.sleep(0.2)
-    finally:
-        _assert_no_orphans(str(out), grace=0)
-        _kill_leftovers(p)
-    log = (tmp_path / "term.log").read_text()
+    log = sigterm_after_first_record(2, args, out, tmp_path / "term.log", faults=f"sleep=1@1-{STEPS}")   # slow steps
     stopped = _steps(out)
     assert len(stopped) == 1 and 1 <= stopped[0] < SAVED, log[-3000:]
     assert f"stopped by SIGTERM at step {stopped[0]}" in log

@@ -155,20 +155,16 @@ def test_hung_rank_times_out(tmp_path):
 # ------------------------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
-    corpus = make_corpus(tmp_path)
-    common = ["train.max_steps=8", "train.save_every=100", "train.micro_batch_size=2"]
-    spawn_ranks(2, run_args(tmp_path, corpus, "full", common))      # the reference: no signal
-
-    out = tmp_path / "split"
-    split = run_args(tmp_path, corpus, "split", common)
-    p = _start(2, split, tmp_path / "term.log", faults="sleep=1@1-8")   # slow steps: time to signal
+def sigterm_after_first_record(n: int, args: list[str], out: Path, log: Path, faults: str) -> str:
+    """The launcher's job on n ranks, SIGTERMed as a whole (as a scheduler's pre-emption does) once ``out`` has
+    a metrics record; waits for every rank to finish, leaves no process behind. -> the job's output."""
+    p = _start(n, args, log, faults=faults)
     try:
         deadline = time.time() + 240
         while not ((out / "metrics.jsonl").is_file() and metrics(out)) and time.time() < deadline:
             time.sleep(0.2)
-        assert metrics(out), (tmp_path / "term.log").read_text()[-3000:]
-        os.killpg(p.pid, signal.SIGTERM)        # the whole job, as a scheduler's pre-emption does
+        assert metrics(out), log.read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=60)
         deadline = time.time() + 60             # the ranks outlive the launcher's own exit while saving
         while _job_processes(str(out)) and time.time() < deadline:
@@ -176,7 +172,17 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     finally:
         _assert_no_orphans(str(out), grace=0)
         _kill_leftovers(p)
-    log = (tmp_path / "term.log").read_text()
+    return log.read_text()
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    corpus = make_corpus(tmp_path)
+    common = ["train.max_steps=8", "train.save_every=100", "train.micro_batch_size=2"]
+    spawn_ranks(2, run_args(tmp_path, corpus, "full", common))      # the reference: no signal
+
+    out = tmp_path / "split"
+    split = run_args(tmp_path, corpus, "split", common)
+    log = sigterm_after_first_record(2, split, out, tmp_path / "term.log", faults="sleep=1@1-8")   # slow steps
     stopped = _steps(out)
     assert len(stopped) == 1 and 1 <= stopped[0] < 8, log[-3000:]
     assert f"stopped by SIGTERM at step {stopped[0]}" in log

@@ -31,12 +31,17 @@ class Evaluation:
     def due(self, step: int) -> bool:
         return self.val_rows is not None and (step % self.t.eval_every == 0 or step == self.t.max_steps)
 
+    def _batch(self, rows: TokenShards, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (x, y) of global evaluation batch ``i``: micro_batch_size rows, in rank order."""
+        mbs = self.t.micro_batch_size
+        start = (i * self.world + self.rank) * mbs
+        return batch_from_rows(rows, [(start + j) % len(rows) for j in range(mbs)])
+
     def _local_loss(self, rows: TokenShards) -> float:
         """This rank's mean loss over its rows of the first eval_batches global batches of ``rows``."""
-        mbs, total = self.t.micro_batch_size, 0.0
+        total = 0.0
         for i in range(self.t.eval_batches):
-            start = (i * self.world + self.rank) * mbs
-            x, y = batch_from_rows(rows, [(start + j) % len(rows) for j in range(mbs)])
+            x, y = self._batch(rows, i)
             total += float(self.engine(x.to(self.device), y.to(self.device)).lm_loss)
         return total / max(1, self.t.eval_batches)
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from data import batch_from_rows
 from parallel.device import batch_to_device
 from parallel.metrics.evaluation import Evaluation
 from parallel.pipeline.plan import data_position, stage_rank
@@ -44,11 +43,9 @@ class PipelineEvaluation(Evaluation):
         self.pipeline = pipeline
 
     def _local_loss(self, rows: TokenShards) -> float:
-        mbs = self.t.micro_batch_size
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i in range(self.t.eval_batches):
-            start = (i * self.world + self.rank) * mbs
-            x, y = batch_from_rows(rows, [(start + j) % len(rows) for j in range(mbs)])
+            x, y = self._batch(rows, i)
             total += forward_loss(self.pipeline, batch_to_device(x, self.device), batch_to_device(y, self.device))
         dist.all_reduce(total, group=self.pipeline.groups.pipe_group)   # the last stage's sum, on every stage
         return float(total) / max(1, self.t.eval_batches)
