@@ -80,7 +80,7 @@ PATCHES = {
     "sigterm_in_build": lambda: _sigterm_then_hang("parallel.build", "build_training"),
     "sigterm_in_resume_load": lambda: _sigterm_then_hang("parallel.state.checkpoint", "load"),
     "disk_full_step2": lambda: _disk_full_at("step_0000002", shards_only=False),
-    "disk_full_step2_shards": lambda: _disk_full_at("step_0000002", shards_only=True),
+    "disk_full_step4_shards": lambda: _disk_full_at("step_0000004", shards_only=True),
 }
 
 
@@ -164,13 +164,17 @@ def test_a_full_disk_during_a_synchronous_save_is_one_line(tmp_path, corpus):
     assert checkpoint.complete_checkpoints(str(tmp_path / "run")) == [step1]
 
 
-def test_a_failed_async_save_stops_the_run_at_the_next_step(tmp_path, corpus):
-    p, _ = train_patched("disk_full_step2_shards", _args(tmp_path, corpus, "train.max_steps=6", "train.save_every=2",
+def test_a_failed_async_save_stops_the_run_before_the_next_save(tmp_path, corpus):
+    """The background write fails; the run stops at the first step after every rank knows it, by the
+    per-step check, not at the next save's wait. How many steps the writer takes to fail depends on the
+    machine's load (one step here when quiet, two under CI), so the test leaves it three steps of room."""
+    p, _ = train_patched("disk_full_step4_shards", _args(tmp_path, corpus, "train.max_steps=8", "train.save_every=4",
                                                          "train.async_save=true"))
     assert p.returncode == 3, p.stderr[-3000:]
     (error,) = _error_lines(p)
-    assert "step_0000002 could not be written (" in error and "No space left on device" in error, error
-    assert [m["step"] for m in metrics(tmp_path / "run")][-1] == 3      # reported after the next step, not at step 4
+    assert "step_0000004 could not be written (" in error and "No space left on device" in error, error
+    last = [m["step"] for m in metrics(tmp_path / "run")][-1]
+    assert 5 <= last <= 7, last          # step 8 would be the next save's wait (or the end of the run)
     assert checkpoint.complete_checkpoints(str(tmp_path / "run")) == []
 
 
