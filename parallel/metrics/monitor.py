@@ -9,6 +9,7 @@ peak FLOP/s (parallel/metrics/peak.py). wandb gets the same records and the conf
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ class Monitor:
     def __init__(self, cfg: Config, rank: int, start_step: int, run_info: dict[str, Any]):
         self.enabled = rank == 0
         self.pbar = self.wandb = self.file = None
+        self._postfix: OrderedDict[str, str] = OrderedDict()   # the bar's loss, tok_s, mfu
         if not self.enabled:
             return
         out = Path(cfg.train.out_dir)
@@ -38,10 +40,12 @@ class Monitor:
                                     mode=cfg.logging.wandb, dir=str(out), config=cfg.to_dict(),
                                     resume="allow")
 
-    def step(self, loss: float, tokens_per_s: float, mfu: float) -> None:
+    def step(self, tokens_per_s: float, mfu: float) -> None:
+        """After every step: the bar advances with this step's speed; its loss is the last record's (a
+        per-step loss would cost a host sync every step), shown from the first record on."""
         if self.pbar is not None:
-            self.pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}",
-                                  refresh=False)
+            self._postfix.update(tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+            self.pbar.set_postfix(self._postfix, refresh=False)
             self.pbar.update(1)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -49,6 +53,10 @@ class Monitor:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.pbar is not None and "loss" in record:
+            self._postfix["loss"] = f"{record['loss']:.3f}"
+            self._postfix.move_to_end("loss", last=False)
+            self.pbar.set_postfix(self._postfix)
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             for i, x in enumerate(record.get("expert_load_imbalance", [])):

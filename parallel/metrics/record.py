@@ -51,7 +51,6 @@ class Metrics:
         self.tokens_per_step, self.flops_per_token, self.max_steps = tokens_per_step, flops_per_token, max_steps
         self._fields: list[Fields] = []
         self._tokens, self._seconds = 0, 0.0            # since the last record
-        self._shown_loss = float("nan")                  # the progress bar's: the last record's (no read per step)
 
     def add_fields(self, fields: Fields) -> None:
         self._fields.append(fields)
@@ -60,12 +59,11 @@ class Metrics:
         self._tokens += self.tokens_per_step
         self._seconds += s.seconds
         tok_s = self.tokens_per_step / s.seconds
-        self.monitor.step(self._shown_loss, tok_s, self.peak.mfu(tok_s * self.flops_per_token))
+        self.monitor.step(tok_s, self.peak.mfu(tok_s * self.flops_per_token))
 
     def record(self, s: StepStats) -> dict:
         """Collective: the record of step ``s.step``, written to metrics.jsonl (rank 0) and the log line."""
         loss, lm, aux, mtp = mean_over_ranks((s.parts * s.weight).tolist(), self.device)
-        self._shown_loss = loss
         tok_s = self._tokens / self._seconds
         if note := self.peak.recheck(tok_s * self.flops_per_token):
             self.monitor.write(note)
