@@ -9,6 +9,8 @@ dispatcher and FP8 experts run eagerly behind a graph break (``model.moe._dispat
 chunked loss stays eager (its chunk loop would be unrolled). The first step pays the compilation,
 so it is an option for long runs: ``train.compile``. On the 2-core CPU it saves a fifth of the
 step's memory but no time (benchmarks/results/training_speed.md); it is unmeasured on a GPU so far.
+Under ``parallel.pp`` each rank compiles the blocks of its own stages (1f1b, interleaved); DualPipeV
+refuses it (parallel/pipeline/plan.py: its split backward runs a block's backward graph twice).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     from model.moe import run_dispatch_eagerly_under_compile
 
     run_dispatch_eagerly_under_compile()
-    modules = list(model.layers) + [m.block for m in model.mtp] + [model.norm]
+    modules = [m for m in list(model.layers) + [m.block for m in model.mtp] + [model.norm]
+               if not isinstance(m, nn.Identity)]   # parallel.pp: a stage the final norm is not on holds Identity
     for m in modules:
         m.compile(mode=mode)
     return len(modules)

@@ -157,7 +157,10 @@ def _check_unsupported(cfg: Config) -> None:
              # its split backward (input, then weight gradients) recomputes a checkpointed block twice, and
              # model/recompute.py's recompute context can be entered once
              (p.pp_schedule == "dualpipev" and t.activation_checkpointing,
-              "parallel.pp_schedule=dualpipev and train.activation_checkpointing=true")]
+              "parallel.pp_schedule=dualpipev and train.activation_checkpointing=true"),
+             # the same split retains a compiled block's backward graph, which AOTAutograd's donated buffers
+             # forbid; without them the weight half re-runs the whole compiled backward (docs/pipeline.md)
+             (p.pp_schedule == "dualpipev" and t.compile, "parallel.pp_schedule=dualpipev and train.compile=true")]
     for bad, what in pairs:
         if bad:
             raise ValueError(f"parallel.pp={p.pp} with {what}: not supported together")
