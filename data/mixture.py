@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .sampler import shuffled_rows
+
 if TYPE_CHECKING:
     from .shards import TokenShards
 
@@ -121,7 +123,7 @@ class MixtureSampler:
         if key not in self._orders:
             for old in [o for o in self._orders if o[0] == k and o[1] < epoch]:
                 del self._orders[old]   # passes are read in order: an earlier one is never needed again
-            self._orders[key] = np.random.default_rng([self.seed, _MIX_TAG, k, epoch]).permutation(self.sizes[k])
+            self._orders[key] = shuffled_rows([self.seed, _MIX_TAG, k, epoch], self.sizes[k])
         return self._orders[key]
 
     def _rows_of(self, k: int, first: int, n: int) -> np.ndarray:

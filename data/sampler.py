@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from .shards import TokenShards
 
 
+def shuffled_rows(seed: list[int], n: int) -> np.ndarray:
+    """A permutation of range(n) drawn from ``np.random.default_rng(seed)``: the same order as
+    ``rng.permutation(n)``, in int32 while n fits (half the memory: a pass over 250M packed rows, 1T tokens
+    at 4,096, is 1 GB a process instead of 2)."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.arange(n, dtype=np.int32)) if n < 2 ** 31 else rng.permutation(n)
+
+
 class ShardedSampler:
     def __init__(self, num_rows: int, batch_size_per_rank: int, rank: int, world_size: int,
                  seed: int, shuffle: bool = True):
@@ -55,10 +63,9 @@ class ShardedSampler:
         if self._order_epoch != self.epoch:
             if self.shuffle:
                 # Seeded by (seed, epoch) only: independent of rank, world size and history.
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._order = rng.permutation(self.num_rows)
+                self._order = shuffled_rows([self.seed, self.epoch], self.num_rows)
             else:
-                self._order = np.arange(self.num_rows)
+                self._order = np.arange(self.num_rows, dtype=np.int32 if self.num_rows < 2 ** 31 else np.int64)
             self._order_epoch = self.epoch
         return self._order
 

@@ -306,3 +306,17 @@ def test_sampler_resume_mid_epoch():
     assert np.array_equal(solo.next_batch()[4:], expected[0])
     with pytest.raises(ValueError, match="global_batch_size"):
         ShardedSampler(50, 2, 0, 1, seed=7).load_state_dict(state)
+
+
+def test_a_pass_order_is_numpys_permutation_in_half_the_memory():
+    """data/sampler.py's shuffled_rows: the order rng.permutation(n) gives (the data order of every earlier run,
+    so checkpoints resume onto the same rows), held in int32; the batches stay int64."""
+    from data.sampler import shuffled_rows
+
+    for n in (1, 97, 100_003):
+        order = shuffled_rows([7, 3], n)
+        assert order.dtype == np.int32 and np.array_equal(order, np.random.default_rng([7, 3]).permutation(n))
+    s = ShardedSampler(1000, 4, rank=1, world_size=2, seed=7)
+    assert s._epoch_order().nbytes == 4000
+    batch = s.next_batch()
+    assert batch.dtype == np.int64 and np.array_equal(batch, np.random.default_rng([7, 0]).permutation(1000)[4:8])
