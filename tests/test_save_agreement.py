@@ -3,7 +3,7 @@
 Two real train.py ranks (data parallel, gloo), forked from the tests' preloaded server like ``spawn_ranks``, but
 each with its own exit code and log, and each left to exit by itself: ``spawn_ranks`` (as DeepSpeed's launcher)
 ends the other ranks as soon as one fails, which would hide whether they stop on their own. Rank 1's disk is full
-while it writes the step-2 checkpoint (the patch of tests/test_hostile_run.py, applied in rank 1 only): both ranks
+while it writes the step-2 checkpoint (tests/test_hostile_run.py's patch, applied in rank 1 only): both ranks
 must stop with exit code 3 and one line, and the step-2 checkpoint must never count as complete. ~15 s.
 """
 from __future__ import annotations
@@ -11,27 +11,33 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from parallel.state import checkpoint
-from tests.test_hostile_run import PATCHES
+from tests.test_hostile_run import _disk_full_at
 from tests.train_helpers import _context, _run_train_py, clean_env, make_corpus, run_args
 
 
-def _patched_rank(patch: str | None, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
-    """In the forked rank: PATCHES[patch] (if any), then train.py."""
-    if patch:
-        PATCHES[patch]()
+def _disk_full_step2() -> None:
+    _disk_full_at("step_0000002", shards_only=False)
+
+
+def _patched_rank(patch: Callable[[], None] | None, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """In the forked rank: ``patch()`` (if any), then train.py."""
+    if patch is not None:
+        patch()
     _run_train_py(argv, env, out, err)
 
 
-def spawn_each(n: int, args: list[str], patches: dict[int, str] | None = None, env: dict[str, str] | None = None,
-               timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """N ranks of train.py (the environment ``spawn_ranks`` gives each), rank r patched with
-    tests/test_hostile_run.py's PATCHES[patches[r]] where given. Every rank runs until it exits by itself
-    (all are killed only past ``timeout``, which fails the test). -> each rank's exit code, stdout, stderr."""
+def spawn_each(n: int, args: list[str], patches: dict[int, Callable[[], None]] | None = None,
+               env: dict[str, str] | None = None, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """N ranks of train.py (the environment ``spawn_ranks`` gives each), rank r first running ``patches[r]()``
+    where given (a module-level function: it is pickled to the forkserver by name). Every rank runs until it exits
+    by itself (all are killed only past ``timeout``, which fails the test). -> each rank's exit code, stdout,
+    stderr."""
     from tests.helpers import free_port
 
     base = {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -74,7 +80,7 @@ def test_a_full_disk_on_one_rank_stops_both_with_one_line(tmp_path):
     corpus = make_corpus(tmp_path)
     args = run_args(tmp_path, corpus, "run", ["train.max_steps=3", "train.save_every=1", "train.eval_every=100",
                                               "train.eval_batches=0"])
-    rank0, rank1 = spawn_each(2, args, patches={1: "disk_full_step2"})
+    rank0, rank1 = spawn_each(2, args, patches={1: _disk_full_step2})
     step1 = checkpoint.checkpoint_root(str(tmp_path / "run")) / "step_0000001"
     step2 = step1.parent / "step_0000002"
     assert (rank0.returncode, rank1.returncode) == (3, 3), rank0.stderr[-2000:] + rank1.stderr[-2000:]
