@@ -14,7 +14,9 @@ random tokens, then measures:
   optimizer step; each category keeps the larger count (the plan's "peak").
 - activations: the heap bytes in use (glibc mallinfo2) after the forward minus before it, i.e.
   what autograd keeps for backward, for the plain model, with activation checkpointing, with FP8
-  and with both (the swaps are undone between variants).
+  and with both (the swaps are undone between variants). With checkpointing also the heap's high-water
+  mark over a forward and backward (``checkpointed_peak``, rows "peak ..."), the plan's figure for it: a
+  backward peaks inside a block it recomputes. Use ZeRO-0 for that row (ZeRO-1/2 reduce inside it).
 
 Under parallel.pp (``--plan ...,pp=P,schedule=S,accum=M``) ``measure_pipeline`` measures each rank over a
 whole pipelined step instead: the heap's high-water mark (at every chunk boundary and every 0.2 ms) plus
@@ -208,7 +210,7 @@ def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
 
     for _ in range(2):                                 # optimizer state and DeepSpeed's lazy buffers exist
         step()
-    result = {"state": peak_state(engine, step), "activations": {}}
+    result = {"state": peak_state(engine, step), "activations": {}, "peaks": {}}
     for name in variants:
         with variant(model, *VARIANTS[name]):
             step()                                     # warm: FP8 backend probe, recompute wrappers
@@ -221,7 +223,49 @@ def measure(cfg, lay, device, variants=tuple(VARIANTS)) -> dict:
             engine.backward(out.loss)
             engine.step()
             del out
+            if VARIANTS[name][0]:
+                result["peaks"][name] = checkpointed_peak(engine, x)
     return result
+
+
+def checkpointed_peak(engine, x: torch.Tensor, every_s: float = 2e-4) -> int:
+    """The heap's high-water mark over one forward and backward with checkpointed blocks (the plan's
+    "checkpointed" figure: a backward peaks inside a block it recomputes), above the heap before the forward;
+    sampled from a thread every ``every_s``. Gradients are allocated beforehand (accumulated in place), and
+    sampling stops when DeepSpeed starts reducing them (ZeRO-0: its flattened buckets are state; ZeRO-1/2
+    reduce inside the backward: measure ZeRO-0)."""
+    import gc
+    import threading
+    import time
+
+    for prm in engine.module.parameters():
+        prm.grad = torch.zeros_like(prm)
+    gc.collect()
+    done, peak = threading.Event(), [0]
+    orig_reduce = engine.allreduce_gradients
+
+    def reduce(*a, **k):
+        done.set()
+        return orig_reduce(*a, **k)
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], heap_in_use())
+            time.sleep(every_s)
+
+    engine.allreduce_gradients = reduce
+    worker = threading.Thread(target=poll, name="heap-poll", daemon=True)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            before = peak[0] = heap_in_use()
+            worker.start()
+            engine.backward(engine(x, x).loss)
+            done.set()
+            worker.join()
+    finally:
+        engine.allreduce_gradients = orig_reduce
+    engine.step()
+    return peak[0] - before
 
 
 def _stage_objects(sched) -> list:
@@ -399,11 +443,14 @@ def table(pl, measured: list[dict], lay, cfg) -> str:
     ap = activation_plan(cfg.model, lay), activation_plan(cfg.model, lay, fp8=True)
     planned = {k: getattr(pl.state, k) for k in STATE}
     planned.update({"act plain": ap[0].saved, "act checkpointed": ap[0].saved_checkpointed,
-                    "act fp8": ap[1].saved, "act fp8+checkpointed": ap[1].saved_checkpointed})
+                    "act fp8": ap[1].saved, "act fp8+checkpointed": ap[1].saved_checkpointed,
+                    "peak checkpointed": pl.activations["checkpointed"],
+                    "peak fp8+checkpointed": pl.activations["fp8+checkpointed"]})
     ranks = "".join(f" {'rank ' + str(r):>10s} {'m/p':>6s}" for r in range(len(measured)))
     rows = [f"{'':22s} {'plan MiB':>10s}" + ranks]
     for key, want in planned.items():
-        got = [m["activations"][key[4:]] if key.startswith("act ") else m["state"].get(key, 0) for m in measured]
+        got = [m["activations"][key[4:]] if key.startswith("act ") else m["peaks"].get(key[5:], 0)
+               if key.startswith("peak ") else m["state"].get(key, 0) for m in measured]
         if not want and not any(got):
             continue
         cells = "".join(f" {g / 2**20:10.2f} {g / want if want else float('nan'):6.3f}" for g in got)

@@ -63,7 +63,8 @@ token and layer (T tokens on the rank, K experts per token), roughly
            in bf16 the router's fp32 weight copy (E x D per MoE layer); RoPE cos/sin (S x dr).
   activation checkpointing (model/recompute.py, every block): only each block's input (D) stays,
            plus everything outside the blocks; backward recomputes one block at a time, so the peak
-           adds the largest block's own saved set.
+           adds a block's own saved set and the gradients its backward starts with, less the last head's
+           loss dW, freed by then (model/recompute_plan.py).
   FP8 (model/fp8_linear.py, cache_fp8): each FP8 linear or expert GEMM keeps its input as E4M3
            (1 byte) + one fp32 scale per 1x128 tile instead of the a-byte input, and its weight as
            E4M3 + one fp32 scale per 128x128 block (all local FP8 weights: ~1 byte per parameter).
@@ -404,13 +405,6 @@ class ActivationPlan:
         n = len(self.blocks_per_token)
         return int(self.tokens * (n * self.block_input + self.outside_per_token) + self.outside_constant)
 
-    @property
-    def peak_checkpointed(self) -> int:
-        """Saved bytes while backward recomputes the largest block."""
-        largest = max((self.tokens * b + k for b, k in zip(self.blocks_per_token, self.block_constants)),
-                      default=0.0)
-        return int(self.saved_checkpointed + largest)
-
 
 def activation_plan(c: ModelConfig, lay: Layout, fp8: bool = False) -> ActivationPlan:
     outside = _Saved(lay.w, fp8)
@@ -458,9 +452,10 @@ def plan(c: ModelConfig, lay: Layout) -> Plan:
     if lay.pp > 1:
         from model.pipeline_plan import pipeline_plan
         return pipeline_plan(c, lay)
+    from model.recompute_plan import peak_checkpointed
     plain, f8 = activation_plan(c, lay), activation_plan(c, lay, fp8=True)
-    acts = {"plain": plain.saved, "checkpointed": plain.peak_checkpointed,
-            "fp8": f8.saved, "fp8+checkpointed": f8.peak_checkpointed}
+    acts = {"plain": plain.saved, "checkpointed": peak_checkpointed(c, lay, plain),
+            "fp8": f8.saved, "fp8+checkpointed": peak_checkpointed(c, lay, f8)}
     total = checkpoint_bytes(c)
     return Plan(layout=lay, params=params(c, lay.ep, lay.rank_experts), state=state_plan(c, lay), activations=acts,
                 checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world))

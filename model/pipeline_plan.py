@@ -34,7 +34,14 @@ a chunk: torch's PipelineStage receives into M buffers per boundary allocated on
 kept: M x (1 + depths) x D per token for each stage input and each output gradient that crosses to another
 rank (``buffers``); a boundary between two stages of one rank passes the tensor itself.
 Under activation checkpointing a chunk keeps its blocks' inputs instead of their saved sets, and a backward
-adds the largest block's full set (the one being recomputed), the last stage's head side freed by then.
+adds the block it recomputes: its full saved set and the gradients its backward starts with
+(model/recompute_plan.py), the loss's dW per head call freed by then (the rest of the head side is not: the
+final norms and the MTP glue run after the MTP block). What the schedule has sent is held on top (``sent``):
+torch's runtime schedules (interleaved, DualPipeV) keep every send's work, and with it the tensor, until the
+step ends, so a sent output outlives its chunk and each input gradient sent back stays; Schedule1F1B waits on
+its sends soon but keeps one reference: the previous backward's input gradient (through the next backward) and,
+on a stage that sends forward with two or more warm-up chunks, the last warm-up send's output (through the
+steady phase). Every boundary tensor there is ``boundary_bytes``.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ from typing import NamedTuple
 from model.config import ModelConfig
 from model.flops import _block
 from model.memory_plan import Layout, Params, Plan, StatePlan, activation_plan, checkpoint_bytes, params, state_plan
+from model.recompute_plan import blocks_backward, loss_freed_bytes
 
 Act = tuple[str, int, int]      # (kind F | B | I | W, stage, micro-batch)
 Step = tuple[Act, ...]          # one action, or an overlapped (forward, backward) pair
@@ -250,8 +258,9 @@ class Chunk(NamedTuple):
     """One micro-batch of one stage, bytes."""
     saved: float           # what it keeps from its forward to its backward
     checkpointed: float    # the same with every block checkpointed (block inputs, what is outside the blocks)
-    largest_block: float   # the largest block's own saved set (a checkpointed block's recompute)
-    head_side: float       # the last stage's part outside the blocks, freed before its blocks' backward
+    recompute: float       # a checkpointed block's backward, the largest: its saved set and the gradients it
+                           # starts with (model/recompute_plan.py)
+    loss_freed: float      # the last stage's loss dW per head call, freed before any block is recomputed
     half: float            # what an input half adds until its weight half: the gradients it keeps for the
                            # weights, the input gradients it hands back (0 on the first stage: torch leaves its
                            # input half to the weight half)
@@ -265,6 +274,7 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
     T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
     blocks = list(layers) + (list(range(L, L + depths)) if last else [])
     sets = [T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks]
+    grads = blocks_backward(c, lay, T)
     head_side = T * ap.outside_per_token + ap.outside_constant if last else 0.0
     glue = boundary_bytes(c, lay) + head_side                      # the outputs the stage keeps
     glue += T * 8 * (1 + depths) if first else 0.0                 # token ids and the MTP depths' next tokens
@@ -272,7 +282,8 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
                                   + (ap.outside_weight_grads if last else 0.0)) + boundary_bytes(c, lay)
     heads = (1 + depths) * c.hidden_size * lay.w if last else 0.0
     return Chunk(saved=sum(sets) + glue, checkpointed=T * ap.block_input * len(blocks) + glue,
-                 largest_block=max(sets, default=0.0), head_side=head_side, half=half,
+                 recompute=max((b + grads[i] for b, i in zip(sets, blocks)), default=0.0),
+                 loss_freed=loss_freed_bytes(c, lay.w) if last else 0.0, half=half,
                  loss_grads=heads * (c.vocab_size + T), loss_dh=heads * T,
                  weight_grad=lay.w * _largest_weight(c, lay, blocks, first, last))
 
@@ -304,18 +315,52 @@ def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: in
 
 def _running(kind: str, ch: Chunk, checkpointed: bool) -> float:
     """What a backward (B), input half (I) or weight half (W) of a chunk allocates while it runs. Checkpointed,
-    a backward also recomputes its blocks one at a time, the head side already freed."""
-    recompute = ch.largest_block - ch.head_side if checkpointed else 0.0
+    a backward also recomputes its blocks one at a time, the loss's dW freed by then; a block's weight
+    gradients come late in its backward, once most of its set is freed: a moment of their own."""
+    recompute = ch.recompute - ch.loss_freed if checkpointed else 0.0
     if kind == "B":
-        return max(ch.loss_grads, ch.weight_grad, recompute + ch.weight_grad)
+        return max(ch.loss_grads, ch.weight_grad, recompute)
     return max(ch.loss_dh, recompute) if kind == "I" else ch.weight_grad
 
 
-def _held(m: Moment, chunk: dict[int, Chunk], checkpointed: bool = False) -> float:
-    """Bytes at moment ``m``: the chunks alive, the input halves, and what a backward running then allocates."""
+def _held(m: Moment, chunk: dict[int, Chunk], checkpointed: bool = False, sent: float = 0.0) -> float:
+    """Bytes at moment ``m``: the chunks alive, the input halves, what a backward running then allocates and
+    ``sent``: what the schedule still holds of its sends."""
     alive = sum(n * (chunk[s].checkpointed if checkpointed else chunk[s].saved) + m[1].get(s, 0) * chunk[s].half
                 for s, n in m[0].items())
-    return alive + max((_running(kind, chunk[s], checkpointed) for kind, s in m[2]), default=0.0)
+    return alive + sent + max((_running(kind, chunk[s], checkpointed) for kind, s in m[2]), default=0.0)
+
+
+def sends_held(schedule: str, order: list[Step], crosses: dict[int, tuple[bool, bool]]) -> list[int]:
+    """Per moment of ``live_chunks(order)`` (one per step), the boundary tensors the schedule still holds of
+    what it sent beyond the chunks alive (module docstring). ``crosses``: stage -> (its output goes to another
+    rank, its input gradient goes to another rank)."""
+    held, out = 0, []
+    for i, step in enumerate(order):
+        out.append(held + (_one_f_one_b_warm_send(order, i, crosses) if schedule == "1f1b" else 0))
+        for kind, s, _ in step:
+            forward, backward = crosses[s]
+            if schedule != "1f1b":           # the runtime: every send held to the step's end (an input half's
+                held += (kind in "BW") * (forward + backward)    # gradient is in the chunk's half until its W)
+            elif kind == "B":
+                held = int(backward)         # the previous backward's input gradient, until the next one's
+    return out
+
+
+def _one_f_one_b_warm_send(order: list[Step], i: int, crosses: dict[int, tuple[bool, bool]]) -> int:
+    """1 if at step ``i`` Schedule1F1B still holds the output of its last fired warm-up send beyond its chunk:
+    from after that micro-batch's backward (warm - 2: the last warm-up forward's send is fused with the first
+    backward) to the backward that ends the steady phase (the last one before which a forward still ran)."""
+    kinds = [step[0][0] for step in order]
+    warm = kinds.index("B") if "B" in kinds else len(kinds)
+    stage = order[0][0][1]
+    if warm < 2 or not crosses[stage][0]:
+        return 0
+    backs = [j for j, k in enumerate(kinds) if k == "B"]
+    freed = backs[warm - 2]                              # the backward of micro-batch warm - 2
+    last_f = max(j for j, k in enumerate(kinds) if k == "F")
+    ends = min((j for j in backs if j > last_f), default=len(kinds))
+    return int(freed < i <= ends)
 
 
 def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) -> RankPlan:
@@ -325,16 +370,20 @@ def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) ->
     stages = list(lay.pp_rank_stages[rank])          # parallel/layout.py: the trainer's stage-to-rank map
     pr = stage_params(c, split, stages, lay.ep)
     stage_lay = replace(lay, world=lay.world // lay.pp)
-    moments = live_chunks(rank_order(lay.pp_schedule, lay.pp, lay.micro_batches, rank, lay.pp_overlap))
+    order = rank_order(lay.pp_schedule, lay.pp, lay.micro_batches, rank, lay.pp_overlap)
+    owner = {s: r for r, ss in enumerate(lay.pp_rank_stages) for s in ss}
+    crosses = {s: (s < n_stages - 1 and owner[s + 1] != rank, s > 0 and owner[s - 1] != rank) for s in stages}
+    moments = list(zip(live_chunks(order), (n * boundary_bytes(c, stage_lay) for n in sends_held(
+        lay.pp_schedule, order, crosses))))
     buffers = receive_buffers(c, lay, stages, n_stages)
     acts, flight = {}, {}
     for variant, fp8 in (("plain", False), ("fp8", True)):
         chunk = {s: _stage_chunk(c, stage_lay, split[s], s == 0, s == n_stages - 1, fp8) for s in stages}
-        peak = max(moments, key=lambda m: _held(m, chunk))
-        acts[variant] = int(_held(peak, chunk) + buffers)
-        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(max(_held(m, chunk, True) for m in moments)
-                                                                         + buffers)
-        flight = flight or peak[0]
+        peak = max(moments, key=lambda m: _held(m[0], chunk, sent=m[1]))
+        acts[variant] = int(_held(peak[0], chunk, sent=peak[1]) + buffers)
+        acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(
+            max(_held(m, chunk, True, sent) for m, sent in moments) + buffers)
+        flight = flight or peak[0][0]
     return RankPlan(rank=rank, stages=stages, layers=[i for s in stages for i in split[s]], params=pr,
                     state=state_plan(c, stage_lay, pr), in_flight={s: flight.get(s, 0) for s in stages},
                     activations=acts, buffers=buffers)

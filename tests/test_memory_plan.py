@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.measure_memory import heap_in_use
 from configs.schema import load_config
 from model.memory_plan import activation_plan, checkpoint_bytes, plan
 from model.transformer import DeepseekV3
@@ -82,6 +84,57 @@ def test_each_block_saves_what_the_plan_says():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.layers[i](x, model.rotary(lay.seq, x.device, x.dtype))
         assert sum(seen.values()) == pytest.approx(per_token[i] * lay.mbs * lay.seq, rel=0.01), i
+
+
+class _HeapHighWater(TorchDispatchMode):
+    """The heap in use after every op (forward and backward ops alike): its high-water mark, op by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return out
+
+
+def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
+    """A checkpointed block's backward recomputes the block, then walks it back: its heap high-water mark above
+    the heap before it (op by op; the dense block and a MoE block of the tiny model, 512 and 2048 tokens: the
+    MoE block's term is its weight gradient at the one, token-wide at the other) is the block's saved set plus
+    block_backward_bytes; the set alone (the rule before: a backward adds the recomputed block's set) is short
+    of it by more than the tolerance. ~5 s."""
+    from model.recompute import apply_activation_checkpointing
+    from model.recompute_plan import block_backward_bytes
+
+    cfg = load_config(None, [])
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).train()
+    apply_activation_checkpointing(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)               # accumulated in place: .grad is state, not the backward's
+    seq = 256
+    rope = model.rotary(seq, torch.device("cpu"), torch.float32)
+
+    def high_water(i: int, tokens: int) -> int:
+        x = torch.randn(tokens // seq, seq, cfg.model.hidden_size, requires_grad=True)
+        h, _ = model.layers[i](x, rope)
+        grad, watch = torch.ones_like(h), _HeapHighWater()
+        before = heap_in_use()
+        with watch:
+            h.backward(grad)
+        return watch.peak - before
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        for i in (0, 1):                                # layer 0 dense, layer 1 MoE
+            for tokens in (512, 2048):
+                lay = parse_plan(f"world=1,mbs={tokens // seq},seq={seq}", cfg)
+                high_water(i, tokens)                   # the first backward of a shape also builds lazy caches
+                got, saved = high_water(i, tokens), tokens * activation_plan(cfg.model, lay).blocks_per_token[i]
+                want = saved + block_backward_bytes(cfg.model, lay, cfg.model.is_moe_layer(i), tokens)
+                assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
+                assert got > 1.05 * saved, (i, tokens)
 
 
 def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: int = 1, extra: tuple = (),

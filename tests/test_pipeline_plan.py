@@ -49,6 +49,69 @@ def _torch_order_1f1b(P: int, M: int, rank: int) -> list[tuple]:
     return done
 
 
+def _torch_sends_held_1f1b(P: int, M: int, rank: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """At every moment of Schedule1F1B._step_microbatches on ``rank`` (after a forward, as a backward starts):
+    how many of the sends it made are still referenced by the schedule beyond their chunk (an output whose
+    backward has run, any input gradient). The sends are stand-in objects the batched p2p hands back as its
+    works (as gloo's work keeps its tensor); a weak set sees which the schedule still holds."""
+    import weakref
+
+    from torch.distributed.pipelining import schedules
+
+    class Sent:
+        def __init__(self, kind: str, mb: int):
+            self.kind, self.mb = kind, mb
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    backward_done: set[int] = set()
+    counts: list[int] = []
+
+    def send(kind: str, mb: int, crosses: bool) -> list:
+        if not crosses:
+            return []
+        sent = Sent(kind, mb)
+        alive.add(sent)
+        return [sent]
+
+    def moment() -> None:                      # no cycles: a stand-in goes as its last reference does
+        counts.append(sum(s.kind == "grad" or s.mb in backward_done for s in alive))
+
+    def backward(mb: int, **_: object) -> None:
+        moment()
+        backward_done.add(mb)
+
+    monkeypatch.setattr(schedules, "_batch_p2p", lambda ops, desc=None: list(ops))
+    monkeypatch.setattr(schedules, "_wait_batch_p2p", lambda works: None)
+    stage = SimpleNamespace(
+        stage_index=rank, get_fwd_recv_ops=lambda mb: [], get_bwd_recv_ops=lambda mb: [],
+        get_fwd_send_ops=lambda mb: send("out", mb, rank < P - 1),
+        get_bwd_send_ops=lambda mb: send("grad", mb, rank > 0), perform_reduce_grad=lambda scale: None,
+        forward_one_chunk=lambda mb, *a, **k: moment(), backward_one_chunk=backward)
+    sched = SimpleNamespace(_stage=stage, _n_microbatches=M, _num_stages=P, scale_grads=False,
+                            _check_inputs=lambda a, k, t, losses: ([()] * M, [{}] * M),
+                            _initialize_stage=lambda *a: None, _maybe_compute_loss=lambda *a: None,
+                            _maybe_get_loss=lambda *a: None, _update_losses=lambda *a: None)
+    schedules.Schedule1F1B._step_microbatches(sched, None, None, None)
+    return counts
+
+
+@pytest.mark.parametrize("P,M", [(2, 4), (4, 8), (3, 7), (4, 4)])
+def test_sends_held_are_the_ones_torch_keeps(P, M, monkeypatch):
+    """Schedule1F1B waits on its sends soon but keeps a reference to some (the previous backward's input
+    gradient, the last warm-up output): the plan's count beyond the chunks against torch's own code."""
+    from model.pipeline_plan import sends_held
+
+    for r in range(P):
+        crosses = {r: (r < P - 1, r > 0)}
+        got = _torch_sends_held_1f1b(P, M, r, monkeypatch)
+        assert sends_held("1f1b", rank_order("1f1b", P, M, r), crosses) == got, (P, M, r)
+    # the runtime schedules (interleaved, DualPipeV) wait on every send at the step's end only: on interleaved
+    # rank 1 (stage 1 sends both ways, stage 3 its input gradient) the count never falls; as the last backward
+    # (stage 1's) starts, two per earlier stage-1 backward and one per stage-3 backward
+    held = sends_held("interleaved", rank_order("interleaved", 2, M, 1), {1: (True, True), 3: (False, True)})
+    assert held == sorted(held) and held[-1] == 2 * (M - 1) + M
+
+
 def _torch_order(schedule: str, P: int, M: int, rank: int) -> list[tuple]:
     """torch's own action list for ``rank`` (ScheduleDualPipeV and ScheduleInterleaved1F1B compute it per rank
     from the rank count and micro-batches alone), as model/pipeline_plan.py's steps."""
