@@ -57,14 +57,20 @@ def loss_freed_bytes(c: ModelConfig, w: int) -> float:
 
 
 def peak_checkpointed(c: ModelConfig, lay: Layout, ap: ActivationPlan) -> int:
-    """The whole model's (pp=1) peak with every block checkpointed: what the forward keeps plus the block whose
-    recompute and backward hold the most. DeepseekV3.forward computes each head's loss right after its part
-    (the main head before the MTP blocks), so a backward runs the last head's loss, then recomputes the last
-    MTP block: that loss's saved dW is freed, but its scaled dW waits in autograd's input buffer of the shared
-    output head until the main head's loss has run too (after the MTP blocks): nothing is freed. Without MTP
-    the only loss runs first and its dW is gone (measured at pp=1 with MTP: benchmarks/results/pipeline.md)."""
+    """The whole model's (pp=1) peak with every block checkpointed: what the forward keeps plus the larger of
+    two moments. DeepseekV3.forward computes each head's loss right after its part (the main head before the
+    MTP blocks, the MTP depths' token embeddings after it), and autograd runs the nodes created last first:
+      recompute  the block whose recompute and backward hold the most; before the last MTP block, the last
+                 head's loss has run: its saved dW is freed, but its scaled dW waits in autograd's input buffer
+                 of the shared output head for the main head's use, so nothing is freed (without MTP the only
+                 loss runs first and its dW is gone)
+      main loss  after the MTP blocks: the main head's scaled dW is made while the MTP head's scaled dW and
+                 the MTP embeddings' dense gradient (the embedding's other use is the first op) wait in their
+                 weights' input buffers: two (V, D) more than the forward kept (one without MTP)
+    (measured at pp=1, 128 and 512 tokens: benchmarks/results/pipeline.md)."""
     grads = blocks_backward(c, lay, ap.tokens)
     largest = max((ap.tokens * b + g + k for b, g, k in zip(ap.blocks_per_token, grads, ap.block_constants)),
                   default=0.0)
-    freed = 0 if c.num_nextn_predict_layers else c.vocab_size * c.hidden_size * lay.w
-    return int(ap.saved_checkpointed + largest - freed)
+    head = c.vocab_size * c.hidden_size * lay.w
+    mtp = c.num_nextn_predict_layers > 0
+    return int(ap.saved_checkpointed + max(largest - (0 if mtp else head), head * (2 if mtp else 1)))
