@@ -137,6 +137,35 @@ def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
                 assert got > 1.05 * saved, (i, tokens)
 
 
+def test_checkpointed_model_peaks_where_the_plan_says():
+    """The whole tiny model (pp=1) with every block checkpointed, forward and backward op by op: the heap's
+    high-water mark above the heap before the forward is plan()'s "checkpointed" figure, at 128 tokens (the
+    main loss's moment: gradients waiting for their weight's other use) and at 512 (the MTP block's recompute
+    and backward); the rule before (the forward's set plus the largest block's) is short of both. ~4 s."""
+    from model.recompute import apply_activation_checkpointing
+
+    cfg = load_config(None, [])
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).train()
+    apply_activation_checkpointing(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.backends.mkldnn.flags(enabled=False):
+        for mbs, seq in ((1, 128), (2, 256)):
+            lay = parse_plan(f"world=1,mbs={mbs},seq={seq}", cfg)
+            for _ in range(2):                          # the first step of a shape also builds lazy caches
+                ids = torch.randint(0, cfg.model.vocab_size, (mbs, seq))
+                watch = _HeapHighWater()
+                before = heap_in_use()
+                with watch:
+                    model(ids, ids).loss.backward()
+            got, ap = watch.peak - before, activation_plan(cfg.model, lay)
+            old = ap.saved_checkpointed + max(ap.tokens * b + k for b, k in zip(ap.blocks_per_token,
+                                                                               ap.block_constants))
+            assert got == pytest.approx(plan(cfg.model, lay).activations["checkpointed"], rel=0.05), (mbs, seq)
+            assert got > 1.05 * old, (mbs, seq)
+
+
 def _engine_worker(rank: int, port: int, layouts: list[str], out: str, world: int = 1, extra: tuple = (),
                    variants: tuple = ("plain", "checkpointed")) -> None:
     """One rank: build each layout's engine as train.py does and measure it (benchmarks/measure_memory.py);
