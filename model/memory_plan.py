@@ -63,8 +63,8 @@ token and layer (T tokens on the rank, K experts per token), roughly
            in bf16 the router's fp32 weight copy (E x D per MoE layer); RoPE cos/sin (S x dr).
   activation checkpointing (model/recompute.py, every block): only each block's input (D) stays,
            plus everything outside the blocks; backward recomputes one block at a time, so the peak
-           adds a block's own saved set and the gradients its backward starts with, less the last head's
-           loss dW, freed by then (model/recompute_plan.py).
+           adds a block's own saved set and what its backward starts with, or (few tokens) the main
+           loss's gradients waiting for their weights' other use (model/recompute_plan.py).
   FP8 (model/fp8_linear.py, cache_fp8): each FP8 linear or expert GEMM keeps its input as E4M3
            (1 byte) + one fp32 scale per 1x128 tile instead of the a-byte input, and its weight as
            E4M3 + one fp32 scale per 128x128 block (all local FP8 weights: ~1 byte per parameter).
