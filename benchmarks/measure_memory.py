@@ -241,19 +241,14 @@ def checkpointed_peak(engine, x: torch.Tensor, every_s: float = 2e-4) -> int:
     for prm in engine.module.parameters():
         prm.grad = torch.zeros_like(prm)
     gc.collect()
-    done, peak = threading.Event(), [0]
-    orig_reduce = engine.allreduce_gradients
-
-    def reduce(*a, **k):
-        done.set()
-        return orig_reduce(*a, **k)
+    done, peak, orig_reduce = threading.Event(), [0], engine.allreduce_gradients
 
     def poll() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], heap_in_use())
             time.sleep(every_s)
 
-    engine.allreduce_gradients = reduce
+    engine.allreduce_gradients = lambda *a, **k: (done.set(), orig_reduce(*a, **k))[1]
     worker = threading.Thread(target=poll, name="heap-poll", daemon=True)
     try:
         with torch.backends.mkldnn.flags(enabled=False):
