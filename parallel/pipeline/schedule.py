@@ -49,29 +49,57 @@ def build_schedule(modules: list[StageModule], n_stages: int, schedule: str, mic
         outputs = boundary_shapes(mbs, seq, hidden, depths, dtype, False, device)
         stages.append(PipelineStage(m, m.index, n_stages, device, input_args=inputs, output_args=outputs,
                                     group=pipe_group))
+    release_receives(stages)
     cls = SCHEDULE_CLASSES[schedule]
     if schedule == "1f1b":
         return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False), stages
-    release_handovers(stages)
     return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False), stages
 
 
-def release_handovers(stages: list[PipelineStage]) -> None:
-    """At a V's turn (stages s and s + 1 on this rank) torch hands s's output to s + 1 and s + 1's input gradient
-    back to s through their receive records and keeps both there until the next step replaces them: up to M
-    boundary tensors each way. After s's backward of a micro-batch neither is read again (its input half keeps
-    its own references for the weight half): drop them then (benchmarks/results/pipeline.md, memory plan)."""
-    here = {st.stage_index: st for st in stages}
+def release_receives(stages: list[PipelineStage]) -> None:
+    """torch allocates a receive buffer for every micro-batch's stage input and output gradient in the first
+    step and keeps all M of them, each way, from step to step (and at a V's turn, stages s and s + 1 on one
+    rank, it parks s's output and s + 1's input gradient in the same records until the next step replaces
+    them). A micro-batch needs its two only from the receive (or hand-over) to the end of its backward's
+    input half: allocate them when the receive is posted, drop them after that backward. What a stage holds
+    between steps falls from 2M boundary tensors per stage to none, and inside a step to the micro-batches
+    in flight (benchmarks/results/pipeline.md, memory plan). The weight half keeps its own references."""
     for st in stages:
-        if st.stage_index + 1 in here:
-            st.backward_one_chunk = _releasing(st.backward_one_chunk, st, here[st.stage_index + 1])
+        st._setup_forward_recv_info = _unallocated(st._setup_forward_recv_info, st.args_recv_info)
+        st._setup_backward_recv_info = _unallocated(st._setup_backward_recv_info, st.grad_recv_info)
+        st.get_fwd_recv_ops = _allocating(st.get_fwd_recv_ops, st.args_recv_info, st.device)
+        st.get_bwd_recv_ops = _allocating(st.get_bwd_recv_ops, st.grad_recv_info, st.device)
+        st.backward_one_chunk = _releasing(st.backward_one_chunk, st)
 
 
-def _releasing(backward: Callable, stage: PipelineStage, nxt: PipelineStage) -> Callable:
+def _unallocated(setup: Callable, records: dict[int, tuple]) -> Callable:
+    """torch's set-up of the receive records (first step), with their M buffers left unallocated."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out = setup(*args, **kwargs)
+        for infos in records.values():
+            for info in infos:
+                if not info.is_root_arg:
+                    info.buffer = None
+        return out
+    return run
+
+
+def _allocating(get_recv_ops: Callable, records: dict[int, tuple], device: torch.device) -> Callable:
+    def run(mb: int) -> Any:
+        for info in records.get(mb, ()):
+            if info.buffer is None and info.tensor_meta is not None and not info.is_root_arg:
+                info.buffer = torch.empty_strided(info.tensor_meta.shape, info.tensor_meta.stride,
+                                                  dtype=info.tensor_meta.dtype, device=device)
+        return get_recv_ops(mb)
+    return run
+
+
+def _releasing(backward: Callable, stage: PipelineStage) -> Callable:
     def run(mb: int, *args: Any, **kwargs: Any) -> Any:
         out = backward(mb, *args, **kwargs)
-        for info in stage.grad_recv_info[mb] + nxt.args_recv_info[mb]:
-            info.buffer = None
+        for info in stage.args_recv_info.get(mb, ()) + stage.grad_recv_info.get(mb, ()):
+            if not info.is_root_arg:
+                info.buffer = None
         return out
     return run
 
