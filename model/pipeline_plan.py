@@ -30,9 +30,11 @@ A stage's chunk: its blocks' saved tensors (model/memory_plan.py, op by op), the
 stage keeps them for the backward: (1 + MTP depths) x D per token), on the first stage the token ids, on the
 last stage everything outside the blocks (final norms, MTP glue, the loss's dh) and the chunked loss's dW per
 head call (each micro-batch's loss keeps its own until its backward). What a stage receives is not part of
-a chunk: torch's PipelineStage receives into M buffers per boundary allocated once (the first step) and
-kept: M x (1 + depths) x D per token for each stage input and each output gradient that crosses to another
-rank (``buffers``); a boundary between two stages of one rank passes the tensor itself.
+a chunk: torch's PipelineStage would receive into M buffers per boundary allocated once and kept; the trainer
+allocates each at its receive and drops it after the backward that reads it (parallel/pipeline/schedule.py,
+``release_receives``): a stage's input lives with its chunk, an output gradient from its receive to the end of
+the chunk's weight half, (1 + depths) x D per token each (``receives_alive``); a boundary between two stages of
+one rank passes the tensor itself.
 Under activation checkpointing a chunk keeps its blocks' inputs instead of their saved sets, and a backward
 adds the block it recomputes: its full saved set and the gradients its backward starts with
 (model/recompute_plan.py), the loss's dW per head call freed by then (the rest of the head side is not: the
@@ -66,8 +68,8 @@ class RankPlan:
     params: Params
     state: StatePlan
     in_flight: dict[int, int]      # stage -> chunks (micro-batches) alive at the peak of the plain model
-    activations: dict[str, int]    # variant -> bytes (chunks in flight + receive buffers)
-    buffers: int = 0               # the receive buffers alone (bytes, in every variant)
+    activations: dict[str, int]    # variant -> bytes (chunks in flight, what is held of sends and receives)
+    buffers: int = 0               # the receive buffers alive at the plain peak (bytes; none between steps)
 
 
 # ----------------------------------------------------------------------------- the schedules' action orders
@@ -304,13 +306,15 @@ def _largest_weight(c: ModelConfig, lay: Layout, blocks: list[int], first: bool,
     return max(shapes)
 
 
-def receive_buffers(c: ModelConfig, lay: Layout, stages: list[int], n_stages: int) -> int:
-    """Bytes of torch's receive buffers on a rank: M per stage input and per output gradient that comes from
-    another rank (the stage-to-rank map in ``lay``)."""
-    owner = {s: r for r, ss in enumerate(lay.pp_rank_stages) for s in ss}
-    ends = sum((s > 0 and owner[s - 1] != owner[s]) + (s < n_stages - 1 and owner[s + 1] != owner[s])
-               for s in stages)
-    return ends * lay.micro_batches * boundary_bytes(c, lay)
+def receives_alive(m: Moment, crosses: dict[int, tuple[bool, bool]]) -> int:
+    """Boundary tensors received from another rank and alive at moment ``m`` (parallel/pipeline/schedule.py's
+    ``release_receives`` allocates each at its receive and drops it after the backward that reads it): a
+    stage's input for every chunk alive (the weight half keeps it too), and its output gradient for every
+    chunk waiting for its weight half and for the backward (or input half) running. ``crosses``: as in
+    ``sends_held``."""
+    alive, halves, running = m
+    n = sum(alive.get(s, 0) * backward + halves.get(s, 0) * forward for s, (forward, backward) in crosses.items())
+    return n + sum(crosses[s][0] for kind, s in running if kind in "BI")
 
 
 def _running(kind: str, ch: Chunk, checkpointed: bool) -> float:
@@ -375,15 +379,17 @@ def rank_plan(c: ModelConfig, lay: Layout, split: list[list[int]], rank: int) ->
     crosses = {s: (s < n_stages - 1 and owner[s + 1] != rank, s > 0 and owner[s - 1] != rank) for s in stages}
     moments = list(zip(live_chunks(order), (n * boundary_bytes(c, stage_lay) for n in sends_held(
         lay.pp_schedule, order, crosses))))
-    buffers = receive_buffers(c, lay, stages, n_stages)
-    acts, flight = {}, {}
+    bb = boundary_bytes(c, stage_lay)
+    moments = [(m, sent + bb * receives_alive(m, crosses)) for m, sent in moments]   # both: boundary tensors
+    acts, flight, buffers = {}, {}, 0
     for variant, fp8 in (("plain", False), ("fp8", True)):
         chunk = {s: _stage_chunk(c, stage_lay, split[s], s == 0, s == n_stages - 1, fp8) for s in stages}
         peak = max(moments, key=lambda m: _held(m[0], chunk, sent=m[1]))
-        acts[variant] = int(_held(peak[0], chunk, sent=peak[1]) + buffers)
+        acts[variant] = int(_held(peak[0], chunk, sent=peak[1]))
         acts[f"{variant}+checkpointed" if fp8 else "checkpointed"] = int(
-            max(_held(m, chunk, True, sent) for m, sent in moments) + buffers)
+            max(_held(m, chunk, True, sent) for m, sent in moments))
         flight = flight or peak[0][0]
+        buffers = buffers if fp8 else bb * receives_alive(peak[0], crosses)
     return RankPlan(rank=rank, stages=stages, layers=[i for s in stages for i in split[s]], params=pr,
                     state=state_plan(c, stage_lay, pr), in_flight={s: flight.get(s, 0) for s in stages},
                     activations=acts, buffers=buffers)

@@ -2,7 +2,10 @@
 per micro-batch for every stage input and output gradient that arrives from another rank and keeps all M from
 step to step. Here they exist only from the receive to the end of the micro-batch's backward (input half), so a
 rank holds none between steps and, inside a step, fewer than the M per boundary torch kept. Real train.py runs
-on 2 gloo ranks, the buffers read from the rank's own stage objects at every chunk boundary."""
+on 2 gloo ranks, the buffers read from the rank's own stage objects at every chunk boundary. The last stage's
+per-micro-batch losses, which torch's schedule keeps to the step's end, are detached once their backward has run:
+their graph's AccumulateGrad nodes would keep every received input alive (1 MiB a micro-batch at 2 x 256 tokens,
+benchmarks/results/pipeline.md)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +27,8 @@ def _held(stages: list) -> int:
 
 def _recorded_train(argv: list[str], env: dict[str, str], out_json: str, log: str) -> None:
     """train.py's ``main`` with this rank's receive buffers sampled at the start of every step and of every
-    forward and backward chunk; per step (start, max) written to ``out_json``."""
+    forward and backward chunk; per step (start, max, graphs kept by the schedule's losses after their backward)
+    written to ``out_json``."""
     import sys
     import traceback
 
@@ -40,21 +44,25 @@ def _recorded_train(argv: list[str], env: dict[str, str], out_json: str, log: st
     stages, steps = [], []
     real_release, real_step = schedule.release_receives, train.Trainer.train_step
 
-    def sample(fn):  # noqa: ANN001, ANN202
-        def run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def sample(fn, losses: list | None = None):  # noqa: ANN001, ANN202
+        def run(mb: int, *a, **k):  # noqa: ANN002, ANN003, ANN202
             steps[-1][1] = max(steps[-1][1], _held(stages))
-            return fn(*a, **k)
+            out = fn(mb, *a, **k)
+            if losses is not None:     # the last stage: losses whose backward ran and still hold their graph
+                steps[-1][2] += sum(loss.grad_fn is not None for loss in losses[:mb + 1])
+            return out
         return run
 
-    def release(sts: list) -> None:
-        real_release(sts)
+    def release(sts: list, losses: list) -> None:
+        real_release(sts, losses)
         stages.extend(sts)
         for st in sts:
-            st.forward_one_chunk, st.backward_one_chunk = sample(st.forward_one_chunk), sample(st.backward_one_chunk)
+            st.forward_one_chunk = sample(st.forward_one_chunk)
+            st.backward_one_chunk = sample(st.backward_one_chunk, losses if st.is_last else None)
 
     def step(self, n: int):  # noqa: ANN001, ANN202
         held = _held(stages)
-        steps.append([held, held])
+        steps.append([held, held, 0])
         return real_step(self, n)
 
     schedule.release_receives, train.Trainer.train_step = release, step
@@ -97,8 +105,9 @@ def test_a_rank_holds_no_receive_buffers_between_steps(tmp_path, schedule):
     for r in range(2):
         steps = json.loads((tmp_path / f"held{r}.json").read_text())
         assert len(steps) == STEPS
-        assert all(start == 0 for start, _ in steps[1:]), (r, steps)      # nothing carried from the last step
-        peak = max(top for _, top in steps)
+        assert all(start == 0 for start, _, _ in steps[1:]), (r, steps)   # nothing carried from the last step
+        assert all(graphs == 0 for _, _, graphs in steps), (r, steps)     # a loss's graph would hold its inputs
+        peak = max(top for _, top, _ in steps)
         assert 0 < peak < torch_kept, (r, peak, torch_kept)
         print(f"{schedule} rank {r}: receive buffers held at most {peak / 1024:.0f} KiB inside a step, 0 between "
               f"steps (torch kept {torch_kept / 1024:.0f} KiB)")

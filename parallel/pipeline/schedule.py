@@ -49,27 +49,29 @@ def build_schedule(modules: list[StageModule], n_stages: int, schedule: str, mic
         outputs = boundary_shapes(mbs, seq, hidden, depths, dtype, False, device)
         stages.append(PipelineStage(m, m.index, n_stages, device, input_args=inputs, output_args=outputs,
                                     group=pipe_group))
-    release_receives(stages)
     cls = SCHEDULE_CLASSES[schedule]
-    if schedule == "1f1b":
-        return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False), stages
-    return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False), stages
+    sched = cls(stages[0] if schedule == "1f1b" else stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+    release_receives(stages, sched._internal_losses)
+    return sched, stages
 
 
-def release_receives(stages: list[PipelineStage]) -> None:
+def release_receives(stages: list[PipelineStage], losses: list[torch.Tensor]) -> None:
     """torch allocates a receive buffer for every micro-batch's stage input and output gradient in the first
     step and keeps all M of them, each way, from step to step (and at a V's turn, stages s and s + 1 on one
     rank, it parks s's output and s + 1's input gradient in the same records until the next step replaces
     them). A micro-batch needs its two only from the receive (or hand-over) to the end of its backward's
     input half: allocate them when the receive is posted, drop them after that backward. What a stage holds
     between steps falls from 2M boundary tensors per stage to none, and inside a step to the micro-batches
-    in flight (benchmarks/results/pipeline.md, memory plan). The weight half keeps its own references."""
+    in flight (benchmarks/results/pipeline.md, memory plan). The weight half keeps its own references.
+    ``losses``: the schedule's own list of the last stage's per-micro-batch losses, kept to the step's end; a
+    loss's graph holds its stage inputs (the leaves' AccumulateGrad nodes) after its backward ran, so it is
+    detached once its backward has run (the trainer reads its loss parts from the loss function instead)."""
     for st in stages:
         st._setup_forward_recv_info = _unallocated(st._setup_forward_recv_info, st.args_recv_info)
         st._setup_backward_recv_info = _unallocated(st._setup_backward_recv_info, st.grad_recv_info)
         st.get_fwd_recv_ops = _allocating(st.get_fwd_recv_ops, st.args_recv_info, st.device)
         st.get_bwd_recv_ops = _allocating(st.get_bwd_recv_ops, st.grad_recv_info, st.device)
-        st.backward_one_chunk = _releasing(st.backward_one_chunk, st)
+        st.backward_one_chunk = _releasing(st.backward_one_chunk, st, losses if st.is_last else [])
 
 
 def _unallocated(setup: Callable, records: dict[int, tuple]) -> Callable:
@@ -94,12 +96,14 @@ def _allocating(get_recv_ops: Callable, records: dict[int, tuple], device: torch
     return run
 
 
-def _releasing(backward: Callable, stage: PipelineStage) -> Callable:
+def _releasing(backward: Callable, stage: PipelineStage, losses: list[torch.Tensor]) -> Callable:
     def run(mb: int, *args: Any, **kwargs: Any) -> Any:
         out = backward(mb, *args, **kwargs)
         for info in stage.args_recv_info.get(mb, ()) + stage.grad_recv_info.get(mb, ()):
             if not info.is_root_arg:
                 info.buffer = None
+        if mb < len(losses):
+            losses[mb] = losses[mb].detach()
         return out
     return run
 
