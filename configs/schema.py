@@ -46,7 +46,7 @@ class DataConfig:
     cache_dir: str = ".cache/data"        # tokenizer and packed shards are prepared here once
     # a shard directory made by scripts/prepare_data.py: read by every rank as is, nothing prepared (docs/data.md)
     prepared: str | None = None
-    num_proc: int | None = None           # tokenizer processes when preparing; null: the cores available
+    num_proc: int | None = None           # tokenizer processes when preparing; null: the cores (1 under 16 MiB)
     tokenizer_sample_bytes: int = 256_000_000  # text the BPE is trained on, spread over the corpus
     max_skipped_files: int | None = 100   # binary / non-UTF-8 text files skipped (named in the log); more: refused
     prepare_wait_s: float | None = None   # seconds a rank waits for its node's preparer; null: no limit

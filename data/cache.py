@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLE_BYTES = 256 * 10**6
 
 
+SMALL_CORPUS_BYTES = 16 * 2 ** 20   # tokenized in seconds in one process, on the tokenizers library's threads
+
+
 def build_dataset_cache(path: str | None, text_field: str, tokenizer_path: str | None,
                         vocab_size: int | None, seq_len: int, cache_dir: str,
                         val_fraction: float = 0.01, max_files: int | None = None,
@@ -56,12 +59,13 @@ def build_dataset_cache(path: str | None, text_field: str, tokenizer_path: str |
 
     `vocab_size` is the BPE size to train when `tokenizer_path` is None; with a given
     tokenizer it is the model's vocabulary, which must hold every token id (or None).
-    `num_proc`: tokenizer processes (None: the cores available). One process at a time prepares into
+    `num_proc`: tokenizer processes (None: the cores available, or one for a corpus under SMALL_CORPUS_BYTES,
+    which worker processes would not repay: their start can cost seconds). One process at a time prepares into
     `cache_dir` (others wait up to `wait_s` seconds, None: without limit, then reuse its result).
     """
     cache = Path(cache_dir).expanduser()
-    num_proc = num_proc or default_num_proc()
     corpus = Corpus(path, text_field, max_files, max_skipped_files)   # lists the files: errors name the path
+    num_proc = num_proc or (1 if corpus.total_bytes < SMALL_CORPUS_BYTES else default_num_proc())
     with PrepareLock(cache, wait_s):
         sig = content_signature(corpus, cache / "signatures", threads=num_proc)
         # the content decides, never the path: a moved or touched corpus keeps its shards

@@ -6,9 +6,13 @@ string inside a document is text (`<|endoftext|>` in code or a page about GPT-2 
 tokens, never the EOS id), and such strings are counted.
 
 Memory: the reader's batch, at most 2 x num_proc batches in flight (each about `BATCH_CHARS` of text and
-its ids), and one tokenizer per worker. Workers are forked with TOKENIZERS_PARALLELISM=false (one thread
-each: the processes are the parallelism); with num_proc=1 the batch is encoded here, on the tokenizers
-library's own threads.
+its ids), and one tokenizer per worker. Workers run with TOKENIZERS_PARALLELISM=false (one thread each: the
+processes are the parallelism); with num_proc=1 the batch is encoded here, on the tokenizers library's own
+threads. Workers are never forked from this process: by the time it prepares data it runs other threads (torch's,
+the tokenizers pool that trained the BPE, the process group's store server on rank 0), a fork copies every lock
+they hold at that moment, and a worker that needs one waits forever (seen once: a rank-0 preparation that never
+finished). They come from a forkserver, a fresh single-threaded process with this module imported (a few
+seconds, once per process; data/cache.py keeps small corpora in one process).
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ _WORKER: Encoder | None = None
 
 def _init_worker(encoder: Encoder) -> None:
     global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read when the worker's tokenizer first runs
     signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the parent's stop handler is not the worker's: it just ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the parent, which ends the pool
     _WORKER = encoder
@@ -124,6 +129,13 @@ def _init_worker(encoder: Encoder) -> None:
 
 def _encode(batch: tuple[list[str], list[bool]]) -> Encoded:
     return _WORKER(batch)
+
+
+def pool_context() -> mp.context.BaseContext:
+    """A forkserver with this module imported (module docstring): never a fork of this process."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["data.encode"])
+    return ctx
 
 
 def encode_stream(pieces: Iterable[tuple[str, bool]], encoder: Encoder, num_proc: int = 1) -> Iterator[Encoded]:
@@ -135,7 +147,7 @@ def encode_stream(pieces: Iterable[tuple[str, bool]], encoder: Encoder, num_proc
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # read by the forked workers; restored here below
     try:
-        pool = mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(encoder,))
+        pool = pool_context().Pool(num_proc, initializer=_init_worker, initargs=(encoder,))
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)

@@ -320,3 +320,25 @@ def test_a_pass_order_is_numpys_permutation_in_half_the_memory():
     assert s._epoch_order().nbytes == 4000
     batch = s.next_batch()
     assert batch.dtype == np.int64 and np.array_equal(batch, np.random.default_rng([7, 0]).permutation(1000)[4:8])
+
+
+def test_a_small_corpus_prepares_in_one_process_and_workers_never_fork_this_one(tmp_path, caplog, tok_dir):
+    """data.num_proc null: a corpus under SMALL_CORPUS_BYTES is tokenized in the preparing process (worker start-up
+    would not pay); explicit workers come from a forkserver, never a fork of a process that runs other threads (a
+    forked worker once hung on a lock one of them held), and give the same ids."""
+    import logging
+
+    from data.cache import SMALL_CORPUS_BYTES
+    from data.encode import Encoder, encode_stream, pool_context
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in DOCS))
+    assert corpus.stat().st_size < SMALL_CORPUS_BYTES
+    with caplog.at_level(logging.INFO, logger="data"):
+        build_dataset_cache(str(corpus), "text", None, 300, 16, str(tmp_path / "cache"), 0.05)
+    assert "with 1 process(es)" in caplog.text, caplog.text
+    assert pool_context().get_start_method() == "forkserver"
+    pieces = [(d, True) for d in DOCS * 3]
+    encoder = Encoder(load_tokenizer(tok_dir))
+    here = [e.ids.tolist() for e in encode_stream(pieces, encoder, num_proc=1)]
+    assert [e.ids.tolist() for e in encode_stream(pieces, encoder, num_proc=2)] == here
