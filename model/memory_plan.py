@@ -455,7 +455,7 @@ def plan(c: ModelConfig, lay: Layout) -> Plan:
     from model.recompute_plan import peak_checkpointed
     plain, f8 = activation_plan(c, lay), activation_plan(c, lay, fp8=True)
     acts = {"plain": plain.saved, "checkpointed": peak_checkpointed(c, lay, plain),
-            "fp8": f8.saved, "fp8+checkpointed": peak_checkpointed(c, lay, f8)}
+            "fp8": f8.saved, "fp8+checkpointed": peak_checkpointed(c, lay, f8, fp8=True)}
     total = checkpoint_bytes(c)
     return Plan(layout=lay, params=params(c, lay.ep, lay.rank_experts), state=state_plan(c, lay), activations=acts,
                 checkpoint_total=total, checkpoint_per_rank=math.ceil(total / lay.world))

@@ -137,6 +137,47 @@ def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
                 assert got > 1.05 * saved, (i, tokens)
 
 
+def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
+    """The same op by op with FP8 swapped in (emulated kernels, the weights' FP8 copies cached by a first
+    backward): the dense block and a MoE block at 128 tokens (MoE: the gate/up dgrad's dequantized expert weights)
+    and 1024 (the down projection's fp32 wgrad operands) peak at their set plus block_backward_bytes(fp8=True);
+    the rule without FP8 is short of every one by more than the tolerance. ~4 s."""
+    from configs.schema import FP8Config
+    from model.fp8_swap import apply_fp8
+    from model.recompute import apply_activation_checkpointing
+    from model.recompute_plan import block_backward_bytes
+
+    cfg = load_config(None, [])
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg.model).train()
+    apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+    apply_activation_checkpointing(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    seq = 128
+    rope = model.rotary(seq, torch.device("cpu"), torch.float32)
+
+    def high_water(i: int, tokens: int) -> int:
+        x = torch.randn(tokens // seq, seq, cfg.model.hidden_size, requires_grad=True)
+        h, _ = model.layers[i](x, rope)
+        grad, watch = torch.ones_like(h), _HeapHighWater()
+        before = heap_in_use()
+        with watch:
+            h.backward(grad)
+        return watch.peak - before
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        for i in (0, 1):
+            for tokens in (128, 1024):
+                lay, moe = parse_plan(f"world=1,mbs={tokens // seq},seq={seq}", cfg), cfg.model.is_moe_layer(i)
+                high_water(i, tokens)
+                got = high_water(i, tokens)
+                saved = tokens * activation_plan(cfg.model, lay, fp8=True).blocks_per_token[i]
+                want = saved + block_backward_bytes(cfg.model, lay, moe, tokens, fp8=True)
+                assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
+                assert got > 1.05 * (saved + block_backward_bytes(cfg.model, lay, moe, tokens)), (i, tokens)
+
+
 def test_checkpointed_model_peaks_where_the_plan_says():
     """The whole tiny model (pp=1) with every block checkpointed, forward and backward op by op: the heap's
     high-water mark above the heap before the forward is plan()'s "checkpointed" figure, at 128 tokens (the
