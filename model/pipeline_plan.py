@@ -276,7 +276,7 @@ def _stage_chunk(c: ModelConfig, lay: Layout, layers: list[int], first: bool, la
     T, L, depths = ap.tokens, c.num_hidden_layers, c.num_nextn_predict_layers
     blocks = list(layers) + (list(range(L, L + depths)) if last else [])
     sets = [T * ap.blocks_per_token[i] + ap.block_constants[i] for i in blocks]
-    grads = blocks_backward(c, lay, T)
+    grads = blocks_backward(c, lay, T, fp8)           # FP8: the first FP8 GEMM's weight gradient (recompute_plan.py)
     head_side = T * ap.outside_per_token + ap.outside_constant if last else 0.0
     glue = boundary_bytes(c, lay) + head_side                      # the outputs the stage keeps
     glue += T * 8 * (1 + depths) if first else 0.0                 # token ids and the MTP depths' next tokens
