@@ -1,6 +1,7 @@
 """The memory plan (model/memory_plan.py) against what torch and DeepSpeed really allocate:
 saved-for-backward tensors op by op on one device, and a real single-rank engine's state and
 activations (measured with benchmarks/measure_memory.py's own census); bad --plan strings."""
+import gc
 import json
 import os
 
@@ -87,11 +88,21 @@ def test_each_block_saves_what_the_plan_says():
 
 
 class _HeapHighWater(TorchDispatchMode):
-    """The heap in use after every op (forward and backward ops alike): its high-water mark, op by op."""
+    """The heap in use after every op (forward and backward ops alike): its high-water mark, op by op. Python's
+    cyclic garbage collector is off inside (a collection of earlier garbage mid-measurement would lower the heap
+    under the baseline taken before); take the baseline right after gc.collect()."""
 
     def __init__(self) -> None:
         super().__init__()
         self.peak = 0
+
+    def __enter__(self):  # noqa: ANN204
+        gc.disable()
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # noqa: ANN002, ANN204
+        gc.enable()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
@@ -121,6 +132,7 @@ def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
         x = torch.randn(tokens // seq, seq, cfg.model.hidden_size, requires_grad=True)
         h, _ = model.layers[i](x, rope)
         grad, watch = torch.ones_like(h), _HeapHighWater()
+        gc.collect()
         before = heap_in_use()
         with watch:
             h.backward(grad)
@@ -137,15 +149,12 @@ def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
                 assert got > 1.05 * saved, (i, tokens)
 
 
-def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
-    """The same op by op with FP8 swapped in (emulated kernels, the weights' FP8 copies cached by a first
-    backward): the dense block and a MoE block at 128 tokens (MoE: the gate/up dgrad's dequantized expert weights)
-    and 1024 (the down projection's fp32 wgrad operands) peak at their set plus block_backward_bytes(fp8=True);
-    the rule without FP8 is short of every one by more than the tolerance. ~4 s."""
+def _fp8_block_peaks() -> list[tuple[int, int, int]]:
+    """In a fresh process: (block, tokens, heap high-water mark above the heap before) of each checkpointed FP8
+    block's backward, op by op, the weights' FP8 copies cached by a first backward."""
     from configs.schema import FP8Config
     from model.fp8_swap import apply_fp8
     from model.recompute import apply_activation_checkpointing
-    from model.recompute_plan import block_backward_bytes
 
     cfg = load_config(None, [])
     torch.manual_seed(0)
@@ -161,21 +170,44 @@ def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
         x = torch.randn(tokens // seq, seq, cfg.model.hidden_size, requires_grad=True)
         h, _ = model.layers[i](x, rope)
         grad, watch = torch.ones_like(h), _HeapHighWater()
+        gc.collect()
         before = heap_in_use()
         with watch:
             h.backward(grad)
         return watch.peak - before
 
+    peaks = []
     with torch.backends.mkldnn.flags(enabled=False):
         for i in (0, 1):
             for tokens in (128, 1024):
-                lay, moe = parse_plan(f"world=1,mbs={tokens // seq},seq={seq}", cfg), cfg.model.is_moe_layer(i)
                 high_water(i, tokens)
-                got = high_water(i, tokens)
-                saved = tokens * activation_plan(cfg.model, lay, fp8=True).blocks_per_token[i]
-                want = saved + block_backward_bytes(cfg.model, lay, moe, tokens, fp8=True)
-                assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
-                assert got > 1.05 * (saved + block_backward_bytes(cfg.model, lay, moe, tokens)), (i, tokens)
+                peaks.append((i, tokens, high_water(i, tokens)))
+    return peaks
+
+
+def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
+    """The same op by op with FP8 swapped in (emulated kernels, the weights' FP8 copies cached by a first
+    backward): the dense block and a MoE block at 128 tokens (MoE: the gate/up dgrad's dequantized expert weights)
+    and 1024 (the down projection's fp32 wgrad operands) peak at their set plus block_backward_bytes(fp8=True);
+    the rule without FP8 is short of every one by more than the tolerance. Measured in a fresh process: inside
+    the whole suite's process (CI) the MoE block at 1024 tokens once peaked at 9.9 MiB instead of 40.9; not
+    reproduced after the suite's single-process tests, nor with the compiled-dispatch flag or garbage collected
+    mid-measurement; cause not found. ~8 s."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from model.recompute_plan import block_backward_bytes
+    from tests.train_helpers import _context
+
+    cfg = load_config(None, [])
+    with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
+        peaks = pool.submit(_fp8_block_peaks).result(timeout=300)
+    assert [(i, tokens) for i, tokens, _ in peaks] == [(0, 128), (0, 1024), (1, 128), (1, 1024)]
+    for i, tokens, got in peaks:
+        lay, moe = parse_plan(f"world=1,mbs={tokens // 128},seq=128", cfg), cfg.model.is_moe_layer(i)
+        saved = tokens * activation_plan(cfg.model, lay, fp8=True).blocks_per_token[i]
+        want = saved + block_backward_bytes(cfg.model, lay, moe, tokens, fp8=True)
+        assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
+        assert got > 1.05 * (saved + block_backward_bytes(cfg.model, lay, moe, tokens)), (i, tokens)
 
 
 def test_checkpointed_model_peaks_where_the_plan_says():
@@ -197,6 +229,7 @@ def test_checkpointed_model_peaks_where_the_plan_says():
             for _ in range(2):                          # the first step of a shape also builds lazy caches
                 ids = torch.randint(0, cfg.model.vocab_size, (mbs, seq))
                 watch = _HeapHighWater()
+                gc.collect()
                 before = heap_in_use()
                 with watch:
                     model(ids, ids).loss.backward()
