@@ -147,21 +147,18 @@ def _steps_of_train_py(tmp_path, ranks: int, extra: list[str]) -> list[list[list
     """Per rank, per step: the host syncs of a short train.py run (tiny model, ZeRO-1) on ``ranks`` ranks."""
     import json
 
-    from tests.train_helpers import _context, _wait, clean_env, make_corpus, run_args
+    from tests.train_helpers import _context, _wait, clean_env, launcher_env, make_corpus, rank_env, run_args
 
     args = run_args(tmp_path, make_corpus(tmp_path), extra=[
         f"train.max_steps={STEPS}", "train.log_every=100", "train.eval_every=100", "train.save_every=100",
         *extra])
-    env = clean_env()
-    if ranks > 1:   # what spawn_ranks gives each rank (DeepSpeed's launcher's environment)
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
-                   LOCAL_SIZE=str(ranks), CROSS_RANK="0", CROSS_SIZE="1")
+    env = launcher_env(ranks) if ranks > 1 else clean_env()   # what spawn_ranks gives each rank
     procs = []
     for r in range(ranks):
-        rank_env = {**env, "RANK": str(r), "LOCAL_RANK": str(r)} if ranks > 1 else env
         argv = [f"--local_rank={r}", *args] if ranks > 1 else args
         procs.append(_context().Process(target=_counted_train, daemon=False, args=(
-            argv, rank_env, str(tmp_path / f"syncs{r}.json"), str(tmp_path / f"log{r}.txt"))))
+            argv, rank_env(env, r) if ranks > 1 else env, str(tmp_path / f"syncs{r}.json"),
+            str(tmp_path / f"log{r}.txt"))))
         procs[-1].start()
     code = _wait(procs, 300)
     logs = "\n".join((tmp_path / f"log{r}.txt").read_text()[-3000:] for r in range(ranks))

@@ -110,48 +110,10 @@ class _HeapHighWater(TorchDispatchMode):
         return out
 
 
-def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
-    """A checkpointed block's backward recomputes the block, then walks it back: its heap high-water mark above
-    the heap before it (op by op; the dense block and a MoE block of the tiny model, 512 and 2048 tokens: the
-    MoE block's term is its weight gradient at the one, token-wide at the other) is the block's saved set plus
-    block_backward_bytes; the set alone (the rule before: a backward adds the recomputed block's set) is short
-    of it by more than the tolerance. ~5 s."""
-    from model.recompute import apply_activation_checkpointing
-    from model.recompute_plan import block_backward_bytes
-
-    cfg = load_config(None, [])
-    torch.manual_seed(0)
-    model = DeepseekV3(cfg.model).train()
-    apply_activation_checkpointing(model)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)               # accumulated in place: .grad is state, not the backward's
-    seq = 256
-    rope = model.rotary(seq, torch.device("cpu"), torch.float32)
-
-    def high_water(i: int, tokens: int) -> int:
-        x = torch.randn(tokens // seq, seq, cfg.model.hidden_size, requires_grad=True)
-        h, _ = model.layers[i](x, rope)
-        grad, watch = torch.ones_like(h), _HeapHighWater()
-        gc.collect()
-        before = heap_in_use()
-        with watch:
-            h.backward(grad)
-        return watch.peak - before
-
-    with torch.backends.mkldnn.flags(enabled=False):
-        for i in (0, 1):                                # layer 0 dense, layer 1 MoE
-            for tokens in (512, 2048):
-                lay = parse_plan(f"world=1,mbs={tokens // seq},seq={seq}", cfg)
-                high_water(i, tokens)                   # the first backward of a shape also builds lazy caches
-                got, saved = high_water(i, tokens), tokens * activation_plan(cfg.model, lay).blocks_per_token[i]
-                want = saved + block_backward_bytes(cfg.model, lay, cfg.model.is_moe_layer(i), tokens)
-                assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
-                assert got > 1.05 * saved, (i, tokens)
-
-
-def _fp8_block_peaks() -> list[tuple[int, int, int]]:
-    """In a fresh process: (block, tokens, heap high-water mark above the heap before) of each checkpointed FP8
-    block's backward, op by op, the weights' FP8 copies cached by a first backward."""
+def _block_peaks(fp8: bool, seq: int, sizes: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(block, tokens, heap high-water mark above the heap before) of the checkpointed backward of the tiny
+    model's dense block (0) and a MoE block (1), op by op, at each of ``sizes`` tokens; each measured after a
+    first backward of its shape (lazy caches; with ``fp8``, emulated kernels, the weights' FP8 copies)."""
     from configs.schema import FP8Config
     from model.fp8_swap import apply_fp8
     from model.recompute import apply_activation_checkpointing
@@ -159,11 +121,11 @@ def _fp8_block_peaks() -> list[tuple[int, int, int]]:
     cfg = load_config(None, [])
     torch.manual_seed(0)
     model = DeepseekV3(cfg.model).train()
-    apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
+    if fp8:
+        apply_fp8(model, FP8Config(enabled=True, backend="emulated"))
     apply_activation_checkpointing(model)
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    seq = 128
+        p.grad = torch.zeros_like(p)               # accumulated in place: .grad is state, not the backward's
     rope = model.rotary(seq, torch.device("cpu"), torch.float32)
 
     def high_water(i: int, tokens: int) -> int:
@@ -179,10 +141,27 @@ def _fp8_block_peaks() -> list[tuple[int, int, int]]:
     peaks = []
     with torch.backends.mkldnn.flags(enabled=False):
         for i in (0, 1):
-            for tokens in (128, 1024):
+            for tokens in sizes:
                 high_water(i, tokens)
                 peaks.append((i, tokens, high_water(i, tokens)))
     return peaks
+
+
+def test_checkpointed_block_backward_holds_its_set_and_what_it_starts_with():
+    """A checkpointed block's backward recomputes the block, then walks it back: its heap high-water mark above
+    the heap before it (op by op; the dense block and a MoE block of the tiny model, 512 and 2048 tokens: the
+    MoE block's term is its weight gradient at the one, token-wide at the other) is the block's saved set plus
+    block_backward_bytes; the set alone (the rule before: a backward adds the recomputed block's set) is short
+    of it by more than the tolerance. ~5 s."""
+    from model.recompute_plan import block_backward_bytes
+
+    cfg, seq = load_config(None, []), 256
+    for i, tokens, got in _block_peaks(False, seq, (512, 2048)):
+        lay = parse_plan(f"world=1,mbs={tokens // seq},seq={seq}", cfg)
+        saved = tokens * activation_plan(cfg.model, lay).blocks_per_token[i]
+        want = saved + block_backward_bytes(cfg.model, lay, cfg.model.is_moe_layer(i), tokens)
+        assert got == pytest.approx(want, rel=0.05), (i, tokens, got / 2**20, want / 2**20)
+        assert got > 1.05 * saved, (i, tokens)
 
 
 def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
@@ -200,7 +179,7 @@ def test_checkpointed_fp8_block_backward_peaks_in_its_first_weight_gradient():
 
     cfg = load_config(None, [])
     with ProcessPoolExecutor(max_workers=1, mp_context=_context()) as pool:
-        peaks = pool.submit(_fp8_block_peaks).result(timeout=300)
+        peaks = pool.submit(_block_peaks, True, 128, (128, 1024)).result(timeout=300)
     assert [(i, tokens) for i, tokens, _ in peaks] == [(0, 128), (0, 1024), (1, 128), (1, 1024)]
     for i, tokens, got in peaks:
         lay, moe = parse_plan(f"world=1,mbs={tokens // 128},seq=128", cfg), cfg.model.is_moe_layer(i)

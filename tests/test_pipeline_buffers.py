@@ -13,8 +13,7 @@ import os
 
 import pytest
 
-from tests.helpers import free_port
-from tests.train_helpers import ROOT, _context, _wait, clean_env, make_corpus, run_args
+from tests.train_helpers import make_corpus, run_args, spawn_each
 
 M, STEPS, MBS, SEQ, HIDDEN = 8, 3, 1, 32, 64       # tests/train_helpers.py's TINY_MODEL is 64 wide
 
@@ -25,24 +24,15 @@ def _held(stages: list) -> int:
                for infos in recs.values() for i in infos if not i.is_root_arg and i.buffer is not None)
 
 
-def _recorded_train(argv: list[str], env: dict[str, str], out_json: str, log: str) -> None:
-    """train.py's ``main`` with this rank's receive buffers sampled at the start of every step and of every
-    forward and backward chunk; per step (start, max, graphs kept by the schedule's losses after their backward)
-    written to ``out_json``."""
-    import sys
-    import traceback
-
-    os.chdir(ROOT)
-    os.environ.clear()
-    os.environ.update(env)
-    with open(log, "w") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-    import train
+def _record_buffers() -> None:
+    """In a forked rank, before train.py: this rank's receive buffers sampled at the start of every step and of
+    every forward and backward chunk; per step [start, max, graphs kept by the schedule's losses after their
+    backward], rewritten after each step to $HELD_DIR/held{RANK}.json."""
     from parallel.pipeline import schedule
+    from parallel.pipeline.step import Pipeline
 
     stages, steps = [], []
-    real_release, real_step = schedule.release_receives, train.Trainer.train_step
+    real_release, real_run = schedule.release_receives, Pipeline.run_micro_batches
 
     def sample(fn, losses: list | None = None):  # noqa: ANN001, ANN202
         def run(mb: int, *a, **k):  # noqa: ANN002, ANN003, ANN202
@@ -60,22 +50,15 @@ def _recorded_train(argv: list[str], env: dict[str, str], out_json: str, log: st
             st.forward_one_chunk = sample(st.forward_one_chunk)
             st.backward_one_chunk = sample(st.backward_one_chunk, losses if st.is_last else None)
 
-    def step(self, n: int):  # noqa: ANN001, ANN202
+    def run_micro_batches(self, *args):  # noqa: ANN001, ANN002, ANN202
         held = _held(stages)
         steps.append([held, held, 0])
-        return real_step(self, n)
+        out = real_run(self, *args)
+        with open(f"{os.environ['HELD_DIR']}/held{os.environ['RANK']}.json", "w") as f:
+            json.dump(steps, f)
+        return out
 
-    schedule.release_receives, train.Trainer.train_step = release, step
-    code = 0
-    try:
-        train.main(argv)
-    except BaseException:  # noqa: BLE001 - the log says what; the exit code fails the test
-        traceback.print_exc()
-        code = 1
-    with open(out_json, "w") as f:
-        json.dump(steps, f)
-    sys.stdout.flush()
-    os._exit(code)
+    schedule.release_receives, Pipeline.run_micro_batches = release, run_micro_batches
 
 
 @pytest.mark.slow
@@ -90,16 +73,9 @@ def test_a_rank_holds_no_receive_buffers_between_steps(tmp_path, schedule):
         f"train.max_steps={STEPS}", "train.log_every=100", "train.eval_every=100", "train.save_every=100",
         "train.eval_batches=0", "parallel.pp=2", f"parallel.pp_schedule={schedule}", "model.num_hidden_layers=4",
         f"train.micro_batch_size={MBS}", f"train.grad_accum={M}", f"data.seq_len={SEQ}"])
-    env = {**clean_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "LOCAL_SIZE": "2", "CROSS_RANK": "0", "CROSS_SIZE": "1"}
-    procs = []
-    for r in range(2):
-        procs.append(_context().Process(target=_recorded_train, daemon=False, args=(
-            [f"--local_rank={r}", *args], {**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            str(tmp_path / f"held{r}.json"), str(tmp_path / f"log{r}.txt"))))
-        procs[-1].start()
-    code = _wait(procs, 300)
-    assert code == 0, "\n".join((tmp_path / f"log{r}.txt").read_text()[-3000:] for r in range(2))
+    ranks = spawn_each(2, args, {0: _record_buffers, 1: _record_buffers}, env={"HELD_DIR": str(tmp_path)},
+                       timeout=300)
+    assert [p.returncode for p in ranks] == [0, 0], "\n".join(p.stderr[-3000:] for p in ranks)
     per_mb = 2 * MBS * SEQ * HIDDEN * 4                       # the hidden states and the MTP embedding, fp32
     torch_kept = M * per_mb * (1 if schedule == "1f1b" else 2)
     for r in range(2):

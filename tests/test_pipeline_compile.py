@@ -16,8 +16,7 @@ import pytest
 
 from configs.schema import load_config
 from parallel.pipeline.plan import check_pipeline
-from tests.test_save_agreement import spawn_each
-from tests.train_helpers import make_corpus, metrics, run_args
+from tests.train_helpers import make_corpus, metrics, run_args, spawn_each
 
 KEYS = ("loss", "lm_loss", "aux_loss", "mtp_loss", "grad_norm")
 

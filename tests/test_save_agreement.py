@@ -1,6 +1,6 @@
 """A checkpoint save that fails on one rank of two (parallel/state/save_errors.py: ``agree_on_failure``).
 
-Two real train.py ranks (data parallel, gloo), forked from the tests' preloaded server like ``spawn_ranks``, but
+Two real train.py ranks (data parallel, gloo), forked from the tests' preloaded server by ``spawn_each``, but
 each with its own exit code and log, and each left to exit by itself: ``spawn_ranks`` (as DeepSpeed's launcher)
 ends the other ranks as soon as one fails, which would hide whether they stop on their own. Rank 1's disk is full
 while it writes the step-2 checkpoint (tests/test_hostile_run.py's patch, applied in rank 1 only): both ranks
@@ -9,61 +9,17 @@ must stop with exit code 3 and one line, and the step-2 checkpoint must never co
 from __future__ import annotations
 
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from parallel.state import checkpoint
 from tests.test_hostile_run import _disk_full_at
-from tests.train_helpers import _context, _run_train_py, clean_env, make_corpus, run_args
+from tests.train_helpers import make_corpus, run_args, spawn_each
 
 
 def _disk_full_step2() -> None:
     _disk_full_at("step_0000002", shards_only=False)
-
-
-def _patched_rank(patch: Callable[[], None] | None, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
-    """In the forked rank: ``patch()`` (if any), then train.py."""
-    if patch is not None:
-        patch()
-    _run_train_py(argv, env, out, err)
-
-
-def spawn_each(n: int, args: list[str], patches: dict[int, Callable[[], None]] | None = None,
-               env: dict[str, str] | None = None, timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """N ranks of train.py (the environment ``spawn_ranks`` gives each), rank r first running ``patches[r]()``
-    where given (a module-level function: it is pickled to the forkserver by name). Every rank runs until it exits
-    by itself (all are killed only past ``timeout``, which fails the test). -> each rank's exit code, stdout,
-    stderr."""
-    from tests.helpers import free_port
-
-    base = {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": str(n), "LOCAL_SIZE": str(n), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
-    with tempfile.TemporaryDirectory() as logs:
-        procs = []
-        for r in range(n):
-            out, err = f"{logs}/{r}.out", f"{logs}/{r}.err"
-            argv = [f"--local_rank={r}", *args]
-            p = _context().Process(target=_patched_rank, args=((patches or {}).get(r), argv,
-                                                                {**base, "RANK": str(r), "LOCAL_RANK": str(r)}, out,
-                                                                err))
-            p.start()
-            procs.append((p, out, err))
-        deadline = time.monotonic() + timeout
-        for p, _, _ in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        late = [p for p, _, _ in procs if p.exitcode is None]
-        for p in late:
-            p.kill()
-            p.join()
-        results = [subprocess.CompletedProcess(args, p.exitcode, open(out).read(), open(err).read())
-                   for p, out, err in procs]
-    tails = "\n".join(r.stderr[-2000:] for r in results)
-    assert not late, f"ranks still running after {timeout} s:\n{tails}"
-    return results
 
 
 def _error_line(p: subprocess.CompletedProcess, rank: int) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,19 @@ def launch(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | No
     return p
 
 
+def launcher_env(n: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """What DeepSpeed's launcher (deepspeed/launcher/launch.py) gives every one of n local ranks, on a free port,
+    over the clean environment and ``env``; ``rank_env`` adds each rank's own."""
+    from tests.helpers import free_port
+
+    return {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(n), "LOCAL_SIZE": str(n), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+
+
+def rank_env(base: dict[str, str], r: int) -> dict[str, str]:
+    return {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+
+
 def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str] | None = None
                 ) -> subprocess.CompletedProcess:
     """N ranks of ``train.py`` started directly (forked from the preloaded server), each with what DeepSpeed's launcher
@@ -173,13 +187,9 @@ def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str]
     on every rank, the CLI) is tested through ``launch`` and the reliability tests. Like the
     launcher, a failing rank ends the others. Fails the test on a non-zero exit; stdout and stderr
     are every rank's, in rank order."""
-    from tests.helpers import free_port
-
-    base = {**clean_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": str(n), "LOCAL_SIZE": str(n), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    base = launcher_env(n, env)
     with tempfile.TemporaryDirectory() as logs:
-        started = [_start([f"--local_rank={r}", *args], {**base, "RANK": str(r), "LOCAL_RANK": str(r)}, logs, str(r))
-                   for r in range(n)]
+        started = [_start([f"--local_rank={r}", *args], rank_env(base, r), logs, str(r)) for r in range(n)]
         try:
             code = _wait([p for p, _, _ in started], timeout)
         except _TimedOut:
@@ -188,3 +198,39 @@ def spawn_ranks(n: int, args: list[str], timeout: int = 600, env: dict[str, str]
     stdout, stderr = "".join(o for o, _ in texts), "".join(e for _, e in texts)
     assert code == 0, f"ranks: {code}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
     return subprocess.CompletedProcess(args, code, stdout, stderr)
+
+
+def _patched_rank(patch: Callable[[], None] | None, argv: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """In the forked rank: ``patch()`` (if any), then train.py."""
+    if patch is not None:
+        patch()
+    _run_train_py(argv, env, out, err)
+
+
+def spawn_each(n: int, args: list[str], patches: dict[int, Callable[[], None]] | None = None,
+               env: dict[str, str] | None = None, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """N ranks of train.py (the environment ``spawn_ranks`` gives each), rank r first running ``patches[r]()``
+    where given (a module-level function: it is pickled to the forkserver by name). Unlike ``spawn_ranks``, every
+    rank runs until it exits by itself (all are killed only past ``timeout``, which fails the test). -> each
+    rank's exit code, stdout, stderr."""
+    base = launcher_env(n, env)
+    with tempfile.TemporaryDirectory() as logs:
+        procs = []
+        for r in range(n):
+            out, err = f"{logs}/{r}.out", f"{logs}/{r}.err"
+            p = _context().Process(target=_patched_rank, args=((patches or {}).get(r), [f"--local_rank={r}", *args],
+                                                                rank_env(base, r), out, err))
+            p.start()
+            procs.append((p, out, err))
+        deadline = time.monotonic() + timeout
+        for p, _, _ in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        late = [p for p, _, _ in procs if p.exitcode is None]
+        for p in late:
+            p.kill()
+            p.join()
+        results = [subprocess.CompletedProcess(args, p.exitcode, open(out).read(), open(err).read())
+                   for p, out, err in procs]
+    tails = "\n".join(r.stderr[-2000:] for r in results)
+    assert not late, f"ranks still running after {timeout} s:\n{tails}"
+    return results

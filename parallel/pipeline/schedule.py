@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleInterleaved1F1B
+from torch.distributed.pipelining._utils import _make_tensor_from_meta
 
 from parallel.exposure import ExposedWait
 from parallel.pipeline.stages import StageModule
@@ -90,8 +91,7 @@ def _allocating(get_recv_ops: Callable, records: dict[int, tuple], device: torch
     def run(mb: int) -> Any:
         for info in records.get(mb, ()):
             if info.buffer is None and info.tensor_meta is not None and not info.is_root_arg:
-                info.buffer = torch.empty_strided(info.tensor_meta.shape, info.tensor_meta.stride,
-                                                  dtype=info.tensor_meta.dtype, device=device)
+                info.buffer = _make_tensor_from_meta(info.tensor_meta, device)   # as torch's set-up makes it
         return get_recv_ops(mb)
     return run
 
